@@ -1,0 +1,71 @@
+# dsv3: thin wrapper over CMake. `make deps` once on a fresh Debian 12 machine, then `make test`
+# (all tests) or `make demo` (train the tiny model on the CPU with MPI ranks).
+SHELL := /bin/bash
+BUILD ?= build
+DEBUG_BUILD ?= build-debug
+CUDA_BUILD ?= build-cuda
+JOBS ?= $(shell nproc)
+CMAKE_FLAGS ?=
+
+DEB_PACKAGES := build-essential cmake pkg-config git \
+  libopenmpi-dev openmpi-bin libtrilinos-kokkos-dev libyaml-cpp-dev \
+  libhdf5-openmpi-dev hdf5-tools libopenblas-dev libgtest-dev googletest nlohmann-json3-dev \
+  python3 python3-torch python3-h5py python3-yaml python3-numpy fortunes clang-format
+
+.PHONY: all deps build debug cuda test test-release test-debug format check-format clean help
+
+all: build
+
+help:
+	@echo "make deps     install the Debian packages the build, tests and demo need"
+	@echo "make          release build in $(BUILD)/ (tools in $(BUILD)/bin)"
+	@echo "make test     all tests: unit tests under ASan/UBSan, the rest in Release, CUDA compile check"
+	@echo "make format   clang-format every C++ source"
+
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -z "$$missing" ]; then echo "deps: all packages present"; exit 0; fi; \
+	echo "deps: missing:" $$missing; \
+	if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	else \
+	  echo "run as root:  apt-get install -y --no-install-recommends" $$missing; exit 1; \
+	fi
+
+$(BUILD)/CMakeCache.txt:
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)
+
+build: $(BUILD)/CMakeCache.txt
+	cmake --build $(BUILD) -j $(JOBS)
+
+$(DEBUG_BUILD)/CMakeCache.txt:
+	cmake -S . -B $(DEBUG_BUILD) -DCMAKE_BUILD_TYPE=Debug $(CMAKE_FLAGS)
+
+debug: $(DEBUG_BUILD)/CMakeCache.txt
+	cmake --build $(DEBUG_BUILD) -j $(JOBS)
+
+# The CUDA backend must configure and compile on machines without a GPU (toolkit in /usr/local/cuda).
+cuda:
+	@if [ -x /usr/local/cuda/bin/nvcc ]; then \
+	  cmake -S . -B $(CUDA_BUILD) -DCMAKE_BUILD_TYPE=Release -DDSV3_ENABLE_CUDA=ON -DDSV3_BUILD_TESTS=OFF $(CMAKE_FLAGS) && \
+	  cmake --build $(CUDA_BUILD) -j $(JOBS); \
+	else echo "cuda: /usr/local/cuda/bin/nvcc not found; skipping the CUDA build"; fi
+
+# Unit tests under the sanitizers; everything else (CLI, MPI, golden, slow tests) in Release.
+test-debug: debug
+	cd $(DEBUG_BUILD) && ASAN_OPTIONS=detect_leaks=0 ctest --output-on-failure --no-tests=error -L unit -j $(JOBS)
+
+test-release: build
+	cd $(BUILD) && ctest --output-on-failure --no-tests=error -LE unit -j $(JOBS)
+
+test: test-debug test-release cuda
+	@echo "make test: all suites passed"
+
+format:
+	clang-format -i $$(git ls-files '*.cpp' '*.hpp' '*.cu' '*.cuh')
+
+check-format:
+	clang-format --dry-run --Werror $$(git ls-files '*.cpp' '*.hpp' '*.cu' '*.cuh')
+
+clean:
+	rm -rf $(BUILD) $(DEBUG_BUILD) $(CUDA_BUILD)

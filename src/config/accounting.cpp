@@ -1,0 +1,265 @@
+// Parameter, FLOP and memory accounting for DeepSeek-V3 models; see accounting.hpp.
+#include "config/accounting.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/format.hpp"
+
+namespace dsv3 {
+
+int64_t ParamCounts::total() const {
+  return embedding.total + attention.total + dense_ffn.total + routed_experts.total + shared_experts.total +
+         router.total + norms.total + head.total;
+}
+int64_t ParamCounts::active() const {
+  return embedding.active + attention.active + dense_ffn.active + routed_experts.active +
+         shared_experts.active + router.active + norms.active + head.active;
+}
+std::vector<std::pair<std::string, ComponentParams>> ParamCounts::rows() const {
+  return {{"embedding", embedding},
+          {"attention (MLA)", attention},
+          {"dense FFN", dense_ffn},
+          {"routed experts", routed_experts},
+          {"shared experts", shared_experts},
+          {"router", router},
+          {"norms", norms},
+          {"output head", head},
+          {"MTP modules (own)", mtp}};
+}
+
+namespace {
+// MLA weights that every TP rank holds whole (down-projections and their norms).
+int64_t mla_replicated(const ModelConfig& m) {
+  const auto& a = m.mla;
+  int64_t p = m.d_model * (a.d_latent + a.qk_rope_head_dim) + a.d_latent;  // kv_a_proj_with_mqa, kv norm
+  if (a.q_lora_rank > 0) p += m.d_model * a.q_lora_rank + a.q_lora_rank;   // q_a_proj, q norm
+  return p;
+}
+// MLA weights split by head across TP ranks (q_b or q, kv_b, o).
+int64_t mla_head_split(const ModelConfig& m) {
+  const auto& a = m.mla;
+  const int64_t q_in = a.q_lora_rank > 0 ? a.q_lora_rank : m.d_model;
+  return q_in * m.num_heads * m.qk_head_dim() +
+         a.d_latent * m.num_heads * (a.qk_nope_head_dim + a.v_head_dim) +
+         m.num_heads * a.v_head_dim * m.d_model;
+}
+int64_t routed_expert_params(const ModelConfig& m) { return swiglu_params(m.d_model, m.moe.expert_dim); }
+int64_t shared_expert_params(const ModelConfig& m) {
+  return swiglu_params(m.d_model, m.moe.expert_dim * m.moe.num_shared_experts);
+}
+int64_t router_params(const ModelConfig& m) { return m.moe.num_experts * m.d_model; }
+}  // namespace
+
+int64_t mla_params(const ModelConfig& m) { return mla_replicated(m) + mla_head_split(m); }
+int64_t swiglu_params(int64_t d_model, int64_t width) { return 3 * d_model * width; }
+int64_t moe_layer_params(const ModelConfig& m) {
+  return router_params(m) + m.moe.num_experts * routed_expert_params(m) + shared_expert_params(m);
+}
+int64_t mtp_module_params(const ModelConfig& m) {
+  const int64_t d = m.d_model;
+  // enorm + hnorm + eh_proj [d, 2d] + a full (MoE) block + shared_head.norm.
+  return 2 * d + 2 * d * d + (2 * d + mla_params(m) + moe_layer_params(m)) + d;
+}
+
+ParamCounts count_parameters(const ModelConfig& m) {
+  ParamCounts p;
+  const int64_t d = m.d_model, L = m.num_layers, Ld = m.num_dense_layers, Lm = m.num_moe_layers();
+  p.embedding = {m.vocab_size * d, m.vocab_size * d};
+  p.head = {m.vocab_size * d, m.vocab_size * d};
+  p.attention.total = p.attention.active = L * mla_params(m);
+  p.dense_ffn.total = p.dense_ffn.active = Ld * swiglu_params(d, m.ffn_dim);
+  p.routed_experts.total = Lm * m.moe.num_experts * routed_expert_params(m);
+  p.routed_experts.active = Lm * m.moe.num_experts_per_token * routed_expert_params(m);
+  p.shared_experts.total = p.shared_experts.active = Lm * shared_expert_params(m);
+  p.router.total = p.router.active = Lm * router_params(m);
+  // Two RMSNorms per block plus the MLA latent norms (counted in attention) plus the final norm.
+  p.norms.total = p.norms.active = L * 2 * d + d;
+  const int64_t mtp_total = m.mtp.depth * mtp_module_params(m);
+  const int64_t mtp_active =
+      m.mtp.depth *
+      (mtp_module_params(m) - (m.moe.num_experts - m.moe.num_experts_per_token) * routed_expert_params(m));
+  p.mtp = {mtp_total, mtp_active};
+  return p;
+}
+
+FlopsPerToken training_flops_per_token(const ModelConfig& m, int64_t seq) {
+  const int64_t d = m.d_model;
+  // Matmul weights a token multiplies with (the embedding is a lookup; norms are elementwise).
+  const double block_dense = mla_params(m) - m.mla.d_latent - m.mla.q_lora_rank;  // minus norm weights
+  const double moe_active =
+      router_params(m) + m.moe.num_experts_per_token * routed_expert_params(m) + shared_expert_params(m);
+  double active_matmul = m.num_layers * block_dense + m.num_dense_layers * swiglu_params(d, m.ffn_dim) +
+                         m.num_moe_layers() * moe_active + double(m.vocab_size) * d;
+  // Each MTP module: eh_proj, one MoE block and the shared head once more.
+  active_matmul += m.mtp.depth * (2.0 * d * d + block_dense + moe_active + double(m.vocab_size) * d);
+  FlopsPerToken f;
+  f.matmul = 6.0 * active_matmul;
+  // Causal attention: a token attends to (seq+1)/2 positions on average; per position QK^T costs
+  // 2*H*(nope+rope) and PV 2*H*v FLOPs forward; backward is twice the forward.
+  const double ctx = (seq + 1) / 2.0;
+  const double per_layer = 2.0 * m.num_heads * (m.qk_head_dim() + m.mla.v_head_dim) * ctx;
+  f.attention = 3.0 * per_layer * (m.num_layers + m.mtp.depth);
+  return f;
+}
+
+MemoryOptions MemoryOptions::from(const Config& c) {
+  MemoryOptions o;
+  o.recompute = c.training.recompute;
+  o.micro_batch_size = c.training.micro_batch_size;
+  o.seq_length = c.training.seq_length;
+  o.global_batch_size = c.training.global_batch_size;
+  o.precision = c.training.precision;
+  return o;
+}
+
+int64_t layers_in_stage(int64_t num_layers, int64_t pp, int64_t stage) {
+  return num_layers / pp + (stage < num_layers % pp ? 1 : 0);
+}
+int64_t first_layer_of_stage(int64_t num_layers, int64_t pp, int64_t stage) {
+  int64_t first = 0;
+  for (int64_t s = 0; s < stage; ++s) first += layers_in_stage(num_layers, pp, s);
+  return first;
+}
+
+namespace {
+// Elements of the attention half of a block saved per token (one micro-batch).
+double mla_saved_elems(const ModelConfig& m, const Layout& l, const std::string& recompute) {
+  const auto& a = m.mla;
+  const double d_sp = l.sequence_parallel ? double(m.d_model) / l.tp : m.d_model;
+  const double h = double(m.num_heads) / l.tp;
+  double e = d_sp;                               // block input (RMSNorm backward, residual)
+  e += a.d_latent + a.qk_rope_head_dim;          // kv_a output (latent before its norm, k_pe)
+  e += h * m.qk_head_dim();                      // q after RoPE
+  e += h * (a.qk_nope_head_dim + a.v_head_dim);  // kv_b output (k_nope, v)
+  e += h * a.v_head_dim;                         // attention output (o_proj input)
+  e += h * 2;                                    // softmax log-sum-exp (fp32 counted as 2 halves)
+  if (a.q_lora_rank > 0) e += a.q_lora_rank;     // q_a output
+  if (recompute == "none") {                     // norm outputs, recomputed under selective
+    e += d_sp + a.d_latent + (a.q_lora_rank > 0 ? a.q_lora_rank : 0);
+  }
+  return e;
+}
+// Elements of a SwiGLU MLP of `width` (already divided by the parallel split) per token it sees.
+double swiglu_saved_elems(double width, const std::string& recompute) {
+  return 2 * width + (recompute == "none" ? width : 0);  // gate & up outputs, (silu(g)*u)
+}
+double ffn_saved_elems(const ModelConfig& m, const Layout& l, const std::string& recompute, bool moe) {
+  const double d_sp = l.sequence_parallel ? double(m.d_model) / l.tp : m.d_model;
+  double e = d_sp + (recompute == "none" ? d_sp : 0);  // FFN input, normed input
+  if (!moe) return e + swiglu_saved_elems(double(m.ffn_dim) / l.tp, recompute);
+  const auto& x = m.moe;
+  const double k = x.num_experts_per_token;
+  e += x.num_experts + 2 * k;  // router scores, top-k ids and weights
+  e += k * m.d_model;          // dispatched token copies (expert GEMM input)
+  e += k * swiglu_saved_elems(double(x.expert_dim) / l.expert_tp, recompute);
+  e += k * m.d_model;  // expert outputs (combine weight gradient)
+  if (x.num_shared_experts > 0)
+    e += swiglu_saved_elems(double(x.expert_dim * x.num_shared_experts) / l.tp, recompute);
+  return e;
+}
+}  // namespace
+
+double activation_bytes_per_token_dense_layer(const ModelConfig& m, const Layout& l,
+                                              const std::string& recompute, double elem_bytes) {
+  if (recompute == "full") return elem_bytes * (l.sequence_parallel ? double(m.d_model) / l.tp : m.d_model);
+  return elem_bytes * (mla_saved_elems(m, l, recompute) + ffn_saved_elems(m, l, recompute, false));
+}
+double activation_bytes_per_token_moe_layer(const ModelConfig& m, const Layout& l,
+                                            const std::string& recompute, double elem_bytes) {
+  if (recompute == "full") return elem_bytes * (l.sequence_parallel ? double(m.d_model) / l.tp : m.d_model);
+  return elem_bytes * (mla_saved_elems(m, l, recompute) + ffn_saved_elems(m, l, recompute, true));
+}
+
+MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOptions& o) {
+  const ModelConfig& m = c.model;
+  const bool bf16 = o.precision == "bf16";
+  const double w_bytes = bf16 ? 2 : 4;     // model weights as used by forward/backward
+  const double g_bytes = 4;                // gradients accumulate in fp32
+  const double opt_bytes = bf16 ? 12 : 8;  // fp32 master (bf16 only) + Adam m and v
+  const double act_bytes = bf16 ? 2 : 4;
+  const double d = m.d_model;
+  const double V = m.vocab_size;
+  const int64_t dp = std::max<int64_t>(1, l.dp);
+  Layout lay = l;
+  lay.dp = dp;
+  const double edp = std::max<double>(1.0, double(lay.tp * dp) / (lay.ep * lay.expert_tp));
+  const int64_t microbatches = std::max<int64_t>(1, o.global_batch_size / (o.micro_batch_size * dp));
+  const double tokens = double(o.micro_batch_size) * o.seq_length;
+
+  MemoryEstimate best;
+  for (int64_t s = 0; s < l.pp; ++s) {
+    // Parameters on this stage, split into the DP-sharded dense part and the expert part.
+    double dense = 0, expert = 0;
+    const int64_t first = first_layer_of_stage(m.num_layers, l.pp, s);
+    const int64_t n = layers_in_stage(m.num_layers, l.pp, s);
+    double act = 0;
+    // Per-rank weights of one block outside the routed experts: norms, MLA (down-projections whole,
+    // head-split parts / tp), and the dense FFN or the router + shared experts (/ tp).
+    auto block_dense = [&](bool moe) {
+      double p = 2 * d + mla_replicated(m) + double(mla_head_split(m)) / l.tp;
+      if (!moe) return p + double(swiglu_params(m.d_model, m.ffn_dim)) / l.tp;
+      return p + router_params(m) + double(shared_expert_params(m)) / l.tp;
+    };
+    const double experts_on_rank = double(m.moe.num_experts / l.ep) * routed_expert_params(m) / l.expert_tp;
+    for (int64_t i = first; i < first + n; ++i) {
+      const bool moe = i >= m.num_dense_layers;
+      dense += block_dense(moe);
+      if (moe) expert += experts_on_rank;
+      act += moe ? activation_bytes_per_token_moe_layer(m, lay, o.recompute, act_bytes)
+                 : activation_bytes_per_token_dense_layer(m, lay, o.recompute, act_bytes);
+    }
+    double logits = 0, dispatch = 0;
+    if (s == 0) dense += V * d / l.tp;  // embedding (vocab-parallel)
+    if (s == l.pp - 1) {
+      dense += d + V * d / l.tp;  // final norm, head
+      if (m.mtp.depth > 0) {
+        // enorm, hnorm, eh_proj (/ tp), one MoE block, shared_head.norm.
+        dense += m.mtp.depth * (3 * d + 2 * d * d / l.tp + block_dense(true));
+        expert += m.mtp.depth * experts_on_rank;
+        if (l.pp > 1) dense += V * d / l.tp;  // the MTP modules' copy of the embedding
+        act += m.mtp.depth * (activation_bytes_per_token_moe_layer(m, lay, o.recompute, act_bytes) +
+                              act_bytes * 3 * d);  // + enorm/hnorm outputs and eh_proj input
+      }
+      // Chunked cross-entropy: one chunk of fp32 logits and their gradient at a time.
+      const double chunk = std::min(tokens, 1024.0);
+      logits = 2 * 4 * chunk * V / l.tp;
+    }
+    if (m.num_moe_layers() > 0 && l.ep > 1) {
+      const double cf = m.moe.capacity_factor > 0 ? m.moe.capacity_factor : 1.0;
+      dispatch = 2 * tokens * m.moe.num_experts_per_token * d * act_bytes * cf;  // send + receive
+    }
+    // 1F1B: stage s keeps up to pp - s micro-batches' activations alive.
+    const int64_t in_flight = std::min<int64_t>(microbatches, l.pp - s);
+    MemoryEstimate e;
+    e.stage = s;
+    e.in_flight_microbatches = in_flight;
+    e.params_on_rank = static_cast<int64_t>(dense + expert);
+    e.weights = (dense + expert) * w_bytes;
+    const bool z1 = l.zero_stage >= 1, z2 = l.zero_stage >= 2;
+    e.gradients = dense * g_bytes / (z2 ? dp : 1) + expert * g_bytes / (z2 ? edp : 1);
+    e.optimizer = dense * opt_bytes / (z1 ? dp : 1) + expert * opt_bytes / (z1 ? edp : 1);
+    e.activations = act * tokens * in_flight;
+    e.logits = logits;
+    e.moe_dispatch = dispatch;
+    if (s == 0 || e.total() > best.total()) best = e;
+  }
+  best.assumptions = {
+      "weights " + std::string(bf16 ? "bf16 (2 B)" : "fp32 (4 B)") + ", gradients fp32 (4 B), optimizer " +
+          (bf16 ? "fp32 master + Adam m, v (12 B)" : "Adam m, v (8 B)") + " per parameter",
+      "ZeRO-" + std::to_string(l.zero_stage) + ": optimizer" + (l.zero_stage >= 2 ? " and gradients" : "") +
+          (l.zero_stage >= 1
+               ? " sharded over DP=" + std::to_string(dp) + " (experts over expert-DP=" + fixed(edp, 0) + ")"
+               : " replicated"),
+      "activations " + std::string(bf16 ? "bf16" : "fp32") + ", recompute=" + o.recompute + ", " +
+          std::to_string(o.micro_batch_size) + " x " + std::to_string(o.seq_length) +
+          " tokens per micro-batch, " + std::to_string(best.in_flight_microbatches) + " in flight on stage " +
+          std::to_string(best.stage) + " (1F1B)",
+      "flash-style attention (no seq^2 buffer); cross-entropy in chunks of 1024 tokens",
+      "MoE dispatch buffers at " +
+          std::string(m.moe.capacity_factor > 0 ? "capacity factor" : "perfect balance") +
+          " when EP>1; not included: CUDA context, NCCL buffers, allocator fragmentation"};
+  return best;
+}
+
+}  // namespace dsv3

@@ -1,0 +1,175 @@
+// dsv3-config: lists the configs, explains one, or recommends a config and a parallel layout for the
+// hardware at hand. All figures come from the accounting module (src/config).
+#include <unistd.h>
+
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "backend_info.hpp"
+#include "config/config.hpp"
+#include "config/planner.hpp"
+#include "config/report.hpp"
+#include "core/error.hpp"
+
+namespace {
+
+const char* kUsage = R"(usage: dsv3-config [--list | --info NAME | --gpus N --gpu-memory GB] [options]
+
+  --list                   quick-reference table of configs/*.yaml (computed, not typed in)
+  --info NAME              architecture, parameters, FLOPs/token, memory per GPU, hardware, features
+  --gpus N --gpu-memory GB recommend a config and a TP/PP/EP/DP/ZeRO layout that fits
+      --use-case research|production|learning
+      --budget low|medium|high|very-high|extreme
+  --detect                 take --gpus/--gpu-memory from the visible CUDA devices (CUDA builds)
+  --json                   machine-readable output for any mode
+  --set key=value          override a config key (dotted), repeatable, applied to every config
+  --help                   this text
+With no arguments on a terminal, asks for the hardware interactively.
+NAME is 1b, deepseek_v3_1b, 671b or a path to a YAML file.
+)";
+
+struct Args {
+  bool list = false, json = false, detect = false, help = false;
+  std::string info;
+  int64_t gpus = 0;
+  double gpu_memory = 0;
+  std::string use_case, budget;
+  std::vector<std::string> overrides;
+};
+
+int64_t parse_int(const std::string& flag, const std::string& v) {
+  try {
+    size_t pos = 0;
+    long long n = std::stoll(v, &pos);
+    if (pos == v.size()) return n;
+  } catch (...) {
+  }
+  dsv3::raise(flag, " expects an integer, got '", v, "'");
+}
+double parse_double(const std::string& flag, const std::string& v) {
+  try {
+    size_t pos = 0;
+    double d = std::stod(v, &pos);
+    if (pos == v.size()) return d;
+  } catch (...) {
+  }
+  dsv3::raise(flag, " expects a number, got '", v, "'");
+}
+
+Args parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    const std::string s = argv[i];
+    auto value = [&]() -> std::string {
+      DSV3_CHECK(i + 1 < argc, s, " needs a value (see --help)");
+      return argv[++i];
+    };
+    if (s == "--list")
+      a.list = true;
+    else if (s == "--json")
+      a.json = true;
+    else if (s == "--detect")
+      a.detect = true;
+    else if (s == "--help" || s == "-h")
+      a.help = true;
+    else if (s == "--info")
+      a.info = value();
+    else if (s == "--gpus")
+      a.gpus = parse_int(s, value());
+    else if (s == "--gpu-memory")
+      a.gpu_memory = parse_double(s, value());
+    else if (s == "--use-case")
+      a.use_case = value();
+    else if (s == "--budget")
+      a.budget = value();
+    else if (s == "--set")
+      a.overrides.push_back(value());
+    else if (s.rfind("--set=", 0) == 0)
+      a.overrides.push_back(s.substr(6));
+    else
+      dsv3::raise("unknown argument '", s, "' (see --help)");
+  }
+  return a;
+}
+
+std::vector<dsv3::Config> load_all(const std::vector<std::string>& overrides) {
+  std::vector<dsv3::Config> out;
+  for (const auto& p : dsv3::list_config_paths()) out.push_back(dsv3::load_config(p, overrides));
+  DSV3_CHECK(!out.empty(), "no configs found in ", dsv3::config_dir(), " (set DSV3_CONFIG_DIR)");
+  return out;
+}
+
+std::string ask(const std::string& question, const std::string& fallback) {
+  std::cout << question << (fallback.empty() ? "" : " [" + fallback + "]") << ": " << std::flush;
+  std::string line;
+  if (!std::getline(std::cin, line)) dsv3::raise("input ended before the question was answered");
+  return line.empty() ? fallback : line;
+}
+
+int run(int argc, char** argv) {
+  Args a = parse(argc, argv);
+  if (a.help) {
+    std::cout << kUsage;
+    return 0;
+  }
+  const bool interactive = argc == 1 && isatty(0);
+  if (argc == 1 && !interactive) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  if (interactive) {
+    std::cout << "dsv3-config: which DeepSeek-V3 config fits your hardware?\n";
+    a.gpus = parse_int("GPUs", ask("How many GPUs", "8"));
+    a.gpu_memory = parse_double("GPU memory", ask("Memory per GPU in GB", "80"));
+    a.use_case = ask("Use case (research, production, learning, or empty)", "");
+    std::cout << "\n";
+  }
+  if (a.detect) {
+    const auto gpus = dsv3::cuda_devices();
+    DSV3_CHECK(!gpus.empty(), "--detect: no CUDA device visible",
+               dsv3::cuda_enabled() ? "" : " (this build has no CUDA backend: -DDSV3_ENABLE_CUDA=ON)");
+    a.gpus = static_cast<int64_t>(gpus.size());
+    a.gpu_memory = gpus.front().memory_gb;
+    if (!a.json)
+      std::cout << "Detected " << a.gpus << " x " << gpus.front().name << " (" << a.gpu_memory << " GiB)\n";
+  }
+
+  if (a.list) {
+    const auto configs = load_all(a.overrides);
+    if (a.json) {
+      nlohmann::json arr = nlohmann::json::array();
+      for (const auto& c : configs) arr.push_back(dsv3::info_json(c));
+      std::cout << arr.dump(2) << "\n";
+    } else {
+      std::cout << dsv3::list_table(configs);
+    }
+    return 0;
+  }
+  if (!a.info.empty()) {
+    const auto c = dsv3::load_config(dsv3::resolve_config_path(a.info), a.overrides);
+    std::cout << (a.json ? dsv3::info_json(c).dump(2) + "\n" : dsv3::info_text(c));
+    return 0;
+  }
+  if (a.gpus > 0 || a.gpu_memory > 0) {
+    DSV3_CHECK(a.gpus > 0, "--gpu-memory needs --gpus N as well");
+    DSV3_CHECK(a.gpu_memory > 0, "--gpus needs --gpu-memory GB as well");
+    dsv3::HardwareQuery hw{a.gpus, a.gpu_memory, a.use_case, a.budget};
+    const auto r = dsv3::recommend(load_all(a.overrides), hw);
+    std::cout << (a.json ? dsv3::recommendation_json(r).dump(2) + "\n" : dsv3::recommendation_text(r, hw));
+    return r.recommended ? 0 : 1;
+  }
+  dsv3::raise("nothing to do: give --list, --info NAME or --gpus N --gpu-memory GB (see --help)");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "dsv3-config: error: " << e.what() << "\n";
+    return 2;
+  }
+}
