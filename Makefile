@@ -12,7 +12,7 @@ DEB_PACKAGES := build-essential cmake pkg-config git \
   libhdf5-openmpi-dev hdf5-tools libopenblas-dev libgtest-dev googletest nlohmann-json3-dev \
   python3 python3-torch python3-h5py python3-yaml python3-numpy fortunes clang-format
 
-.PHONY: all deps build debug cuda test test-release test-debug format check-format clean help
+.PHONY: all deps build debug cuda test test-release test-debug golden format check-format clean help
 
 all: build
 
@@ -20,6 +20,7 @@ help:
 	@echo "make deps     install the Debian packages the build, tests and demo need"
 	@echo "make          release build in $(BUILD)/ (tools in $(BUILD)/bin)"
 	@echo "make test     all tests: unit tests under ASan/UBSan, the rest in Release, CUDA compile check"
+	@echo "make golden   regenerate tests/golden/tiny_golden.h5 with the PyTorch reference"
 	@echo "make format   clang-format every C++ source"
 
 deps:
@@ -60,6 +61,12 @@ test-release: build
 
 test: test-debug test-release cuda
 	@echo "make test: all suites passed"
+
+# Regenerates the golden file of the model test with the PyTorch reference (Debian's python3-torch).
+golden:
+	/usr/bin/python3 tests/reference/check_reference.py
+	/usr/bin/python3 tests/reference/make_golden.py --config configs/deepseek_v3_tiny.yaml \
+	  --out tests/golden/tiny_golden.h5 --batch 2 --seq 32 --seed 1234 --bias-std 0.05
 
 format:
 	clang-format -i $$(git ls-files '*.cpp' '*.hpp' '*.cu' '*.cuh')

@@ -123,52 +123,85 @@ int64_t first_layer_of_stage(int64_t num_layers, int64_t pp, int64_t stage) {
 }
 
 namespace {
-// Elements of the attention half of a block saved per token (one micro-batch).
+// Elements one block saves per token for its backward (one micro-batch), mirroring src/model:
+// Block::Saved, MLA::Saved, SwiGLU::Saved and MoE::Saved. Head-split tensors are divided by TP;
+// d-sized tensors by TP only under sequence parallelism. Statistics (rstd, lse) count as elements.
+double d_local(const ModelConfig& m, const Layout& l) {
+  return l.sequence_parallel ? double(m.d_model) / l.tp : double(m.d_model);
+}
 double mla_saved_elems(const ModelConfig& m, const Layout& l, const std::string& recompute) {
   const auto& a = m.mla;
-  const double d_sp = l.sequence_parallel ? double(m.d_model) / l.tp : m.d_model;
-  const double h = double(m.num_heads) / l.tp;
-  double e = d_sp;                               // block input (RMSNorm backward, residual)
-  e += a.d_latent + a.qk_rope_head_dim;          // kv_a output (latent before its norm, k_pe)
-  e += h * m.qk_head_dim();                      // q after RoPE
-  e += h * (a.qk_nope_head_dim + a.v_head_dim);  // kv_b output (k_nope, v)
-  e += h * a.v_head_dim;                         // attention output (o_proj input)
-  e += h * 2;                                    // softmax log-sum-exp (fp32 counted as 2 halves)
-  if (a.q_lora_rank > 0) e += a.q_lora_rank;     // q_a output
-  if (recompute == "none") {                     // norm outputs, recomputed under selective
-    e += d_sp + a.d_latent + (a.q_lora_rank > 0 ? a.q_lora_rank : 0);
-  }
+  const bool none = recompute == "none";
+  const double d = d_local(m, l), h = double(m.num_heads) / l.tp;
+  double e = d;                                                    // block input x (held by the model)
+  e += (none ? d : 0) + 1;                                         // xn (selective recomputes it), rstd
+  if (a.q_lora_rank > 0) e += a.q_lora_rank * (none ? 2 : 1) + 1;  // q_a output, its norm, rstd
+  e += a.d_latent + a.qk_rope_head_dim;                            // kv_a output [c ; k_pe]
+  e += a.d_latent * (none ? 2 : 1) + 1;                            // c, its norm, rstd
+  e += 2 * h * m.qk_head_dim() + 2 * h * a.v_head_dim + h;         // q, k, v, o, lse
+  e += d;                                                          // h = x + attention (FFN input)
   return e;
 }
-// Elements of a SwiGLU MLP of `width` (already divided by the parallel split) per token it sees.
 double swiglu_saved_elems(double width, const std::string& recompute) {
-  return 2 * width + (recompute == "none" ? width : 0);  // gate & up outputs, (silu(g)*u)
+  return 2 * width + (recompute == "none" ? width : 0);  // gate & up outputs, silu(g)*u
 }
 double ffn_saved_elems(const ModelConfig& m, const Layout& l, const std::string& recompute, bool moe) {
-  const double d_sp = l.sequence_parallel ? double(m.d_model) / l.tp : m.d_model;
-  double e = d_sp + (recompute == "none" ? d_sp : 0);  // FFN input, normed input
+  double e = (recompute == "none" ? d_local(m, l) : 0) + 1;  // hn, rstd
   if (!moe) return e + swiglu_saved_elems(double(m.ffn_dim) / l.tp, recompute);
   const auto& x = m.moe;
   const double k = x.num_experts_per_token;
-  e += x.num_experts + 2 * k;  // router scores, top-k ids and weights
-  e += k * m.d_model;          // dispatched token copies (expert GEMM input)
+  e += 2 * x.num_experts + 2 * k + 2 * k;  // router logits, scores, top-k ids, weights, dispatch plan
+  e += k * m.d_model;                      // dispatched token copies (expert GEMM input)
   e += k * swiglu_saved_elems(double(x.expert_dim) / l.expert_tp, recompute);
   e += k * m.d_model;  // expert outputs (combine weight gradient)
   if (x.num_shared_experts > 0)
     e += swiglu_saved_elems(double(x.expert_dim * x.num_shared_experts) / l.tp, recompute);
   return e;
 }
+// Temporaries alive while one block runs its backward (per token): the block's dhn, dh, dxn and
+// the larger of the FFN's and the attention's own gradient buffers.
+double block_backward_workspace_elems(const ModelConfig& m, const Layout& l, bool moe) {
+  const auto& a = m.mla;
+  const double d = d_local(m, l), h = double(m.num_heads) / l.tp;
+  double ffn = 0;
+  if (moe) {
+    const auto& x = m.moe;
+    const double k = x.num_experts_per_token;
+    ffn = 2 * k * m.d_model + k + 3 * k * double(x.expert_dim) / l.expert_tp + 2 * x.num_experts;
+    if (x.num_shared_experts > 0) ffn = std::max(ffn, 3.0 * x.expert_dim * x.num_shared_experts / l.tp);
+  } else {
+    ffn = 3.0 * m.ffn_dim / l.tp;
+  }
+  double attn = d + h * a.v_head_dim * 2 + 2 * h * m.qk_head_dim() + h * (a.qk_nope_head_dim + a.v_head_dim) +
+                a.qk_rope_head_dim + 2 * a.d_latent + a.d_latent + a.qk_rope_head_dim + 2 * a.q_lora_rank;
+  return 2 * d + std::max(ffn, attn);
+}
 }  // namespace
 
 double activation_bytes_per_token_dense_layer(const ModelConfig& m, const Layout& l,
                                               const std::string& recompute, double elem_bytes) {
-  if (recompute == "full") return elem_bytes * (l.sequence_parallel ? double(m.d_model) / l.tp : m.d_model);
+  if (recompute == "full") return elem_bytes * d_local(m, l);
   return elem_bytes * (mla_saved_elems(m, l, recompute) + ffn_saved_elems(m, l, recompute, false));
 }
 double activation_bytes_per_token_moe_layer(const ModelConfig& m, const Layout& l,
                                             const std::string& recompute, double elem_bytes) {
-  if (recompute == "full") return elem_bytes * (l.sequence_parallel ? double(m.d_model) / l.tp : m.d_model);
+  if (recompute == "full") return elem_bytes * d_local(m, l);
   return elem_bytes * (mla_saved_elems(m, l, recompute) + ffn_saved_elems(m, l, recompute, true));
+}
+
+double activation_workspace_bytes_per_token(const ModelConfig& m, const Layout& l,
+                                            const std::string& recompute, double elem_bytes) {
+  const bool has_moe = m.num_moe_layers() > 0 || m.mtp.depth > 0;
+  double ws = block_backward_workspace_elems(m, l, has_moe);
+  if (m.num_dense_layers > 0) ws = std::max(ws, block_backward_workspace_elems(m, l, false));
+  // Under full recompute the block being differentiated re-saves everything first.
+  if (recompute == "full") {
+    Layout none = l;
+    ws += std::max(activation_bytes_per_token_moe_layer(m, none, "none", 1.0),
+                   activation_bytes_per_token_dense_layer(m, none, "none", 1.0));
+  }
+  // The model keeps two gradient buffers of the hidden state (dh, dx) during the backward.
+  return elem_bytes * (ws + 2 * d_local(m, l));
 }
 
 MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOptions& o) {
@@ -218,12 +251,16 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
         dense += m.mtp.depth * (3 * d + 2 * d * d / l.tp + block_dense(true));
         expert += m.mtp.depth * experts_on_rank;
         if (l.pp > 1) dense += V * d / l.tp;  // the MTP modules' copy of the embedding
+        // Per module: its block, plus ids, embedding, the two normed halves, their concatenation,
+        // eh_proj output, the module output and its gradient (MTPModule::Saved and the model).
         act += m.mtp.depth * (activation_bytes_per_token_moe_layer(m, lay, o.recompute, act_bytes) +
-                              act_bytes * 3 * d);  // + enorm/hnorm outputs and eh_proj input
+                              act_bytes * (9 * d + 3));
       }
+      // Last hidden state, and the head's normed input, rstd and its gradient.
+      act += act_bytes * (3 * d + 1);
       // Chunked cross-entropy: one chunk of fp32 logits and their gradient at a time.
-      const double chunk = std::min(tokens, 1024.0);
-      logits = 2 * 4 * chunk * V / l.tp;
+      const double chunk = std::min(tokens, std::max(1.0, std::floor(double(1 << 22) / (V / l.tp))));
+      logits = 4 * chunk * (V / l.tp + 3);  // one chunk of logits (its gradient in place), losses, lse, dloss
     }
     if (m.num_moe_layers() > 0 && l.ep > 1) {
       const double cf = m.moe.capacity_factor > 0 ? m.moe.capacity_factor : 1.0;
@@ -239,7 +276,8 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
     const bool z1 = l.zero_stage >= 1, z2 = l.zero_stage >= 2;
     e.gradients = dense * g_bytes / (z2 ? dp : 1) + expert * g_bytes / (z2 ? edp : 1);
     e.optimizer = dense * opt_bytes / (z1 ? dp : 1) + expert * opt_bytes / (z1 ? edp : 1);
-    e.activations = act * tokens * in_flight;
+    e.activations = act * tokens * in_flight +
+                    activation_workspace_bytes_per_token(m, lay, o.recompute, act_bytes) * tokens;
     e.logits = logits;
     e.moe_dispatch = dispatch;
     if (s == 0 || e.total() > best.total()) best = e;
@@ -255,7 +293,8 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
           std::to_string(o.micro_batch_size) + " x " + std::to_string(o.seq_length) +
           " tokens per micro-batch, " + std::to_string(best.in_flight_microbatches) + " in flight on stage " +
           std::to_string(best.stage) + " (1F1B)",
-      "flash-style attention (no seq^2 buffer); cross-entropy in chunks of 1024 tokens",
+      "flash-style attention (no seq^2 buffer); cross-entropy over chunks of 4M logits; backward workspace "
+      "of one block",
       "MoE dispatch buffers at " +
           std::string(m.moe.capacity_factor > 0 ? "capacity factor" : "perfect balance") +
           " when EP>1; not included: CUDA context, NCCL buffers, allocator fragmentation"};

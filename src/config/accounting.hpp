@@ -73,6 +73,10 @@ double activation_bytes_per_token_dense_layer(const ModelConfig& m, const Layout
 double activation_bytes_per_token_moe_layer(const ModelConfig& m, const Layout& l,
                                             const std::string& recompute, double elem_bytes);
 
+// Temporaries of the backward of one block plus the model's hidden-state gradients, per token.
+double activation_workspace_bytes_per_token(const ModelConfig& m, const Layout& l,
+                                            const std::string& recompute, double elem_bytes);
+
 // Layers held by pipeline stage `stage` of `pp` (earlier stages take the remainder).
 int64_t layers_in_stage(int64_t num_layers, int64_t pp, int64_t stage);
 int64_t first_layer_of_stage(int64_t num_layers, int64_t pp, int64_t stage);

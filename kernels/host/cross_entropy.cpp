@@ -1,0 +1,98 @@
+// Host softmax cross-entropy over the vocabulary for a chunk of rows (the caller chunks the tokens so
+// the [C, V] logits stay small). Forward saves the log-sum-exp of each row (computed after subtracting
+// the row maximum); backward overwrites the logits with the gradient. A negative target marks an
+// ignored row (loss 0, gradient 0).
+//   logits [C, V]; targets [C] i32; losses, lse, dloss [C]
+#include <cmath>
+
+#include "core/error.hpp"
+#include "host/host_common.hpp"
+#include "ops.hpp"
+
+namespace dsv3::ops {
+
+namespace {
+
+// Shapes, dtypes, device and the target range; returns C.
+int64_t check_inputs(const char* op, const Tensor& logits, const Tensor& targets) {
+  expect_dtype(op, logits, DType::F32);
+  expect_shape(op, logits, {-1, -1});
+  const int64_t C = logits.dim(0), V = logits.dim(1);
+  expect_dtype(op, targets, DType::I32);
+  expect_shape(op, targets, {C});
+  for (const Tensor* t : {&logits, &targets})
+    DSV3_CHECK(t->device() == Device::Host, op, ": tensor '", t->name(),
+               "' is not on the host; only the host backend exists in this build");
+  DSV3_CHECK(V > 0 || C == 0, op, ": tensor '", logits.name(), "' ", logits.shape_str(),
+             " has an empty vocabulary");
+  const int32_t* tg = targets.i32();
+  for (int64_t c = 0; c < C; ++c)
+    DSV3_CHECK(tg[c] < V, op, ": row ", c, " has target ", tg[c], ", outside the vocabulary [0, ", V,
+               ") of tensor '", logits.name(), "'");
+  return C;
+}
+
+}  // namespace
+
+void cross_entropy_forward(const Tensor& logits, const Tensor& targets, const Tensor& losses,
+                           const Tensor& lse) {
+  const char* op = "cross_entropy_forward";
+  const int64_t C = check_inputs(op, logits, targets);
+  const int64_t V = logits.dim(1);
+  expect_dtype(op, losses, DType::F32);
+  expect_shape(op, losses, {C});
+  expect_dtype(op, lse, DType::F32);
+  expect_shape(op, lse, {C});
+  for (const Tensor* t : {&losses, &lse})
+    DSV3_CHECK(t->device() == Device::Host, op, ": tensor '", t->name(), "' is not on the host");
+  const float* L = logits.f32();
+  const int32_t* tg = targets.i32();
+  float* out = losses.f32();
+  float* ls = lse.f32();
+  host::parallel_for("dsv3::cross_entropy_forward", C, [=](int64_t c) {
+    const float* l = L + c * V;
+    float m = l[0];
+    for (int64_t v = 1; v < V; ++v) m = std::fmax(m, l[v]);
+    double sum = 0;
+    for (int64_t v = 0; v < V; ++v) sum += std::exp(l[v] - m);
+    const double z = m + std::log(sum);
+    ls[c] = static_cast<float>(z);
+    out[c] = tg[c] < 0 ? 0.0f : static_cast<float>(z - l[tg[c]]);
+  });
+}
+
+void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const Tensor& lse,
+                            const Tensor& dloss) {
+  const char* op = "cross_entropy_backward";
+  const int64_t C = check_inputs(op, logits, targets);
+  const int64_t V = logits.dim(1);
+  expect_dtype(op, lse, DType::F32);
+  expect_shape(op, lse, {C});
+  expect_dtype(op, dloss, DType::F32);
+  expect_shape(op, dloss, {C});
+  for (const Tensor* t : {&lse, &dloss})
+    DSV3_CHECK(t->device() == Device::Host, op, ": tensor '", t->name(), "' is not on the host");
+  float* L = logits.f32();
+  const int32_t* tg = targets.i32();
+  const float* ls = lse.f32();
+  const float* dl = dloss.f32();
+  host::parallel_for("dsv3::cross_entropy_backward", C, [=](int64_t c) {
+    float* l = L + c * V;
+    if (tg[c] < 0) {
+      for (int64_t v = 0; v < V; ++v) l[v] = 0.0f;
+      return;
+    }
+    // exp(l - lse) renormalised by its sum: exact softmax even where the f32 lse is coarse (|logits| large).
+    const float z = ls[c], g = dl[c];
+    double sum = 0;
+    for (int64_t v = 0; v < V; ++v) {
+      l[v] = std::exp(l[v] - z);
+      sum += l[v];
+    }
+    const float f = static_cast<float>(g / sum);
+    for (int64_t v = 0; v < V; ++v) l[v] *= f;
+    l[tg[c]] -= g;
+  });
+}
+
+}  // namespace dsv3::ops

@@ -1,0 +1,69 @@
+// Token embedding of kernels/ops.hpp: embedding_forward (row gather) and embedding_backward
+// (scatter-add into the table gradient).
+//   ids [T] (i32), table / dtable [V, D], out / dout [T, D]
+// Every id is checked against [0, V) before any memory is touched.
+#include "core/error.hpp"
+#include "host/host_common.hpp"
+#include "ops.hpp"
+
+namespace dsv3::ops {
+
+namespace {
+
+using host::check_f32_host;
+using host::check_host;
+
+// Validates dtypes and shapes; returns nothing, throws naming the tensor or the bad id.
+void check_embedding(const char* op, const Tensor& ids, const Tensor& table, const Tensor& rows) {
+  expect_dtype(op, ids, DType::I32);
+  expect_dtype(op, table, DType::F32);
+  expect_dtype(op, rows, DType::F32);
+  for (const Tensor* t : {&ids, &table, &rows}) check_host(op, *t);
+  DSV3_CHECK(ids.ndim() == 1, op, ": tensor '", ids.name(), "' has shape ", ids.shape_str(),
+             ", expected [T]");
+  DSV3_CHECK(table.ndim() == 2, op, ": tensor '", table.name(), "' has shape ", table.shape_str(),
+             ", expected [V, D]");
+  const int64_t T = ids.dim(0), V = table.dim(0), D = table.dim(1);
+  expect_shape(op, rows, {T, D});
+  const int32_t* id = ids.i32();
+  for (int64_t t = 0; t < T; ++t)
+    DSV3_CHECK(id[t] >= 0 && id[t] < V, op, ": tensor '", ids.name(), "' position ", t, " holds id ", id[t],
+               ", outside [0, V) with V = ", V, " (table '", table.name(), "')");
+}
+
+}  // namespace
+
+// out[t, :] = table[ids[t], :]
+void embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out) {
+  check_embedding("embedding_forward", ids, table, out);
+  const int64_t D = table.dim(1);
+  const int32_t* id = ids.i32();
+  const float* tab = table.f32();
+  float* o = out.f32();
+  host::parallel_for("dsv3::embedding_forward", ids.dim(0), [=](int64_t t) {
+    const float* src = tab + static_cast<int64_t>(id[t]) * D;
+    float* dst = o + t * D;
+    for (int64_t j = 0; j < D; ++j) dst[j] = src[j];
+  });
+}
+
+// dtable[ids[t], :] += dout[t, :]. Ids may repeat, so the parallel loop runs over blocks of 64
+// columns (each block of dtable is owned by one iteration) and walks the tokens in order.
+void embedding_backward(const Tensor& ids, const Tensor& dout, const Tensor& dtable) {
+  check_embedding("embedding_backward", ids, dtable, dout);
+  constexpr int64_t kBlock = 64;
+  const int64_t T = ids.dim(0), D = dtable.dim(1);
+  const int32_t* id = ids.i32();
+  const float* g = dout.f32();
+  float* dt = dtable.f32();
+  host::parallel_for("dsv3::embedding_backward", (D + kBlock - 1) / kBlock, [=](int64_t blk) {
+    const int64_t j0 = blk * kBlock, j1 = j0 + kBlock < D ? j0 + kBlock : D;
+    for (int64_t t = 0; t < T; ++t) {
+      float* dst = dt + static_cast<int64_t>(id[t]) * D;
+      const float* src = g + t * D;
+      for (int64_t j = j0; j < j1; ++j) dst[j] += src[j];
+    }
+  });
+}
+
+}  // namespace dsv3::ops

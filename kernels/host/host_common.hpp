@@ -1,0 +1,45 @@
+// Shared pieces of the host backend: the Kokkos execution space and view typedefs (unmanaged views
+// over Tensor memory), lazy Kokkos initialisation, and range helpers. Every parallel_for is labelled
+// "dsv3::<op>".
+#pragma once
+
+#include <cstdint>
+
+#include "core/tensor.hpp"
+
+#ifdef DSV3_HAVE_KOKKOS
+#include <Kokkos_Core.hpp>
+#endif
+
+namespace dsv3::host {
+
+#ifdef DSV3_HAVE_KOKKOS
+using ExecSpace = Kokkos::DefaultHostExecutionSpace;
+using Range = Kokkos::RangePolicy<ExecSpace>;
+using Unmanaged = Kokkos::MemoryTraits<Kokkos::Unmanaged>;
+using ViewF1 = Kokkos::View<float*, Kokkos::HostSpace, Unmanaged>;
+using ViewF2 = Kokkos::View<float**, Kokkos::LayoutRight, Kokkos::HostSpace, Unmanaged>;
+using ViewI1 = Kokkos::View<int32_t*, Kokkos::HostSpace, Unmanaged>;
+using ViewI2 = Kokkos::View<int32_t**, Kokkos::LayoutRight, Kokkos::HostSpace, Unmanaged>;
+#endif
+
+// Precondition checks shared by every host op: the tensor lives in host memory (and is f32).
+void check_host(const char* op, const Tensor& t);
+void check_f32_host(const char* op, const Tensor& t);
+
+// Initialises Kokkos on first use (and finalises it at exit) so library users need no set-up.
+void ensure_kokkos();
+
+// Runs body(i) for i in [0, n) on the host execution space under `label`.
+template <typename F>
+void parallel_for(const char* label, int64_t n, const F& body) {
+#ifdef DSV3_HAVE_KOKKOS
+  ensure_kokkos();
+  Kokkos::parallel_for(label, Range(0, n), body);
+#else
+  (void)label;
+  for (int64_t i = 0; i < n; ++i) body(i);
+#endif
+}
+
+}  // namespace dsv3::host

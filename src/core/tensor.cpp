@@ -1,0 +1,149 @@
+// Implementation of tensor.hpp.
+#include "core/tensor.hpp"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "core/error.hpp"
+
+namespace dsv3 {
+
+size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::F32:
+      return 4;
+    case DType::BF16:
+      return 2;
+    case DType::I32:
+      return 4;
+  }
+  return 0;
+}
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32:
+      return "f32";
+    case DType::BF16:
+      return "bf16";
+    case DType::I32:
+      return "i32";
+  }
+  return "?";
+}
+
+int64_t numel_of(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string shape_to_string(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+Tensor::Tensor(void* data, DType dtype, std::vector<int64_t> shape, std::string name, Device device)
+    : data_(data), dtype_(dtype), device_(device), shape_(std::move(shape)), name_(std::move(name)) {
+  for (int64_t d : shape_) DSV3_CHECK(d >= 0, "tensor '", name_, "' has a negative extent in ", shape_str());
+}
+
+float* Tensor::f32() const {
+  DSV3_CHECK(dtype_ == DType::F32, "tensor '", name_, "' is ", dtype_name(dtype_), ", expected f32");
+  return static_cast<float*>(data_);
+}
+int32_t* Tensor::i32() const {
+  DSV3_CHECK(dtype_ == DType::I32, "tensor '", name_, "' is ", dtype_name(dtype_), ", expected i32");
+  return static_cast<int32_t*>(data_);
+}
+
+int64_t Tensor::dim(int64_t i) const {
+  const int64_t n = ndim();
+  if (i < 0) i += n;
+  DSV3_CHECK(i >= 0 && i < n, "tensor '", name_, "' ", shape_str(), " has no dimension ", i);
+  return shape_[static_cast<size_t>(i)];
+}
+
+int64_t Tensor::numel() const { return numel_of(shape_); }
+
+Tensor Tensor::view(std::vector<int64_t> shape, std::string name) const {
+  DSV3_CHECK(numel_of(shape) == numel(), "view of tensor '", name_, "' ", shape_str(), " as ",
+             shape_to_string(shape), " changes the element count");
+  return Tensor(data_, dtype_, std::move(shape), name.empty() ? name_ : std::move(name), device_);
+}
+
+Tensor Tensor::rows(int64_t begin, int64_t end, std::string name) const {
+  DSV3_CHECK(ndim() >= 1 && begin >= 0 && begin <= end && end <= shape_[0], "rows [", begin, ", ", end,
+             ") out of range for tensor '", name_, "' ", shape_str());
+  std::vector<int64_t> s = shape_;
+  s[0] = end - begin;
+  const int64_t row = shape_[0] ? numel() / shape_[0] : 0;
+  char* p = static_cast<char*>(data_) + static_cast<size_t>(begin * row) * dtype_size(dtype_);
+  return Tensor(p, dtype_, std::move(s), name.empty() ? name_ : std::move(name), device_);
+}
+
+Tensor Tensor::renamed(std::string name) const {
+  Tensor t = *this;
+  t.name_ = std::move(name);
+  return t;
+}
+
+std::string Tensor::shape_str() const { return shape_to_string(shape_); }
+std::string Tensor::describe() const { return name_ + shape_str() + " " + dtype_name(dtype_); }
+
+void expect_shape(const char* op, const Tensor& t, std::initializer_list<int64_t> shape) {
+  bool ok = t.ndim() == static_cast<int64_t>(shape.size());
+  size_t i = 0;
+  std::vector<int64_t> want;
+  for (int64_t d : shape) {
+    want.push_back(d);
+    if (ok && d >= 0 && t.shape()[i] != d) ok = false;
+    ++i;
+  }
+  if (!ok) {
+    std::string w = "[";
+    for (size_t j = 0; j < want.size(); ++j)
+      w += (j ? ", " : "") + (want[j] < 0 ? std::string("*") : std::to_string(want[j]));
+    raise(op, ": tensor '", t.name(), "' has shape ", t.shape_str(), ", expected ", w, "]");
+  }
+}
+
+void expect_dtype(const char* op, const Tensor& t, DType dtype) {
+  DSV3_CHECK(t.dtype() == dtype, op, ": tensor '", t.name(), "' is ", dtype_name(t.dtype()), ", expected ",
+             dtype_name(dtype));
+}
+
+void expect_same_shape(const char* op, const Tensor& a, const Tensor& b) {
+  DSV3_CHECK(a.shape() == b.shape(), op, ": tensors '", a.name(), "' ", a.shape_str(), " and '", b.name(),
+             "' ", b.shape_str(), " must have the same shape");
+}
+
+void Buffer::Free::operator()(void* p) const { std::free(p); }
+
+Buffer::Buffer(size_t bytes, Device device) : bytes_(bytes), device_(device) {
+  DSV3_CHECK(device == Device::Host, "Buffer: only host storage exists in this build");
+  const size_t rounded = (bytes + 63) / 64 * 64;
+  void* p = rounded ? std::aligned_alloc(64, rounded) : nullptr;
+  DSV3_CHECK(rounded == 0 || p != nullptr, "out of host memory allocating ", bytes, " bytes");
+  if (p) std::memset(p, 0, rounded);
+  ptr_.reset(p);
+}
+
+Tensor Buffer::tensor(DType dtype, std::vector<int64_t> shape, std::string name, size_t offset_bytes) const {
+  const size_t need = offset_bytes + static_cast<size_t>(numel_of(shape)) * dtype_size(dtype);
+  DSV3_CHECK(need <= bytes_, "tensor '", name, "' ", shape_to_string(shape), " at byte ", offset_bytes,
+             " does not fit a buffer of ", bytes_, " bytes");
+  return Tensor(static_cast<char*>(ptr_.get()) + offset_bytes, dtype, std::move(shape), std::move(name),
+                device_);
+}
+
+void Buffer::zero() {
+  if (ptr_) std::memset(ptr_.get(), 0, bytes_);
+}
+
+OwnedTensor::OwnedTensor(DType dtype, std::vector<int64_t> shape, std::string name, Device device)
+    : buffer(static_cast<size_t>(numel_of(shape)) * dtype_size(dtype), device),
+      t(buffer.tensor(dtype, std::move(shape), std::move(name))) {}
+
+}  // namespace dsv3

@@ -1,0 +1,116 @@
+// Transformer block forward and backward.
+#include "model/block.hpp"
+
+#include <cstring>
+
+namespace dsv3 {
+
+void Block::Saved::clear() {
+  xn = {}, xn_rstd = {}, attn = {}, h = {}, hn = {}, hn_rstd = {}, mlp = {}, moe = {};
+  filled = false;
+  trimmed = false;
+}
+
+Block::Block(const ModelConfig& m, ParamStore& ps, int64_t layer, bool moe)
+    : layer_(layer),
+      d_(m.d_model),
+      eps_(static_cast<float>(m.norm_eps)),
+      norm_in_(ps.add("model.layers." + std::to_string(layer) + ".input_layernorm.weight", {m.d_model},
+                      ParamInit::Ones, ParamGroup::Dense, false)),
+      norm_post_(ps.add("model.layers." + std::to_string(layer) + ".post_attention_layernorm.weight",
+                        {m.d_model}, ParamInit::Ones, ParamGroup::Dense, false)),
+      attn_(m, ps, "model.layers." + std::to_string(layer) + ".self_attn") {
+  const std::string p = "model.layers." + std::to_string(layer) + ".mlp";
+  if (moe)
+    moe_ = std::make_unique<MoE>(m, ps, p);
+  else
+    mlp_ = std::make_unique<SwiGLU>(ps, p, m.d_model, m.ffn_dim);
+}
+
+void Block::forward(const ParamStore& ps, const Tensor& x, const Tensor& out, Saved& s,
+                    const StepContext& ctx) const {
+  const int64_t T = ctx.T();
+  s.x = x;
+  s.xn = act({T, d_}, "block.xn");
+  s.xn_rstd = act({T}, "block.xn_rstd");
+  ops::rmsnorm_forward(x, ps.value(norm_in_), eps_, s.xn, s.xn_rstd);
+  s.h = act({T, d_}, "block.h");
+  std::memcpy(s.h.t.data(), x.data(), x.bytes());  // residual
+  attn_.forward(ps, s.xn, s.h, s.attn, ctx);
+  s.hn = act({T, d_}, "block.hn");
+  s.hn_rstd = act({T}, "block.hn_rstd");
+  ops::rmsnorm_forward(s.h, ps.value(norm_post_), eps_, s.hn, s.hn_rstd);
+  std::memcpy(out.data(), s.h.t.data(), out.bytes());  // residual
+  if (moe_) {
+    moe_->forward(ps, s.hn, out, s.moe, ctx);
+    s.balance_loss = s.moe.balance_loss;
+    s.expert_load = MoE::expert_load(s.moe);
+  } else {
+    mlp_->forward(ps, s.hn, out, /*accumulate=*/true, s.mlp, ctx);
+  }
+  s.filled = true;
+  if (!ctx.training || ctx.recompute == Recompute::Full) {
+    s.clear();
+  } else if (ctx.recompute == Recompute::Selective) {
+    // Keep GEMM inputs and statistics; drop what elementwise work rebuilds: norm outputs (their
+    // rstd stays) and SwiGLU products.
+    s.xn = {}, s.hn = {};
+    MLA::drop_recomputable(s.attn);
+    if (moe_)
+      moe_->drop_recomputable(s.moe);
+    else
+      SwiGLU::drop_recomputable(s.mlp);
+    s.trimmed = true;
+  }
+}
+
+void Block::restore_selective(const ParamStore& ps, Saved& s) const {
+  const int64_t T = s.x.dim(0);
+  s.xn = act({T, d_}, "block.xn");
+  ops::rmsnorm_forward(s.x, ps.value(norm_in_), eps_, s.xn, s.xn_rstd);
+  s.hn = act({T, d_}, "block.hn");
+  ops::rmsnorm_forward(s.h, ps.value(norm_post_), eps_, s.hn, s.hn_rstd);
+  s.attn.xn = s.xn;
+  attn_.recompute(ps, s.attn);
+  if (moe_) {
+    s.moe.input = s.hn;
+    s.moe.shared.input = s.hn;
+    moe_->recompute(s.moe);
+  } else {
+    s.mlp.input = s.hn;
+    SwiGLU::recompute(s.mlp);
+  }
+  s.trimmed = false;
+}
+
+void Block::backward(const ParamStore& ps, Saved& s, const Tensor& dout, const Tensor& dx,
+                     const StepContext& ctx) const {
+  const int64_t T = ctx.T();
+  if (!s.filled) {  // full recompute: rebuild the saved activations from the block input
+    OwnedTensor scratch = act({T, d_}, "block.recompute_out");
+    StepContext again = ctx;
+    again.recompute = Recompute::None;
+    const std::vector<int64_t> load = s.expert_load;
+    forward(ps, s.x, scratch, s, again);
+    s.expert_load = load;
+  }
+  if (s.trimmed) restore_selective(ps, s);
+  // FFN branch: dh = dout + norm_post^T(FFN^T(dout)).
+  OwnedTensor dhn = act({T, d_}, "block.dhn"), dh = act({T, d_}, "block.dh");
+  if (moe_)
+    moe_->backward(ps, s.moe, dout, dhn, ctx);
+  else
+    mlp_->backward(ps, s.mlp, dout, dhn, /*accumulate=*/false);
+  std::memcpy(dh.t.data(), dout.data(), dout.bytes());
+  ops::rmsnorm_backward(s.h, ps.value(norm_post_), s.hn_rstd, dhn, dh, ps.grad(norm_post_),
+                        /*accumulate_dx=*/true);
+  // Attention branch: dx = dh + norm_in^T(MLA^T(dh)).
+  OwnedTensor dxn = act({T, d_}, "block.dxn");
+  attn_.backward(ps, s.attn, dh, dxn, ctx);
+  std::memcpy(dx.data(), dh.t.data(), dh.t.bytes());
+  ops::rmsnorm_backward(s.x, ps.value(norm_in_), s.xn_rstd, dxn, dx, ps.grad(norm_in_),
+                        /*accumulate_dx=*/true);
+  s.clear();
+}
+
+}  // namespace dsv3

@@ -1,0 +1,155 @@
+// MLA forward and backward. Shapes: T = B*S tokens, H heads, n = qk_nope_head_dim, R = qk_rope_head_dim,
+// dv = v_head_dim, r_q = q_lora_rank, r_kv = d_latent.
+#include "model/mla.hpp"
+
+#include <cmath>
+
+namespace dsv3 {
+
+ops::RopeParams rope_params(const ModelConfig& m) {
+  ops::RopeParams p;
+  p.rope_dim = m.mla.qk_rope_head_dim;
+  p.theta = m.rope.theta;
+  p.yarn = m.yarn_active();
+  p.factor = m.rope.factor;
+  p.original_context_length = m.rope.original_context_length;
+  p.beta_fast = m.rope.beta_fast;
+  p.beta_slow = m.rope.beta_slow;
+  return p;
+}
+
+float attention_scale(const ModelConfig& m) {
+  double scale = 1.0 / std::sqrt(static_cast<double>(m.qk_head_dim()));
+  if (m.yarn_active()) {
+    const double ms = 0.1 * m.rope.mscale * std::log(m.rope.factor) + 1.0;
+    scale *= ms * ms;
+  }
+  return static_cast<float>(scale);
+}
+
+MLA::MLA(const ModelConfig& m, ParamStore& ps, const std::string& p)
+    : d_(m.d_model),
+      H_(m.num_heads),
+      n_(m.mla.qk_nope_head_dim),
+      R_(m.mla.qk_rope_head_dim),
+      dv_(m.mla.v_head_dim),
+      rq_(m.mla.q_lora_rank),
+      rkv_(m.mla.d_latent),
+      eps_(static_cast<float>(m.norm_eps)) {
+  const int64_t qk = n_ + R_;
+  if (rq_ > 0) {
+    q_a_ = ps.add(p + ".q_a_proj.weight", {rq_, d_}, ParamInit::Normal);
+    q_a_norm_ = ps.add(p + ".q_a_layernorm.weight", {rq_}, ParamInit::Ones, ParamGroup::Dense, false);
+    q_b_ = ps.add(p + ".q_b_proj.weight", {H_ * qk, rq_}, ParamInit::Normal);
+  } else {
+    q_ = ps.add(p + ".q_proj.weight", {H_ * qk, d_}, ParamInit::Normal);
+  }
+  kv_a_ = ps.add(p + ".kv_a_proj_with_mqa.weight", {rkv_ + R_, d_}, ParamInit::Normal);
+  kv_norm_ = ps.add(p + ".kv_a_layernorm.weight", {rkv_}, ParamInit::Ones, ParamGroup::Dense, false);
+  kv_b_ = ps.add(p + ".kv_b_proj.weight", {H_ * (n_ + dv_), rkv_}, ParamInit::Normal);
+  o_ = ps.add(p + ".o_proj.weight", {d_, H_ * dv_}, ParamInit::Normal);
+}
+
+void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved& s,
+                  const StepContext& ctx) const {
+  const int64_t B = ctx.B, S = ctx.S, T = ctx.T(), qk = n_ + R_;
+  s.xn = xn;
+  // Query: [T, H*(n+R)], through the q latent when q_lora_rank > 0.
+  s.q = act({B, S, H_, qk}, "mla.q");
+  const Tensor q2 = s.q.t.view({T, H_ * qk});
+  if (rq_ > 0) {
+    s.qa = act({T, rq_}, "mla.q_a");
+    s.qa_n = act({T, rq_}, "mla.q_a_normed");
+    s.qa_rstd = act({T}, "mla.q_a_rstd");
+    ops::linear_forward(xn, ps.value(q_a_), s.qa);
+    ops::rmsnorm_forward(s.qa, ps.value(q_a_norm_), eps_, s.qa_n, s.qa_rstd);
+    ops::linear_forward(s.qa_n, ps.value(q_b_), q2);
+  } else {
+    ops::linear_forward(xn, ps.value(q_), q2);
+  }
+  ops::rope_forward(s.q, ctx.rope_cos, ctx.rope_sin, n_);
+
+  // Key/value latent and the shared rotary key: kva [T, r_kv + R] = [c ; k_pe].
+  s.kva = act({T, rkv_ + R_}, "mla.kv_a");
+  ops::linear_forward(xn, ps.value(kv_a_), s.kva);
+  s.c = act({T, rkv_}, "mla.c_kv");
+  s.c_n = act({T, rkv_}, "mla.c_kv_normed");
+  s.c_rstd = act({T}, "mla.c_kv_rstd");
+  ops::copy_columns(s.kva, 0, s.c);
+  ops::rmsnorm_forward(s.c, ps.value(kv_norm_), eps_, s.c_n, s.c_rstd);
+  OwnedTensor k_pe = act({B, S, 1, R_}, "mla.k_pe");
+  ops::copy_columns(s.kva, rkv_, k_pe.t.view({T, R_}));
+  ops::rope_forward(k_pe, ctx.rope_cos, ctx.rope_sin, 0);
+
+  // Per-head keys and values from the latent: kvb [T, H*(n+dv)] -> k [.., n+R], v [.., dv].
+  OwnedTensor kvb = act({B, S, H_, n_ + dv_}, "mla.kv_b");
+  ops::linear_forward(s.c_n, ps.value(kv_b_), kvb.t.view({T, H_ * (n_ + dv_)}));
+  s.k = act({B, S, H_, qk}, "mla.k");
+  s.v = act({B, S, H_, dv_}, "mla.v");
+  ops::mla_assemble_kv(kvb, k_pe.t.view({B, S, R_}), n_, s.k, s.v);
+
+  s.o = act({B, S, H_, dv_}, "mla.o");
+  s.lse = act({B, H_, S}, "mla.lse");
+  ops::attention_forward(s.q, s.k, s.v, ctx.attn_scale, s.o, s.lse);
+  ops::linear_forward(s.o.t.view({T, H_ * dv_}), ps.value(o_), y, /*accumulate=*/true);
+}
+
+void MLA::drop_recomputable(Saved& s) {
+  s.qa_n = {};
+  s.c_n = {};
+}
+
+void MLA::recompute(const ParamStore& ps, Saved& s) const {
+  const int64_t T = s.c.t.dim(0);
+  if (rq_ > 0) {
+    s.qa_n = act({T, rq_}, "mla.q_a_normed");
+    ops::rmsnorm_forward(s.qa, ps.value(q_a_norm_), eps_, s.qa_n, s.qa_rstd);
+  }
+  s.c_n = act({T, rkv_}, "mla.c_kv_normed");
+  ops::rmsnorm_forward(s.c, ps.value(kv_norm_), eps_, s.c_n, s.c_rstd);
+}
+
+void MLA::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dxn,
+                   const StepContext& ctx) const {
+  const int64_t B = ctx.B, S = ctx.S, T = ctx.T(), qk = n_ + R_;
+  OwnedTensor d_o = act({B, S, H_, dv_}, "mla.d_o");
+  ops::linear_backward_input(dy, ps.value(o_), d_o.t.view({T, H_ * dv_}));
+  ops::linear_backward_weight(dy, s.o.t.view({T, H_ * dv_}), ps.grad(o_));
+
+  OwnedTensor dq = act({B, S, H_, qk}, "mla.dq"), dk = act({B, S, H_, qk}, "mla.dk"),
+              dvv = act({B, S, H_, dv_}, "mla.dv");
+  ops::attention_backward(s.q, s.k, s.v, s.o, s.lse, d_o, ctx.attn_scale, dq, dk, dvv);
+
+  OwnedTensor dkvb = act({B, S, H_, n_ + dv_}, "mla.dkv_b"), dk_pe = act({B, S, 1, R_}, "mla.dk_pe");
+  ops::mla_assemble_kv_backward(dk, dvv, n_, dkvb, dk_pe.t.view({B, S, R_}));
+  ops::rope_backward(dk_pe, ctx.rope_cos, ctx.rope_sin, 0);
+  ops::rope_backward(dq, ctx.rope_cos, ctx.rope_sin, n_);
+
+  // Latent path: kv_b, kv norm, then the kv_a columns [c ; k_pe].
+  OwnedTensor dc_n = act({T, rkv_}, "mla.dc_kv_normed"), dc = act({T, rkv_}, "mla.dc_kv");
+  const Tensor dkvb2 = dkvb.t.view({T, H_ * (n_ + dv_)});
+  ops::linear_backward_input(dkvb2, ps.value(kv_b_), dc_n);
+  ops::linear_backward_weight(dkvb2, s.c_n, ps.grad(kv_b_));
+  ops::rmsnorm_backward(s.c, ps.value(kv_norm_), s.c_rstd, dc_n, dc, ps.grad(kv_norm_));
+  OwnedTensor dkva = act({T, rkv_ + R_}, "mla.dkv_a");
+  ops::copy_columns_backward(dc, 0, dkva);
+  ops::copy_columns_backward(dk_pe.t.view({T, R_}), rkv_, dkva);
+  ops::linear_backward_input(dkva, ps.value(kv_a_), dxn);
+  ops::linear_backward_weight(dkva, s.xn, ps.grad(kv_a_));
+
+  // Query path.
+  const Tensor dq2 = dq.t.view({T, H_ * qk});
+  if (rq_ > 0) {
+    OwnedTensor dqa_n = act({T, rq_}, "mla.dq_a_normed"), dqa = act({T, rq_}, "mla.dq_a");
+    ops::linear_backward_input(dq2, ps.value(q_b_), dqa_n);
+    ops::linear_backward_weight(dq2, s.qa_n, ps.grad(q_b_));
+    ops::rmsnorm_backward(s.qa, ps.value(q_a_norm_), s.qa_rstd, dqa_n, dqa, ps.grad(q_a_norm_));
+    ops::linear_backward_input(dqa, ps.value(q_a_), dxn, /*accumulate=*/true);
+    ops::linear_backward_weight(dqa, s.xn, ps.grad(q_a_));
+  } else {
+    ops::linear_backward_input(dq2, ps.value(q_), dxn, /*accumulate=*/true);
+    ops::linear_backward_weight(dq2, s.xn, ps.grad(q_));
+  }
+}
+
+}  // namespace dsv3

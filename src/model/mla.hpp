@@ -1,0 +1,39 @@
+// Multi-head Latent Attention (MODEL.md, "MLA"): low-rank query (optional) and key/value latents,
+// decoupled RoPE on a shared key head, causal flash-style attention, output projection.
+#pragma once
+
+#include "model/common.hpp"
+#include "model/params.hpp"
+
+namespace dsv3 {
+
+class MLA {
+ public:
+  MLA(const ModelConfig& m, ParamStore& ps,
+      const std::string& prefix);  // prefix = model.layers.{l}.self_attn
+  struct Saved {
+    Tensor xn;                      // [T, d] normed block input (owned by the block)
+    OwnedTensor qa, qa_n, qa_rstd;  // [T, r_q], [T, r_q], [T]   (q_lora only)
+    OwnedTensor kva;                // [T, r_kv + R]
+    OwnedTensor c, c_n, c_rstd;     // [T, r_kv], [T, r_kv], [T]
+    OwnedTensor q;                  // [B, S, H, n + R] after RoPE
+    OwnedTensor k, v;               // [B, S, H, n + R], [B, S, H, dv]
+    OwnedTensor o, lse;             // [B, S, H, dv], [B, H, S]
+  };
+  // y [T, d] += o_proj(attention(xn)).
+  void forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved& s,
+               const StepContext& ctx) const;
+  // dxn [T, d] overwritten from dy [T, d]; weight gradients accumulate.
+  void backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dxn,
+                const StepContext& ctx) const;
+  // Selective recompute: frees the latent norm outputs, and rebuilds them from the saved inputs.
+  static void drop_recomputable(Saved& s);
+  void recompute(const ParamStore& ps, Saved& s) const;
+
+ private:
+  int64_t d_, H_, n_, R_, dv_, rq_, rkv_;
+  float eps_;
+  size_t q_ = 0, q_a_ = 0, q_a_norm_ = 0, q_b_ = 0, kv_a_, kv_norm_, kv_b_, o_;
+};
+
+}  // namespace dsv3

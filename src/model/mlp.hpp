@@ -1,0 +1,34 @@
+// SwiGLU MLP: down(silu(gate(u)) * up(u)). Used for the dense FFN layers and the shared experts.
+#pragma once
+
+#include "model/common.hpp"
+#include "model/params.hpp"
+
+namespace dsv3 {
+
+class SwiGLU {
+ public:
+  // Registers prefix.{gate_proj,up_proj,down_proj}.weight with width F.
+  SwiGLU(ParamStore& ps, const std::string& prefix, int64_t d_model, int64_t width,
+         ParamGroup group = ParamGroup::Dense);
+  struct Saved {
+    OwnedTensor g, u, h;  // [T, F]
+    Tensor input;         // [T, d] (the caller owns it)
+  };
+  // y [T, d] (= or +=) MLP(u [T, d]).
+  void forward(const ParamStore& ps, const Tensor& x, const Tensor& y, bool accumulate, Saved& s,
+               const StepContext& ctx) const;
+  // dx [T, d] (= or +=) from dy [T, d]; weight gradients accumulate.
+  void backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dx,
+                bool accumulate) const;
+  // Selective recompute: h = silu(g) * u is freed after the forward and rebuilt before the backward.
+  static void drop_recomputable(Saved& s) { s.h = {}; }
+  static void recompute(Saved& s);
+  int64_t width() const { return width_; }
+
+ private:
+  size_t gate_, up_, down_;
+  int64_t d_, width_;
+};
+
+}  // namespace dsv3

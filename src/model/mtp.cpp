@@ -1,0 +1,66 @@
+// MTP module forward and backward.
+#include "model/mtp.hpp"
+
+#include <cstring>
+
+namespace dsv3 {
+
+namespace {
+std::string mtp_prefix(const ModelConfig& m, int64_t k) {
+  return "model.layers." + std::to_string(m.num_layers + k - 1);
+}
+}  // namespace
+
+MTPModule::MTPModule(const ModelConfig& m, ParamStore& ps, int64_t k)
+    : d_(m.d_model),
+      eps_(static_cast<float>(m.norm_eps)),
+      enorm_(
+          ps.add(mtp_prefix(m, k) + ".enorm.weight", {m.d_model}, ParamInit::Ones, ParamGroup::Dense, false)),
+      hnorm_(
+          ps.add(mtp_prefix(m, k) + ".hnorm.weight", {m.d_model}, ParamInit::Ones, ParamGroup::Dense, false)),
+      eh_proj_(ps.add(mtp_prefix(m, k) + ".eh_proj.weight", {m.d_model, 2 * m.d_model}, ParamInit::Normal)),
+      head_norm_(ps.add(mtp_prefix(m, k) + ".shared_head.norm.weight", {m.d_model}, ParamInit::Ones,
+                        ParamGroup::Dense, false)),
+      block_(m, ps, m.num_layers + k - 1, /*moe=*/m.num_layers + k - 1 >= m.num_dense_layers) {}
+
+void MTPModule::forward(const ParamStore& ps, size_t embed, const Tensor& ids, const Tensor& h_prev,
+                        const Tensor& out, Saved& s, const StepContext& ctx) const {
+  const int64_t T = ctx.T();
+  s.h_prev = h_prev;
+  s.ids = OwnedTensor(DType::I32, {T}, "mtp.ids");
+  std::memcpy(s.ids.t.data(), ids.data(), ids.bytes());
+  s.e = act({T, d_}, "mtp.embedding");
+  s.e_n = act({T, d_}, "mtp.embedding_normed");
+  s.e_rstd = act({T}, "mtp.embedding_rstd");
+  s.g_n = act({T, d_}, "mtp.hidden_normed");
+  s.g_rstd = act({T}, "mtp.hidden_rstd");
+  ops::embedding_forward(s.ids, ps.value(embed), s.e);
+  ops::rmsnorm_forward(s.e, ps.value(enorm_), eps_, s.e_n, s.e_rstd);
+  ops::rmsnorm_forward(h_prev, ps.value(hnorm_), eps_, s.g_n, s.g_rstd);
+  s.cat = act({T, 2 * d_}, "mtp.concat");
+  ops::copy_columns_backward(s.e_n, 0, s.cat);   // cat[:, 0:d] = e_n (embedding half first)
+  ops::copy_columns_backward(s.g_n, d_, s.cat);  // cat[:, d:2d] = g_n
+  s.hp = act({T, d_}, "mtp.eh_proj_out");
+  ops::linear_forward(s.cat, ps.value(eh_proj_), s.hp);
+  block_.forward(ps, s.hp, out, s.block, ctx);
+}
+
+void MTPModule::backward(const ParamStore& ps, size_t embed, Saved& s, const Tensor& dout,
+                         const Tensor& dh_prev, const StepContext& ctx) const {
+  const int64_t T = ctx.T();
+  OwnedTensor dhp = act({T, d_}, "mtp.d_eh_proj_out");
+  block_.backward(ps, s.block, dout, dhp, ctx);
+  OwnedTensor dcat = act({T, 2 * d_}, "mtp.d_concat");
+  ops::linear_backward_input(dhp, ps.value(eh_proj_), dcat);
+  ops::linear_backward_weight(dhp, s.cat, ps.grad(eh_proj_));
+  OwnedTensor de_n = act({T, d_}, "mtp.d_embedding_normed"), dg_n = act({T, d_}, "mtp.d_hidden_normed");
+  ops::copy_columns(dcat, 0, de_n);
+  ops::copy_columns(dcat, d_, dg_n);
+  OwnedTensor de = act({T, d_}, "mtp.d_embedding");
+  ops::rmsnorm_backward(s.e, ps.value(enorm_), s.e_rstd, de_n, de, ps.grad(enorm_));
+  ops::embedding_backward(s.ids, de, ps.grad(embed));
+  ops::rmsnorm_backward(s.h_prev, ps.value(hnorm_), s.g_rstd, dg_n, dh_prev, ps.grad(hnorm_),
+                        /*accumulate_dx=*/true);
+}
+
+}  // namespace dsv3

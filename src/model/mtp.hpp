@@ -1,0 +1,39 @@
+// Multi-token prediction module k (MODEL.md, "Losses"): h' = eh_proj([RMSNorm_e(Emb(t_{i+k})) ;
+// RMSNorm_h(h^{k-1}_i)]), h^k = Block(h'); the model's shared head predicts t_{i+k+1} from
+// RMSNorm(h^k; shared_head.norm). Embedding and head weights are the main model's.
+#pragma once
+
+#include "model/block.hpp"
+
+namespace dsv3 {
+
+class MTPModule {
+ public:
+  MTPModule(const ModelConfig& m, ParamStore& ps, int64_t depth_index);  // depth_index k = 1..D
+  struct Saved {
+    Tensor h_prev;               // [T, d] h^{k-1} (owned by the model)
+    OwnedTensor ids;             // [T] i32 tokens t_{i+k}
+    OwnedTensor e, e_n, e_rstd;  // [T, d] embedding, normed, [T]
+    OwnedTensor g_n, g_rstd;     // [T, d] normed h^{k-1}, [T]
+    OwnedTensor cat, hp;         // [T, 2d] = [e_n ; g_n], [T, d] eh_proj output
+    Block::Saved block;
+  };
+  // out [T, d] = h^k.
+  void forward(const ParamStore& ps, size_t embed, const Tensor& ids, const Tensor& h_prev, const Tensor& out,
+               Saved& s, const StepContext& ctx) const;
+  // dh_prev [T, d] += from dout [T, d]; the embedding gradient accumulates into ps.grad(embed).
+  void backward(const ParamStore& ps, size_t embed, Saved& s, const Tensor& dout, const Tensor& dh_prev,
+                const StepContext& ctx) const;
+
+  size_t head_norm() const { return head_norm_; }
+  const Block& block() const { return block_; }
+  int64_t layer() const { return block_.layer(); }
+
+ private:
+  int64_t d_;
+  float eps_;
+  size_t enorm_, hnorm_, eh_proj_, head_norm_;
+  Block block_;
+};
+
+}  // namespace dsv3

@@ -1,0 +1,75 @@
+// The parameter registry: every parameter is registered once with its Hugging Face name, its global
+// shape and a ShardSpec saying which slice this rank holds; values and gradients live in two flat
+// buffers (views into them), so optimizers, ZeRO sharding, gradient buckets, checkpoints and the
+// HF export all work on the same list. Buffers that are state but not parameters (router biases)
+// are registered the same way without gradients.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/tensor.hpp"
+
+namespace dsv3 {
+
+// Which global slice of a tensor a rank holds: local = global[offset : offset + local_shape] along
+// each dimension. `replica` counts the ranks holding the same slice (only replica 0 writes it).
+struct ShardSpec {
+  std::vector<int64_t> global_shape;
+  std::vector<int64_t> global_offset;
+  std::vector<int64_t> local_shape;
+  int64_t replica = 0;
+  bool is_full() const { return global_shape == local_shape; }
+};
+
+enum class ParamInit { Normal, Ones, Zeros };
+enum class ParamGroup { Dense, Expert };  // reduced over DP or over expert-DP
+
+struct ParamEntry {
+  std::string name;  // HF name, e.g. model.layers.3.self_attn.kv_b_proj.weight
+  ShardSpec shard;
+  ParamInit init = ParamInit::Normal;
+  ParamGroup group = ParamGroup::Dense;
+  bool weight_decay = true;  // false for norms
+  int64_t offset = 0;        // element offset in the flat buffers
+  Tensor value, grad;        // views into the flat buffers (grad empty for non-trainable state)
+};
+
+class ParamStore {
+ public:
+  // Registration phase: declares a full (unsharded) parameter; returns its index.
+  size_t add(const std::string& name, std::vector<int64_t> shape, ParamInit init,
+             ParamGroup group = ParamGroup::Dense, bool weight_decay = true);
+  size_t add_sharded(const std::string& name, ShardSpec shard, ParamInit init, ParamGroup group,
+                     bool weight_decay);
+  // Non-trainable state (no gradient, not in the optimizer): router biases.
+  size_t add_state(const std::string& name, std::vector<int64_t> shape);
+  // Allocates the flat buffers and points every entry at its slice. Call once after registration.
+  void allocate();
+  // Fills values from the deterministic generator (src/model/init.hpp); states become 0.
+  void initialize(uint64_t seed, double std);
+
+  const std::vector<ParamEntry>& params() const { return params_; }
+  const std::vector<ParamEntry>& states() const { return states_; }
+  const ParamEntry& param(size_t i) const { return params_.at(i); }
+  const ParamEntry& state(size_t i) const { return states_.at(i); }
+  const ParamEntry* find(const std::string& name) const;  // parameter or state, nullptr if absent
+  Tensor value(size_t i) const { return params_.at(i).value; }
+  Tensor grad(size_t i) const { return params_.at(i).grad; }
+
+  int64_t num_elements() const { return total_; }
+  Tensor flat_values() const;  // [num_elements]
+  Tensor flat_grads() const;
+  void zero_grads();
+
+ private:
+  std::vector<ParamEntry> params_, states_;
+  std::map<std::string, std::pair<bool, size_t>> by_name_;  // (is_state, index)
+  Buffer values_, grads_, state_values_;
+  int64_t total_ = 0, state_total_ = 0;
+  bool allocated_ = false;
+};
+
+}  // namespace dsv3

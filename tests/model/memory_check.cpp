@@ -1,0 +1,69 @@
+// Peak resident memory of one forward+backward of the tiny config against the accounting module's
+// estimate (parameters + gradients + saved activations + workspace + logits chunk, f32). Runs in
+// its own process so the high-water mark belongs to this measurement alone. Exits non-zero when the
+// two differ by more than 20%.
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <string>
+
+#include "config/accounting.hpp"
+#include "config/config.hpp"
+#include "core/error.hpp"
+#include "core/format.hpp"
+#include "model/model.hpp"
+
+namespace {
+// VmRSS or VmHWM from /proc/self/status, in bytes.
+double proc_status_bytes(const std::string& key) {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind(key + ":", 0) == 0) return std::stod(line.substr(key.size() + 1)) * 1024.0;
+  dsv3::raise("/proc/self/status has no ", key);
+}
+dsv3::OwnedTensor tokens(const dsv3::Config& c, int64_t B, int64_t S) {
+  dsv3::OwnedTensor t(dsv3::DType::I32, {B, S + c.model.mtp.depth + 1}, "tokens");
+  std::mt19937_64 rng(3);
+  for (int64_t i = 0; i < t.t.numel(); ++i) t.i32()[i] = static_cast<int32_t>(rng() % c.model.vocab_size);
+  return t;
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const std::string recompute = argc > 1 ? argv[1] : "none";
+    dsv3::Config c = dsv3::load_config(dsv3::resolve_config_path("tiny"),
+                                       {"training.precision=fp32", "training.recompute=" + recompute});
+    const int64_t B = c.training.micro_batch_size, S = c.training.seq_length;
+    {  // Warm-up on a tiny batch: Kokkos, BLAS buffers and the allocator's arenas exist before the baseline.
+      dsv3::Model warm(
+          dsv3::load_config(dsv3::resolve_config_path("tiny"),
+                            {"model.d_model=32", "model.mla.d_latent=8", "model.mla.q_lora_rank=16"}));
+      warm.forward_backward(tokens(c, 1, 8));
+    }
+    const double base = proc_status_bytes("VmRSS");
+    dsv3::Model model(c);
+    model.forward_backward(tokens(c, B, S));
+    const double peak = proc_status_bytes("VmHWM") - base;
+
+    dsv3::Layout one;
+    dsv3::MemoryOptions o = dsv3::MemoryOptions::from(c);
+    o.global_batch_size = o.micro_batch_size;
+    const dsv3::MemoryEstimate e = dsv3::memory_per_gpu(c, one, o);
+    const double estimate = e.weights + e.gradients + e.activations + e.logits;
+    const double ratio = peak / estimate;
+    std::printf("tiny config, %lld x %lld tokens, recompute=%s, f32\n", static_cast<long long>(B),
+                static_cast<long long>(S), recompute.c_str());
+    std::printf("  measured peak RSS above baseline: %s\n", dsv3::human_bytes(peak).c_str());
+    std::printf("  estimate: %s (weights %s, gradients %s, activations %s, logits %s)\n",
+                dsv3::human_bytes(estimate).c_str(), dsv3::human_bytes(e.weights).c_str(),
+                dsv3::human_bytes(e.gradients).c_str(), dsv3::human_bytes(e.activations).c_str(),
+                dsv3::human_bytes(e.logits).c_str());
+    std::printf("  measured / estimate = %.3f (allowed 0.80 - 1.20)\n", ratio);
+    return ratio >= 0.8 && ratio <= 1.2 ? 0 : 1;
+  } catch (const std::exception& ex) {
+    std::fprintf(stderr, "memory_check: %s\n", ex.what());
+    return 2;
+  }
+}
