@@ -23,9 +23,7 @@ Dims check_inputs(const char* op, const Tensor& scores, const Tensor& idx, int64
   expect_shape(op, scores, {-1, -1});
   expect_dtype(op, idx, DType::I32);
   expect_shape(op, idx, {scores.dim(0), -1});
-  for (const Tensor* t : {&scores, &idx})
-    DSV3_CHECK(t->device() == Device::Host, op, ": tensor '", t->name(),
-               "' is not on the host; only the host backend exists in this build");
+  for (const Tensor* t : {&scores, &idx}) host::check_host(op, *t);
   const int64_t rows = scores.dim(0), E = scores.dim(1), K = idx.dim(1);
   DSV3_CHECK(batch > 0 && rows % batch == 0, op, ": batch ", batch, " must be positive and divide the ", rows,
              " rows of tensor '", scores.name(), "' ", scores.shape_str());
@@ -93,7 +91,7 @@ void seq_balance_loss_backward(const Tensor& scores, const Tensor& idx, int64_t 
   const Dims d = check_inputs(op, scores, idx, batch);
   expect_dtype(op, dscores, DType::F32);
   expect_shape(op, dscores, {d.B * d.S, d.E});
-  DSV3_CHECK(dscores.device() == Device::Host, op, ": tensor '", dscores.name(), "' is not on the host");
+  host::check_host(op, dscores);
   if (d.S == 0) return;
   const float* SC = scores.f32();
   float* DS = dscores.f32();

@@ -20,9 +20,7 @@ int64_t check_inputs(const char* op, const Tensor& logits, const Tensor& targets
   const int64_t C = logits.dim(0), V = logits.dim(1);
   expect_dtype(op, targets, DType::I32);
   expect_shape(op, targets, {C});
-  for (const Tensor* t : {&logits, &targets})
-    DSV3_CHECK(t->device() == Device::Host, op, ": tensor '", t->name(),
-               "' is not on the host; only the host backend exists in this build");
+  for (const Tensor* t : {&logits, &targets}) host::check_host(op, *t);
   DSV3_CHECK(V > 0 || C == 0, op, ": tensor '", logits.name(), "' ", logits.shape_str(),
              " has an empty vocabulary");
   const int32_t* tg = targets.i32();
@@ -44,7 +42,7 @@ void cross_entropy_forward(const Tensor& logits, const Tensor& targets, const Te
   expect_dtype(op, lse, DType::F32);
   expect_shape(op, lse, {C});
   for (const Tensor* t : {&losses, &lse})
-    DSV3_CHECK(t->device() == Device::Host, op, ": tensor '", t->name(), "' is not on the host");
+    host::check_host(op, *t);
   const float* L = logits.f32();
   const int32_t* tg = targets.i32();
   float* out = losses.f32();
@@ -71,7 +69,7 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const T
   expect_dtype(op, dloss, DType::F32);
   expect_shape(op, dloss, {C});
   for (const Tensor* t : {&lse, &dloss})
-    DSV3_CHECK(t->device() == Device::Host, op, ": tensor '", t->name(), "' is not on the host");
+    host::check_host(op, *t);
   float* L = logits.f32();
   const int32_t* tg = targets.i32();
   const float* ls = lse.f32();
