@@ -12,13 +12,14 @@ DEB_PACKAGES := build-essential cmake pkg-config git \
   libhdf5-openmpi-dev hdf5-tools libopenblas-dev libgtest-dev googletest nlohmann-json3-dev \
   python3 python3-torch python3-h5py python3-yaml python3-numpy fortunes clang-format
 
-.PHONY: all deps build debug cuda test test-release test-debug golden format check-format clean help
+.PHONY: all deps build debug cuda test test-release test-debug golden demo format check-format clean help
 
 all: build
 
 help:
 	@echo "make deps     install the Debian packages the build, tests and demo need"
 	@echo "make          release build in $(BUILD)/ (tools in $(BUILD)/bin)"
+	@echo "make demo     train the tiny model on the fortunes corpus on the CPU (a few minutes)"
 	@echo "make test     all tests: unit tests under ASan/UBSan, the rest in Release, CUDA compile check"
 	@echo "make golden   regenerate tests/golden/tiny_golden.h5 with the PyTorch reference"
 	@echo "make format   clang-format every C++ source"
@@ -59,8 +60,18 @@ test-debug: debug
 test-release: build
 	cd $(BUILD) && ctest --output-on-failure --no-tests=error -LE unit -j $(JOBS)
 
-test: test-debug test-release cuda
+test: deps
+	$(MAKE) test-debug test-release cuda
 	@echo "make test: all suites passed"
+
+# The main job on the embedded default: byte-level fortunes corpus, tiny model, trained on the CPU.
+DEMO_DATA ?= data/fortunes
+DEMO_RUN ?= checkpoints/demo
+demo: deps build
+	build/bin/dsv3-data --input /usr/share/games/fortunes --format fortunes --output-prefix $(DEMO_DATA) \
+	  --valid-fraction 0.02
+	rm -f $(DEMO_RUN)/metrics.jsonl
+	build/bin/dsv3-train --config configs/deepseek_v3_tiny.yaml --data $(DEMO_DATA) --run-dir $(DEMO_RUN)
 
 # Regenerates the golden file of the model test with the PyTorch reference (Debian's python3-torch).
 golden:

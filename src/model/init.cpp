@@ -5,22 +5,6 @@
 
 namespace dsv3 {
 
-uint64_t fnv1a64(const std::string& s) {
-  uint64_t h = 0xcbf29ce484222325ULL;
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 0x100000001b3ULL;
-  }
-  return h;
-}
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ULL;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-  return x ^ (x >> 31);
-}
-
 double init_normal(uint64_t seed, const std::string& name, uint64_t j) {
   const uint64_t base = splitmix64(seed ^ fnv1a64(name));
   const double u1 = static_cast<double>(splitmix64(base + 2 * j) >> 11) * 0x1.0p-53;

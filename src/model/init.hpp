@@ -7,12 +7,11 @@
 #include <cstdint>
 #include <string>
 
+#include "core/random.hpp"
 #include "core/tensor.hpp"
 
 namespace dsv3 {
 
-uint64_t fnv1a64(const std::string& s);
-uint64_t splitmix64(uint64_t x);
 // Standard normal number j of the stream (seed, name).
 double init_normal(uint64_t seed, const std::string& name, uint64_t j);
 

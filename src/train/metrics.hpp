@@ -1,0 +1,34 @@
+// Run metrics: the sgemm peak probe (the MFU denominator on the host backend), resident memory, and
+// the per-step record written as one JSON object per line to <run-dir>/metrics.jsonl.
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace dsv3 {
+
+// Measured single-precision GEMM throughput of this process (TFLOP/s) on n x n x n products,
+// best of `reps` after one warm-up. Uses the same CBLAS as the model.
+double measure_sgemm_tflops(int64_t n = 1024, int reps = 3);
+
+double current_rss_bytes();
+double peak_rss_bytes();
+
+// Appends JSON lines; flushes every record so a killed run keeps everything it logged.
+class MetricsWriter {
+ public:
+  explicit MetricsWriter(const std::string& path);
+  void write(const nlohmann::json& record);
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  std::ofstream out_;
+};
+
+}  // namespace dsv3

@@ -1,0 +1,82 @@
+// AdamW, the learning-rate schedule and gradient clipping; see optimizer.hpp.
+#include "train/optimizer.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.hpp"
+
+namespace dsv3 {
+
+AdamWConfig AdamWConfig::from(const OptimizerConfig& o) {
+  AdamWConfig c;
+  c.beta1 = o.beta1, c.beta2 = o.beta2, c.eps = o.eps, c.weight_decay = o.weight_decay;
+  return c;
+}
+
+AdamW::AdamW(const ParamStore& ps, AdamWConfig cfg, int64_t begin, int64_t end)
+    : ps_(ps), cfg_(cfg), begin_(begin), end_(end < 0 ? ps.num_elements() : end) {
+  DSV3_CHECK(0 <= begin_ && begin_ <= end_ && end_ <= ps.num_elements(), "AdamW: range [", begin_, ", ", end_,
+             ") outside the ", ps.num_elements(), " parameter elements");
+  for (const auto& p : ps.params()) {
+    const int64_t b = std::max(begin_, p.offset), e = std::min(end_, p.offset + p.value.numel());
+    if (b < e) segments_.push_back({b, e, p.weight_decay});
+  }
+  m_.assign(static_cast<size_t>(end_ - begin_), 0.0f);
+  v_.assign(static_cast<size_t>(end_ - begin_), 0.0f);
+}
+
+void AdamW::step(double lr) {
+  ++t_;
+  const double bc1 = 1.0 - std::pow(cfg_.beta1, static_cast<double>(t_));
+  const double bc2 = 1.0 - std::pow(cfg_.beta2, static_cast<double>(t_));
+  const float b1 = static_cast<float>(cfg_.beta1), b2 = static_cast<float>(cfg_.beta2);
+  const float step_size = static_cast<float>(lr / bc1);
+  const float sqrt_bc2 = static_cast<float>(std::sqrt(bc2));
+  const float eps = static_cast<float>(cfg_.eps);
+  float* p = ps_.flat_values().f32();
+  const float* g = ps_.flat_grads().f32();
+  for (const auto& s : segments_) {
+    const float decay = s.decay ? static_cast<float>(1.0 - lr * cfg_.weight_decay) : 1.0f;
+    float* m = m_.data() + (s.begin - begin_);
+    float* v = v_.data() + (s.begin - begin_);
+    for (int64_t i = s.begin; i < s.end; ++i, ++m, ++v) {
+      const float gi = g[i];
+      *m = b1 * *m + (1.0f - b1) * gi;
+      *v = b2 * *v + (1.0f - b2) * gi * gi;
+      p[i] = p[i] * decay - step_size * *m / (std::sqrt(*v) / sqrt_bc2 + eps);
+    }
+  }
+}
+
+double learning_rate(const TrainingConfig& t, int64_t step) {
+  const auto& o = t.optimizer;
+  const auto& s = t.schedule;
+  if (step < s.warmup_steps)
+    return o.lr * static_cast<double>(step + 1) / static_cast<double>(s.warmup_steps);
+  if (s.style == "constant") return o.lr;
+  const int64_t hold = s.style == "constant_cosine" ? s.constant_steps : 0;
+  if (step < s.warmup_steps + hold) return o.lr;
+  const int64_t decay_steps = std::max<int64_t>(1, t.train_steps - s.warmup_steps - hold);
+  const double progress = std::min(1.0, static_cast<double>(step - s.warmup_steps - hold) / decay_steps);
+  return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + std::cos(M_PI * progress));
+}
+
+double sum_of_squares(const float* p, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(p[i]) * p[i];
+  return s;
+}
+
+double clip_grad_norm(const ParamStore& ps, double max_norm) {
+  const Tensor g = ps.flat_grads();
+  const double norm = std::sqrt(sum_of_squares(g.f32(), g.numel()));
+  if (max_norm > 0 && std::isfinite(norm) && norm > max_norm) {
+    const float scale = static_cast<float>(max_norm / (norm + 1e-6));
+    float* p = g.f32();
+    for (int64_t i = 0; i < g.numel(); ++i) p[i] *= scale;
+  }
+  return norm;
+}
+
+}  // namespace dsv3

@@ -1,0 +1,56 @@
+// AdamW with decoupled weight decay (PyTorch semantics), on a contiguous range of the flat
+// parameter buffer so that ZeRO can hand each data-parallel rank its own shard. fp32 master weights
+// and moments; no weight decay on norms and non-matrix parameters (ParamEntry::weight_decay).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "config/config.hpp"
+#include "model/params.hpp"
+
+namespace dsv3 {
+
+struct AdamWConfig {
+  double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
+  static AdamWConfig from(const OptimizerConfig& o);
+};
+
+class AdamW {
+ public:
+  // Optimises elements [begin, end) of the store's flat buffers (the whole buffer by default).
+  AdamW(const ParamStore& ps, AdamWConfig cfg, int64_t begin = 0, int64_t end = -1);
+  // One update with learning rate lr from the gradients currently in the store.
+  void step(double lr);
+  int64_t steps() const { return t_; }
+  int64_t begin() const { return begin_; }
+  int64_t end() const { return end_; }
+  // Optimizer state for checkpoints: first and second moments over [begin, end).
+  std::vector<float>& exp_avg() { return m_; }
+  std::vector<float>& exp_avg_sq() { return v_; }
+  void set_steps(int64_t t) { t_ = t; }
+
+ private:
+  struct Segment {
+    int64_t begin, end;  // flat range of one parameter inside [begin_, end_)
+    bool decay;
+  };
+  const ParamStore& ps_;
+  AdamWConfig cfg_;
+  int64_t begin_, end_, t_ = 0;
+  std::vector<Segment> segments_;
+  std::vector<float> m_, v_;
+};
+
+// Learning rate at `step` (0-based): linear warm-up to lr over warmup_steps, then cosine decay to
+// min_lr over the remaining steps (style cosine), or a constant phase of constant_steps before the
+// cosine (constant_cosine, as the DeepSeek-V3 report), or constant after warm-up (constant).
+double learning_rate(const TrainingConfig& t, int64_t step);
+
+// Global L2 norm of the gradients (double accumulation); scales them by max_norm / norm when the
+// norm exceeds max_norm > 0. Returns the norm before clipping (NaN/Inf propagate).
+double clip_grad_norm(const ParamStore& ps, double max_norm);
+// Sum of squares of a flat range (for norms across ranks later).
+double sum_of_squares(const float* p, int64_t n);
+
+}  // namespace dsv3

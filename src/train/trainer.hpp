@@ -1,0 +1,50 @@
+// The single-process training loop: data windows -> micro-batches with gradient accumulation ->
+// global-norm clipping -> AdamW with the LR schedule -> router bias update; metrics per step to the
+// log and <run-dir>/metrics.jsonl, periodic validation, clean stop on SIGINT/SIGTERM, and skipped
+// updates on non-finite losses or gradients.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "config/config.hpp"
+#include "data/sampler.hpp"
+#include "model/model.hpp"
+
+namespace dsv3 {
+
+struct TrainerOptions {
+  std::string run_dir;          // default: checkpoint.dir or checkpoints/<config name>
+  std::string data;             // overrides data.path
+  double peak_tflops = 0;       // MFU denominator; 0: measured by an sgemm probe at start
+  std::ostream* log = nullptr;  // default std::cout
+};
+
+struct TrainSummary {
+  int64_t steps = 0;    // optimizer steps taken (skipped ones excluded)
+  int64_t skipped = 0;  // updates skipped for non-finite values
+  double first_loss = 0, last_loss = 0;
+  double first_val_loss = -1, last_val_loss = -1;  // -1: no validation data
+  double seconds = 0;
+  double tokens_per_s = 0;                        // mean over the run
+  std::vector<std::pair<int64_t, double>> curve;  // (step, main loss) at every log line
+  bool stopped_by_signal = false;
+  bool aborted_nonfinite = false;
+};
+
+// Mean main-model loss over `batches` micro-batches of the (unshuffled) validation stream, restarted
+// at its beginning every call so successive evaluations see the same windows.
+double evaluate(Model& model, WindowSampler& valid, int64_t micro_batch, int64_t batches);
+
+TrainSummary train(const Config& cfg, const TrainerOptions& opt);
+
+// Stop flag set by SIGINT/SIGTERM once install_stop_handlers() ran; a second signal kills.
+void install_stop_handlers();
+bool stop_requested();
+void request_stop();  // for tests
+
+}  // namespace dsv3

@@ -1,0 +1,82 @@
+# Runs dsv3-data on a small corpus made here: text mode (a directory with a nested file, a hidden file
+# and a binary file that must be skipped) and fortunes mode, then the error cases (empty corpus,
+# unwritable output, missing input) that must exit 2 with one "dsv3-data: error:" line.
+file(REMOVE_RECURSE ${WORK})
+set(corpus ${WORK}/corpus)
+file(WRITE ${corpus}/a.txt "The quick brown fox.\n")
+file(WRITE ${corpus}/b.txt "jumps over\nthe lazy dog\n")
+file(WRITE ${corpus}/sub/c.txt "third document\n")
+file(WRITE ${corpus}/.hidden "not read\n")
+configure_file(${TOOL} ${corpus}/program COPYONLY)  # binary: skipped
+
+function(check_outputs prefix)
+  foreach(part train valid)
+    foreach(ext bin idx)
+      if(NOT EXISTS ${prefix}_${part}.${ext})
+        message(FATAL_ERROR "missing output ${prefix}_${part}.${ext}")
+      endif()
+      if(EXISTS ${prefix}_${part}.${ext}.tmp)
+        message(FATAL_ERROR "temporary file left behind: ${prefix}_${part}.${ext}.tmp")
+      endif()
+    endforeach()
+    file(READ ${prefix}_${part}.idx magic LIMIT 7)
+    if(NOT magic STREQUAL "MMIDIDX")
+      message(FATAL_ERROR "${prefix}_${part}.idx does not start with MMIDIDX")
+    endif()
+  endforeach()
+endfunction()
+
+# Text: 3 documents of 21 + 24 + 15 bytes, EOS each = 63 uint16 tokens = 126 bytes over both splits.
+execute_process(COMMAND ${TOOL} --input ${corpus} --output-prefix ${WORK}/text --valid-fraction 0.5 --seed 3
+                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "dsv3-data (text) exited ${rc}: ${err}")
+endif()
+check_outputs(${WORK}/text)
+if(NOT out MATCHES "3 documents")
+  message(FATAL_ERROR "summary does not report 3 documents:\n${out}")
+endif()
+file(SIZE ${WORK}/text_train.bin train_bytes)
+file(SIZE ${WORK}/text_valid.bin valid_bytes)
+math(EXPR total "${train_bytes} + ${valid_bytes}")
+if(NOT total EQUAL 126)
+  message(FATAL_ERROR "expected 126 bytes of tokens in train + valid, got ${total}")
+endif()
+
+# Fortunes: three non-blank entries; the .dat index next to them is skipped.
+file(WRITE ${WORK}/fortunes/quotes "one liner\n%\ntwo\nlines\n%\n\n%\nthree\n")
+file(WRITE ${WORK}/fortunes/quotes.dat "index")
+execute_process(COMMAND ${TOOL} --input ${WORK}/fortunes --output-prefix ${WORK}/fort --format fortunes
+                        --valid-fraction 0
+                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "dsv3-data (fortunes) exited ${rc}: ${err}")
+endif()
+check_outputs(${WORK}/fort)
+if(NOT out MATCHES "3 documents")
+  message(FATAL_ERROR "fortunes summary does not report 3 documents:\n${out}")
+endif()
+file(SIZE ${WORK}/fort_train.bin fort_bytes)  # (10 + 10 + 6) bytes + 3 EOS = 29 tokens
+if(NOT fort_bytes EQUAL 58)
+  message(FATAL_ERROR "expected 58 bytes of fortune tokens, got ${fort_bytes}")
+endif()
+
+function(expect_usage_error what)
+  execute_process(COMMAND ${TOOL} ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 2)
+    message(FATAL_ERROR "${what}: expected exit code 2, got ${rc}: ${err}")
+  endif()
+  if(NOT err MATCHES "^dsv3-data: error: [^\n]+\n$")
+    message(FATAL_ERROR "${what}: expected one 'dsv3-data: error:' line, got: ${err}")
+  endif()
+endfunction()
+
+file(WRITE ${WORK}/empty/nothing.txt "")
+expect_usage_error("empty corpus" --input ${WORK}/empty --output-prefix ${WORK}/e)
+expect_usage_error("unwritable output" --input ${corpus} --output-prefix ${WORK}/no/such/dir/x)
+expect_usage_error("missing input" --input ${WORK}/absent --output-prefix ${WORK}/m)
+expect_usage_error("bad fraction" --input ${corpus} --output-prefix ${WORK}/m --valid-fraction 1.5)
+if(EXISTS ${WORK}/e_train.bin.tmp OR EXISTS ${WORK}/e_train.bin)
+  message(FATAL_ERROR "a failed run left output files behind")
+endif()
+message(STATUS "dsv3-data outputs present")
