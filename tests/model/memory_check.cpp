@@ -12,6 +12,7 @@
 #include "core/error.hpp"
 #include "core/format.hpp"
 #include "model/model.hpp"
+#include "train/optimizer.hpp"
 
 namespace {
 // VmRSS or VmHWM from /proc/self/status, in bytes.
@@ -32,7 +33,9 @@ dsv3::OwnedTensor tokens(const dsv3::Config& c, int64_t B, int64_t S) {
 
 int main(int argc, char** argv) {
   try {
+    // argv[1]: recompute mode; argv[2] == "train" adds an AdamW step (moments in the estimate too).
     const std::string recompute = argc > 1 ? argv[1] : "none";
+    const bool with_optimizer = argc > 2 && std::string(argv[2]) == "train";
     dsv3::Config c = dsv3::load_config(dsv3::resolve_config_path("tiny"),
                                        {"training.precision=fp32", "training.recompute=" + recompute});
     const int64_t B = c.training.micro_batch_size, S = c.training.seq_length;
@@ -45,21 +48,28 @@ int main(int argc, char** argv) {
     const double base = proc_status_bytes("VmRSS");
     dsv3::Model model(c);
     model.forward_backward(tokens(c, B, S));
+    if (with_optimizer) {
+      dsv3::AdamW adam(model.params(), dsv3::AdamWConfig::from(c.training.optimizer));
+      adam.step(1e-3);
+      model.forward_backward(tokens(c, B, S));
+    }
     const double peak = proc_status_bytes("VmHWM") - base;
 
     dsv3::Layout one;
     dsv3::MemoryOptions o = dsv3::MemoryOptions::from(c);
     o.global_batch_size = o.micro_batch_size;
     const dsv3::MemoryEstimate e = dsv3::memory_per_gpu(c, one, o);
-    const double estimate = e.weights + e.gradients + e.activations + e.logits;
+    const double estimate =
+        e.weights + e.gradients + e.activations + e.logits + (with_optimizer ? e.optimizer : 0.0);
     const double ratio = peak / estimate;
-    std::printf("tiny config, %lld x %lld tokens, recompute=%s, f32\n", static_cast<long long>(B),
-                static_cast<long long>(S), recompute.c_str());
+    std::printf("tiny config, %lld x %lld tokens, recompute=%s, f32%s\n", static_cast<long long>(B),
+                static_cast<long long>(S), recompute.c_str(), with_optimizer ? ", with AdamW" : "");
     std::printf("  measured peak RSS above baseline: %s\n", dsv3::human_bytes(peak).c_str());
-    std::printf("  estimate: %s (weights %s, gradients %s, activations %s, logits %s)\n",
+    std::printf("  estimate: %s (weights %s, gradients %s, optimizer %s, activations %s, logits %s)\n",
                 dsv3::human_bytes(estimate).c_str(), dsv3::human_bytes(e.weights).c_str(),
-                dsv3::human_bytes(e.gradients).c_str(), dsv3::human_bytes(e.activations).c_str(),
-                dsv3::human_bytes(e.logits).c_str());
+                dsv3::human_bytes(e.gradients).c_str(),
+                dsv3::human_bytes(with_optimizer ? e.optimizer : 0.0).c_str(),
+                dsv3::human_bytes(e.activations).c_str(), dsv3::human_bytes(e.logits).c_str());
     std::printf("  measured / estimate = %.3f (allowed 0.80 - 1.20)\n", ratio);
     return ratio >= 0.8 && ratio <= 1.2 ? 0 : 1;
   } catch (const std::exception& ex) {
