@@ -12,7 +12,7 @@ DEB_PACKAGES := build-essential cmake pkg-config git \
   libhdf5-openmpi-dev hdf5-tools libopenblas-dev libgtest-dev googletest nlohmann-json3-dev \
   python3 python3-torch python3-h5py python3-yaml python3-numpy fortunes clang-format
 
-.PHONY: all deps build debug cuda test test-release test-debug golden demo format check-format clean help
+.PHONY: all deps build debug cuda test test-release test-debug golden demo format check-format clean help bench
 
 all: build
 
@@ -87,3 +87,10 @@ check-format:
 
 clean:
 	rm -rf $(BUILD) $(DEBUG_BUILD) $(CUDA_BUILD)
+
+# CPU benchmark against the PyTorch reference (tiny and tools/bench/cpu_d512.yaml) with a profile.
+# BENCH_ARGS passes options through, e.g. make bench BENCH_ARGS="--steps 10 --no-torch".
+BENCH_ARGS ?=
+bench: $(BUILD)/CMakeCache.txt
+	cmake --build $(BUILD) -j $(JOBS) --target dsv3-bench
+	$(BUILD)/bin/dsv3-bench $(BENCH_ARGS)

@@ -14,8 +14,10 @@
 #include <vector>
 
 #include "core/error.hpp"
+#include "host/fast_math.hpp"
 #include "host/host_common.hpp"
 #include "ops.hpp"
+#include "profile.hpp"
 
 namespace dsv3::ops {
 
@@ -62,6 +64,7 @@ Dims check_attention(const char* op, const Tensor& q, const Tensor& k, const Ten
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& o,
                        const Tensor& lse) {
+  DSV3_PROFILE(Attention);
   const Dims d = check_attention("attention_forward", q, k, v, o, lse, scale);
   const int64_t B = d.B, S = d.S, H = d.H, Dqk = d.Dqk, Dv = d.Dv;
   const int64_t ldq = H * Dqk, ldv = H * Dv, ntiles = (S + kTile - 1) / kTile;
@@ -87,16 +90,11 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float 
       for (int64_t r = 0; r < nq; ++r) {
         float* row = sc + r * nk;
         const int64_t valid = std::min(nk, i0 + r - j0 + 1);  // keys j0 .. i0 + r (>= 1 since j0 <= i0)
-        float mx = row[0];
-        for (int64_t c = 1; c < valid; ++c) mx = std::max(mx, row[c]);
+        const float mx = host::lane_max_f32(row, valid);
         const float m_new = std::max(mrow[r], mx);
         const float rescale = std::exp(mrow[r] - m_new);  // 0 on the first tile (m = -inf)
-        float sum = 0.0f;
-        for (int64_t c = 0; c < valid; ++c) {
-          const float p = std::exp(row[c] - m_new);
-          row[c] = p;
-          sum += p;
-        }
+        host::exp_shifted_inplace(row, valid, m_new);
+        const float sum = host::lane_sum_f32(row, valid);
         for (int64_t c = valid; c < nk; ++c) row[c] = 0.0f;
         lrow[r] = lrow[r] * rescale + sum;
         mrow[r] = m_new;
@@ -120,6 +118,7 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float 
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
                         const Tensor& d_o, float scale, const Tensor& dq, const Tensor& dk,
                         const Tensor& dv) {
+  DSV3_PROFILE(Attention);
   const char* op = "attention_backward";
   const Dims d = check_attention(op, q, k, v, o, lse, scale);
   for (const Tensor* t : {&d_o, &dq, &dk, &dv}) check_f32_host(op, *t);
@@ -176,7 +175,7 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
           float* row = pt + r * nk;
           const int64_t valid = std::min(nk, i0 + r - j0 + 1);
           const float l = lse_row[i0 + r];
-          for (int64_t c = 0; c < valid; ++c) row[c] = std::exp(row[c] - l);
+          host::exp_shifted_inplace(row, valid, l);
           for (int64_t c = valid; c < nk; ++c) row[c] = 0.0f;
         }
         sgemm(true, false, nk, Dv, nq, 1.0f, pt, nk, gp, ldv, 1.0f, dvp, ldv);  // dv += P^T . d_o

@@ -9,6 +9,7 @@
 #include "core/error.hpp"
 #include "host/host_common.hpp"
 #include "ops.hpp"
+#include "profile.hpp"
 
 namespace dsv3::ops {
 
@@ -57,6 +58,7 @@ std::vector<double> expert_counts(const Dims& d, const int32_t* I) {
 }  // namespace
 
 double seq_balance_loss_forward(const Tensor& scores, const Tensor& idx, int64_t batch, double alpha) {
+  DSV3_PROFILE(MoeRouting);
   const char* op = "seq_balance_loss_forward";
   const Dims d = check_inputs(op, scores, idx, batch);
   if (d.S == 0) return 0.0;
@@ -87,6 +89,7 @@ double seq_balance_loss_forward(const Tensor& scores, const Tensor& idx, int64_t
 
 void seq_balance_loss_backward(const Tensor& scores, const Tensor& idx, int64_t batch, double alpha,
                                double dloss, const Tensor& dscores) {
+  DSV3_PROFILE(MoeRouting);
   const char* op = "seq_balance_loss_backward";
   const Dims d = check_inputs(op, scores, idx, batch);
   expect_dtype(op, dscores, DType::F32);

@@ -6,8 +6,10 @@
 #include <cmath>
 
 #include "core/error.hpp"
+#include "host/fast_math.hpp"
 #include "host/host_common.hpp"
 #include "ops.hpp"
+#include "profile.hpp"
 
 namespace dsv3::ops {
 
@@ -34,6 +36,7 @@ int64_t check_inputs(const char* op, const Tensor& logits, const Tensor& targets
 
 void cross_entropy_forward(const Tensor& logits, const Tensor& targets, const Tensor& losses,
                            const Tensor& lse) {
+  DSV3_PROFILE(Head);
   const char* op = "cross_entropy_forward";
   const int64_t C = check_inputs(op, logits, targets);
   const int64_t V = logits.dim(1);
@@ -49,10 +52,8 @@ void cross_entropy_forward(const Tensor& logits, const Tensor& targets, const Te
   float* ls = lse.f32();
   host::parallel_for("dsv3::cross_entropy_forward", C, [=](int64_t c) {
     const float* l = L + c * V;
-    float m = l[0];
-    for (int64_t v = 1; v < V; ++v) m = std::fmax(m, l[v]);
-    double sum = 0;
-    for (int64_t v = 0; v < V; ++v) sum += std::exp(l[v] - m);
+    const float m = host::lane_max_f32(l, V);
+    const double sum = host::exp_shifted_sum_f64(l, V, m);
     const double z = m + std::log(sum);
     ls[c] = static_cast<float>(z);
     out[c] = tg[c] < 0 ? 0.0f : static_cast<float>(z - l[tg[c]]);
@@ -61,6 +62,7 @@ void cross_entropy_forward(const Tensor& logits, const Tensor& targets, const Te
 
 void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const Tensor& lse,
                             const Tensor& dloss) {
+  DSV3_PROFILE(Head);
   const char* op = "cross_entropy_backward";
   const int64_t C = check_inputs(op, logits, targets);
   const int64_t V = logits.dim(1);
@@ -82,11 +84,8 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const T
     }
     // exp(l - lse) renormalised by its sum: exact softmax even where the f32 lse is coarse (|logits| large).
     const float z = ls[c], g = dl[c];
-    double sum = 0;
-    for (int64_t v = 0; v < V; ++v) {
-      l[v] = std::exp(l[v] - z);
-      sum += l[v];
-    }
+    host::exp_shifted_inplace(l, V, z);
+    const double sum = host::lane_sum_f64(l, V);
     const float f = static_cast<float>(g / sum);
     for (int64_t v = 0; v < V; ++v) l[v] *= f;
     l[tg[c]] -= g;

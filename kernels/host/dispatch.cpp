@@ -9,6 +9,7 @@
 #include "core/error.hpp"
 #include "host/host_common.hpp"
 #include "ops.hpp"
+#include "profile.hpp"
 
 namespace dsv3::ops {
 
@@ -26,6 +27,7 @@ void check_plan(const char* op, const DispatchPlan& plan) {
 }  // namespace
 
 DispatchPlan make_dispatch_plan(const Tensor& idx, int64_t num_experts, int64_t capacity) {
+  DSV3_PROFILE(MoeRouting);
   const char* op = "make_dispatch_plan";
   expect_dtype(op, idx, DType::I32);
   expect_shape(op, idx, {-1, -1});
@@ -72,6 +74,7 @@ DispatchPlan make_dispatch_plan(const Tensor& idx, int64_t num_experts, int64_t 
 }
 
 void dispatch_forward(const DispatchPlan& plan, const Tensor& x, const Tensor& xs) {
+  DSV3_PROFILE(MoeRouting);
   const char* op = "dispatch_forward";
   check_plan(op, plan);
   expect_dtype(op, x, DType::F32);
@@ -93,6 +96,7 @@ void dispatch_forward(const DispatchPlan& plan, const Tensor& x, const Tensor& x
 }
 
 void dispatch_backward(const DispatchPlan& plan, const Tensor& dxs, const Tensor& dx, bool accumulate) {
+  DSV3_PROFILE(MoeRouting);
   const char* op = "dispatch_backward";
   check_plan(op, plan);
   expect_dtype(op, dxs, DType::F32);
@@ -121,6 +125,7 @@ void dispatch_backward(const DispatchPlan& plan, const Tensor& dxs, const Tensor
 
 void combine_forward(const DispatchPlan& plan, const Tensor& ys, const Tensor& weights, const Tensor& y,
                      bool accumulate) {
+  DSV3_PROFILE(MoeRouting);
   const char* op = "combine_forward";
   check_plan(op, plan);
   expect_dtype(op, ys, DType::F32);
@@ -151,6 +156,7 @@ void combine_forward(const DispatchPlan& plan, const Tensor& ys, const Tensor& w
 
 void combine_backward(const DispatchPlan& plan, const Tensor& ys, const Tensor& weights, const Tensor& dy,
                       const Tensor& dys, const Tensor& dweights) {
+  DSV3_PROFILE(MoeRouting);
   const char* op = "combine_backward";
   check_plan(op, plan);
   expect_dtype(op, ys, DType::F32);

@@ -10,6 +10,7 @@
 #include "core/error.hpp"
 #include "host/host_common.hpp"
 #include "ops.hpp"
+#include "profile.hpp"
 
 namespace dsv3::ops {
 
@@ -34,6 +35,7 @@ void check_columns(const char* op, const Tensor& wide, const Tensor& narrow, int
 }  // namespace
 
 void add_inplace(const Tensor& y, const Tensor& x) {
+  DSV3_PROFILE(Elementwise);
   const char* op = "add_inplace";
   check_f32_host(op, y);
   check_f32_host(op, x);
@@ -44,6 +46,7 @@ void add_inplace(const Tensor& y, const Tensor& x) {
 }
 
 void scale(const Tensor& y, const Tensor& x, float alpha) {
+  DSV3_PROFILE(Elementwise);
   const char* op = "scale";
   check_f32_host(op, y);
   check_f32_host(op, x);
@@ -54,6 +57,7 @@ void scale(const Tensor& y, const Tensor& x, float alpha) {
 }
 
 void zero(const Tensor& t) {
+  DSV3_PROFILE(Elementwise);
   check_host("zero", t);
   if (t.numel() == 0) return;
   if (t.dtype() == DType::F32) {
@@ -66,6 +70,7 @@ void zero(const Tensor& t) {
 
 // dst[T, n] = src[T, col0 : col0 + n]
 void copy_columns(const Tensor& src, int64_t col0, const Tensor& dst) {
+  DSV3_PROFILE(Elementwise);
   const char* op = "copy_columns";
   check_f32_host(op, src);
   check_f32_host(op, dst);
@@ -82,6 +87,7 @@ void copy_columns(const Tensor& src, int64_t col0, const Tensor& dst) {
 
 // dsrc[T, col0 : col0 + n] (= or +=) ddst[T, n]
 void copy_columns_backward(const Tensor& ddst, int64_t col0, const Tensor& dsrc, bool accumulate) {
+  DSV3_PROFILE(Elementwise);
   const char* op = "copy_columns_backward";
   check_f32_host(op, ddst);
   check_f32_host(op, dsrc);

@@ -5,6 +5,7 @@
 #include "core/error.hpp"
 #include "host/host_common.hpp"
 #include "ops.hpp"
+#include "profile.hpp"
 
 namespace dsv3::ops {
 
@@ -35,6 +36,7 @@ void check_embedding(const char* op, const Tensor& ids, const Tensor& table, con
 
 // out[t, :] = table[ids[t], :]
 void embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out) {
+  DSV3_PROFILE(Elementwise);
   check_embedding("embedding_forward", ids, table, out);
   const int64_t D = table.dim(1);
   const int32_t* id = ids.i32();
@@ -50,6 +52,7 @@ void embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out
 // dtable[ids[t], :] += dout[t, :]. Ids may repeat, so the parallel loop runs over blocks of 64
 // columns (each block of dtable is owned by one iteration) and walks the tokens in order.
 void embedding_backward(const Tensor& ids, const Tensor& dout, const Tensor& dtable) {
+  DSV3_PROFILE(Elementwise);
   check_embedding("embedding_backward", ids, dtable, dout);
   constexpr int64_t kBlock = 64;
   const int64_t T = ids.dim(0), D = dtable.dim(1);

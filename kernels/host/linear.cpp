@@ -11,6 +11,7 @@
 #include "core/error.hpp"
 #include "host/host_common.hpp"
 #include "ops.hpp"
+#include "profile.hpp"
 
 namespace dsv3::ops {
 
@@ -49,6 +50,7 @@ void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const
 
 // y[M, N] (= or +=) x[M, K] . w[N, K]^T
 void linear_forward(const Tensor& x, const Tensor& w, const Tensor& y, bool accumulate) {
+  DSV3_PROFILE(Gemm);
   const char* op = "linear_forward";
   for (const Tensor* t : {&x, &w, &y}) check_f32_host(op, *t), check_2d(op, *t);
   const int64_t M = x.dim(0), K = x.dim(1), N = w.dim(0);
@@ -59,6 +61,7 @@ void linear_forward(const Tensor& x, const Tensor& w, const Tensor& y, bool accu
 
 // dx[M, K] (= or +=) dy[M, N] . w[N, K]
 void linear_backward_input(const Tensor& dy, const Tensor& w, const Tensor& dx, bool accumulate) {
+  DSV3_PROFILE(Gemm);
   const char* op = "linear_backward_input";
   for (const Tensor* t : {&dy, &w, &dx}) check_f32_host(op, *t), check_2d(op, *t);
   const int64_t M = dy.dim(0), N = dy.dim(1), K = w.dim(1);
@@ -69,6 +72,7 @@ void linear_backward_input(const Tensor& dy, const Tensor& w, const Tensor& dx, 
 
 // dw[N, K] += dy[M, N]^T . x[M, K]
 void linear_backward_weight(const Tensor& dy, const Tensor& x, const Tensor& dw) {
+  DSV3_PROFILE(Gemm);
   const char* op = "linear_backward_weight";
   for (const Tensor* t : {&dy, &x, &dw}) check_f32_host(op, *t), check_2d(op, *t);
   const int64_t M = dy.dim(0), N = dy.dim(1), K = x.dim(1);

@@ -5,6 +5,7 @@
 #include "core/error.hpp"
 #include "host/host_common.hpp"
 #include "ops.hpp"
+#include "profile.hpp"
 
 namespace dsv3::ops {
 
@@ -37,6 +38,7 @@ Dims check_mla(const char* op, const Tensor& kv, const Tensor& pe, int64_t nope,
 }  // namespace
 
 void mla_assemble_kv(const Tensor& kv, const Tensor& k_pe, int64_t nope, const Tensor& k, const Tensor& v) {
+  DSV3_PROFILE(Attention);
   const Dims d = check_mla("mla_assemble_kv", kv, k_pe, nope, k, v);
   const int64_t H = d.H, R = d.R, dvd = d.dv, wkv = nope + dvd, wk = nope + R;
   const float* pkv = kv.f32();
@@ -59,6 +61,7 @@ void mla_assemble_kv(const Tensor& kv, const Tensor& k_pe, int64_t nope, const T
 // dkv = [dk[..., :nope], dv] (overwritten); dk_pe = sum over heads of dk[..., nope:] (overwritten).
 void mla_assemble_kv_backward(const Tensor& dk, const Tensor& dv, int64_t nope, const Tensor& dkv,
                               const Tensor& dk_pe) {
+  DSV3_PROFILE(Attention);
   const Dims d = check_mla("mla_assemble_kv_backward", dkv, dk_pe, nope, dk, dv);
   const int64_t H = d.H, R = d.R, dvd = d.dv, wkv = nope + dvd, wk = nope + R;
   const float* pdk = dk.f32();

@@ -9,6 +9,7 @@
 #include "core/error.hpp"
 #include "host/host_common.hpp"
 #include "ops.hpp"
+#include "profile.hpp"
 
 namespace dsv3::ops {
 
@@ -36,6 +37,7 @@ void check_rmsnorm(const char* op, const Tensor& x, const Tensor& w, const Tenso
 }  // namespace
 
 void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, const Tensor& y, const Tensor& rstd) {
+  DSV3_PROFILE(Elementwise);
   const char* op = "rmsnorm_forward";
   check_rmsnorm(op, x, w, rstd, {&y});
   DSV3_CHECK(eps >= 0.0f, op, ": eps must be >= 0, got ", eps);
@@ -58,6 +60,7 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, const Tensor& 
 
 void rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy,
                       const Tensor& dx, const Tensor& dw, bool accumulate_dx) {
+  DSV3_PROFILE(Elementwise);
   const char* op = "rmsnorm_backward";
   check_rmsnorm(op, x, w, rstd, {&dy, &dx});
   check_f32_host(op, dw);

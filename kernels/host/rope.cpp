@@ -9,6 +9,7 @@
 #include "core/error.hpp"
 #include "host/host_common.hpp"
 #include "ops.hpp"
+#include "profile.hpp"
 
 namespace dsv3::ops {
 
@@ -85,6 +86,7 @@ void rotate(const char* label, const Tensor& x, const Tensor& cos, const Tensor&
 
 // cos[pos, i] = cos(pos * f_i), sin[pos, i] = sin(pos * f_i); angles in double, stored f32.
 void rope_table(const RopeParams& p, const Tensor& cos, const Tensor& sin) {
+  DSV3_PROFILE(Elementwise);
   const char* op = "rope_table";
   check_f32_host(op, cos);
   check_f32_host(op, sin);
@@ -118,12 +120,14 @@ void rope_table(const RopeParams& p, const Tensor& cos, const Tensor& sin) {
 
 // (a, b) -> (a cos - b sin, a sin + b cos)
 void rope_forward(const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t offset) {
+  DSV3_PROFILE(Elementwise);
   check_rope("rope_forward", x, cos, sin, offset);
   rotate("dsv3::rope_forward", x, cos, sin, offset, 1.0f);
 }
 
 // (da, db) -> (da cos + db sin, -da sin + db cos): the transpose of the forward rotation.
 void rope_backward(const Tensor& dx, const Tensor& cos, const Tensor& sin, int64_t offset) {
+  DSV3_PROFILE(Elementwise);
   check_rope("rope_backward", dx, cos, sin, offset);
   rotate("dsv3::rope_backward", dx, cos, sin, offset, -1.0f);
 }

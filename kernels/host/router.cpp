@@ -8,6 +8,7 @@
 #include "core/error.hpp"
 #include "host/host_common.hpp"
 #include "ops.hpp"
+#include "profile.hpp"
 
 namespace dsv3::ops {
 
@@ -32,6 +33,7 @@ void check_params(const char* op, const RouterParams& p) {
 
 void router_forward(const RouterParams& p, const Tensor& logits, const Tensor& bias, const Tensor& scores,
                     const Tensor& idx, const Tensor& weights) {
+  DSV3_PROFILE(MoeRouting);
   const char* op = "router_forward";
   check_params(op, p);
   const int64_t E = p.num_experts, K = p.top_k, G = p.num_groups;
@@ -135,6 +137,7 @@ void router_forward(const RouterParams& p, const Tensor& logits, const Tensor& b
 
 void router_backward(const RouterParams& p, const Tensor& logits, const Tensor& scores, const Tensor& idx,
                      const Tensor& dweights, const Tensor& dscores, const Tensor& dlogits) {
+  DSV3_PROFILE(MoeRouting);
   const char* op = "router_backward";
   check_params(op, p);
   const int64_t E = p.num_experts, K = p.top_k;

@@ -4,8 +4,10 @@
 #include <cmath>
 
 #include "core/error.hpp"
+#include "host/fast_math.hpp"
 #include "host/host_common.hpp"
 #include "ops.hpp"
+#include "profile.hpp"
 
 namespace dsv3::ops {
 
@@ -24,32 +26,53 @@ void check_swiglu(const char* op, const Tensor& g, std::initializer_list<const T
   }
 }
 
-inline float sigmoid(float z) { return 1.0f / (1.0f + std::exp(-z)); }
+constexpr int64_t kBlock = 256;  // elements per iteration (the exp is vectorised over a block)
+
+// e[j] = exp(-g[j]) for the block of n <= kBlock elements starting at g.
+inline void exp_neg(const float* g, int64_t n, float* e) {
+  for (int64_t j = 0; j < n; ++j) e[j] = -g[j];
+  host::exp_shifted_inplace(e, n, 0.0f);
+}
 
 }  // namespace
 
 void swiglu_forward(const Tensor& g, const Tensor& u, const Tensor& h) {
+  DSV3_PROFILE(Elementwise);
   check_swiglu("swiglu_forward", g, {&u, &h});
   const float* pg = g.f32();
   const float* pu = u.f32();
   float* ph = h.f32();
-  host::parallel_for("dsv3::swiglu_forward", g.numel(), [=](int64_t i) {
-    const float z = pg[i];
-    ph[i] = z * sigmoid(z) * pu[i];
+  const int64_t n = g.numel();
+  host::parallel_for("dsv3::swiglu_forward", (n + kBlock - 1) / kBlock, [=](int64_t blk) {
+    const int64_t i0 = blk * kBlock, m = n - i0 < kBlock ? n - i0 : kBlock;
+    float e[kBlock];
+    exp_neg(pg + i0, m, e);
+    for (int64_t j = 0; j < m; ++j) {
+      const float z = pg[i0 + j], s = 1.0f / (1.0f + e[j]);
+      ph[i0 + j] = z * s * pu[i0 + j];
+    }
   });
 }
 
 void swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& dh, const Tensor& dg, const Tensor& du) {
+  DSV3_PROFILE(Elementwise);
   check_swiglu("swiglu_backward", g, {&u, &dh, &dg, &du});
   const float* pg = g.f32();
   const float* pu = u.f32();
   const float* pdh = dh.f32();
   float* pdg = dg.f32();
   float* pdu = du.f32();
-  host::parallel_for("dsv3::swiglu_backward", g.numel(), [=](int64_t i) {
-    const float z = pg[i], s = sigmoid(z), grad = pdh[i];
-    pdg[i] = grad * pu[i] * s * (1.0f + z * (1.0f - s));
-    pdu[i] = grad * z * s;
+  const int64_t n = g.numel();
+  host::parallel_for("dsv3::swiglu_backward", (n + kBlock - 1) / kBlock, [=](int64_t blk) {
+    const int64_t i0 = blk * kBlock, m = n - i0 < kBlock ? n - i0 : kBlock;
+    float e[kBlock];
+    exp_neg(pg + i0, m, e);
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = i0 + j;
+      const float z = pg[i], s = 1.0f / (1.0f + e[j]), grad = pdh[i];
+      pdg[i] = grad * pu[i] * s * (1.0f + z * (1.0f - s));
+      pdu[i] = grad * z * s;
+    }
   });
 }
 

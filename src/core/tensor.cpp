@@ -121,12 +121,15 @@ void expect_same_shape(const char* op, const Tensor& a, const Tensor& b) {
 
 void Buffer::Free::operator()(void* p) const { std::free(p); }
 
-Buffer::Buffer(size_t bytes, Device device) : bytes_(bytes), device_(device) {
+Buffer::Buffer(size_t bytes, Device device, Fill fill) : bytes_(bytes), device_(device) {
   DSV3_CHECK(device == Device::Host, "Buffer: only host storage exists in this build");
   const size_t rounded = (bytes + 63) / 64 * 64;
   void* p = rounded ? std::aligned_alloc(64, rounded) : nullptr;
   DSV3_CHECK(rounded == 0 || p != nullptr, "out of host memory allocating ", bytes, " bytes");
-  if (p) std::memset(p, 0, rounded);
+  if (p && fill == Fill::Zero) std::memset(p, 0, rounded);
+#ifndef NDEBUG
+  if (p && fill == Fill::Uninitialized) std::memset(p, 0xff, rounded);  // NaN in every f32 element
+#endif
   ptr_.reset(p);
 }
 
@@ -142,8 +145,8 @@ void Buffer::zero() {
   if (ptr_) std::memset(ptr_.get(), 0, bytes_);
 }
 
-OwnedTensor::OwnedTensor(DType dtype, std::vector<int64_t> shape, std::string name, Device device)
-    : buffer(static_cast<size_t>(numel_of(shape)) * dtype_size(dtype), device),
+OwnedTensor::OwnedTensor(DType dtype, std::vector<int64_t> shape, std::string name, Device device, Fill fill)
+    : buffer(static_cast<size_t>(numel_of(shape)) * dtype_size(dtype), device, fill),
       t(buffer.tensor(dtype, std::move(shape), std::move(name))) {}
 
 }  // namespace dsv3

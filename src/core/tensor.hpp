@@ -61,11 +61,16 @@ void expect_shape(const char* op, const Tensor& t, std::initializer_list<int64_t
 void expect_dtype(const char* op, const Tensor& t, DType dtype);
 void expect_same_shape(const char* op, const Tensor& a, const Tensor& b);
 
+// How new storage starts: zero-filled (the default) or uninitialised, for buffers the next op
+// overwrites completely (saves a pass over memory per activation). Debug builds fill uninitialised
+// storage with NaN bit patterns so a read before the first write shows up.
+enum class Fill : uint8_t { Zero, Uninitialized };
+
 // Owning, 64-byte aligned storage on one device (host only until the CUDA backend lands).
 class Buffer {
  public:
   Buffer() = default;
-  Buffer(size_t bytes, Device device = Device::Host);  // zero-filled
+  Buffer(size_t bytes, Device device = Device::Host, Fill fill = Fill::Zero);
   size_t bytes() const { return bytes_; }
   void* data() const { return ptr_.get(); }
   Device device() const { return device_; }
@@ -87,7 +92,8 @@ struct OwnedTensor {
   Buffer buffer;
   Tensor t;
   OwnedTensor() = default;
-  OwnedTensor(DType dtype, std::vector<int64_t> shape, std::string name = "", Device device = Device::Host);
+  OwnedTensor(DType dtype, std::vector<int64_t> shape, std::string name = "", Device device = Device::Host,
+              Fill fill = Fill::Zero);
   operator const Tensor&() const { return t; }
   float* f32() const { return t.f32(); }
   int32_t* i32() const { return t.i32(); }

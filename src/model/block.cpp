@@ -31,14 +31,14 @@ void Block::forward(const ParamStore& ps, const Tensor& x, const Tensor& out, Sa
                     const StepContext& ctx) const {
   const int64_t T = ctx.T();
   s.x = x;
-  s.xn = act({T, d_}, "block.xn");
-  s.xn_rstd = act({T}, "block.xn_rstd");
+  s.xn = act_out({T, d_}, "block.xn");
+  s.xn_rstd = act_out({T}, "block.xn_rstd");
   ops::rmsnorm_forward(x, ps.value(norm_in_), eps_, s.xn, s.xn_rstd);
-  s.h = act({T, d_}, "block.h");
+  s.h = act_out({T, d_}, "block.h");
   std::memcpy(s.h.t.data(), x.data(), x.bytes());  // residual
   attn_.forward(ps, s.xn, s.h, s.attn, ctx);
-  s.hn = act({T, d_}, "block.hn");
-  s.hn_rstd = act({T}, "block.hn_rstd");
+  s.hn = act_out({T, d_}, "block.hn");
+  s.hn_rstd = act_out({T}, "block.hn_rstd");
   ops::rmsnorm_forward(s.h, ps.value(norm_post_), eps_, s.hn, s.hn_rstd);
   std::memcpy(out.data(), s.h.t.data(), out.bytes());  // residual
   if (moe_) {
@@ -66,9 +66,9 @@ void Block::forward(const ParamStore& ps, const Tensor& x, const Tensor& out, Sa
 
 void Block::restore_selective(const ParamStore& ps, Saved& s) const {
   const int64_t T = s.x.dim(0);
-  s.xn = act({T, d_}, "block.xn");
+  s.xn = act_out({T, d_}, "block.xn");
   ops::rmsnorm_forward(s.x, ps.value(norm_in_), eps_, s.xn, s.xn_rstd);
-  s.hn = act({T, d_}, "block.hn");
+  s.hn = act_out({T, d_}, "block.hn");
   ops::rmsnorm_forward(s.h, ps.value(norm_post_), eps_, s.hn, s.hn_rstd);
   s.attn.xn = s.xn;
   attn_.recompute(ps, s.attn);
@@ -87,7 +87,7 @@ void Block::backward(const ParamStore& ps, Saved& s, const Tensor& dout, const T
                      const StepContext& ctx) const {
   const int64_t T = ctx.T();
   if (!s.filled) {  // full recompute: rebuild the saved activations from the block input
-    OwnedTensor scratch = act({T, d_}, "block.recompute_out");
+    OwnedTensor scratch = act_out({T, d_}, "block.recompute_out");
     StepContext again = ctx;
     again.recompute = Recompute::None;
     const std::vector<int64_t> load = s.expert_load;
@@ -96,7 +96,7 @@ void Block::backward(const ParamStore& ps, Saved& s, const Tensor& dout, const T
   }
   if (s.trimmed) restore_selective(ps, s);
   // FFN branch: dh = dout + norm_post^T(FFN^T(dout)).
-  OwnedTensor dhn = act({T, d_}, "block.dhn"), dh = act({T, d_}, "block.dh");
+  OwnedTensor dhn = act_out({T, d_}, "block.dhn"), dh = act_out({T, d_}, "block.dh");
   if (moe_)
     moe_->backward(ps, s.moe, dout, dhn, ctx);
   else
@@ -105,7 +105,7 @@ void Block::backward(const ParamStore& ps, Saved& s, const Tensor& dout, const T
   ops::rmsnorm_backward(s.h, ps.value(norm_post_), s.hn_rstd, dhn, dh, ps.grad(norm_post_),
                         /*accumulate_dx=*/true);
   // Attention branch: dx = dh + norm_in^T(MLA^T(dh)).
-  OwnedTensor dxn = act({T, d_}, "block.dxn");
+  OwnedTensor dxn = act_out({T, d_}, "block.dxn");
   attn_.backward(ps, s.attn, dh, dxn, ctx);
   std::memcpy(dx.data(), dh.t.data(), dh.t.bytes());
   ops::rmsnorm_backward(s.x, ps.value(norm_in_), s.xn_rstd, dxn, dx, ps.grad(norm_in_),

@@ -32,5 +32,10 @@ float attention_scale(const ModelConfig& m);
 inline OwnedTensor act(std::vector<int64_t> shape, const std::string& name) {
   return OwnedTensor(DType::F32, std::move(shape), name);
 }
+// A fresh f32 activation with undefined contents, for outputs the next op overwrites completely
+// (never for accumulating outputs).
+inline OwnedTensor act_out(std::vector<int64_t> shape, const std::string& name) {
+  return OwnedTensor(DType::F32, std::move(shape), name, Device::Host, Fill::Uninitialized);
+}
 
 }  // namespace dsv3

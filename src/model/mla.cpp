@@ -55,12 +55,12 @@ void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved
   const int64_t B = ctx.B, S = ctx.S, T = ctx.T(), qk = n_ + R_;
   s.xn = xn;
   // Query: [T, H*(n+R)], through the q latent when q_lora_rank > 0.
-  s.q = act({B, S, H_, qk}, "mla.q");
+  s.q = act_out({B, S, H_, qk}, "mla.q");
   const Tensor q2 = s.q.t.view({T, H_ * qk});
   if (rq_ > 0) {
-    s.qa = act({T, rq_}, "mla.q_a");
-    s.qa_n = act({T, rq_}, "mla.q_a_normed");
-    s.qa_rstd = act({T}, "mla.q_a_rstd");
+    s.qa = act_out({T, rq_}, "mla.q_a");
+    s.qa_n = act_out({T, rq_}, "mla.q_a_normed");
+    s.qa_rstd = act_out({T}, "mla.q_a_rstd");
     ops::linear_forward(xn, ps.value(q_a_), s.qa);
     ops::rmsnorm_forward(s.qa, ps.value(q_a_norm_), eps_, s.qa_n, s.qa_rstd);
     ops::linear_forward(s.qa_n, ps.value(q_b_), q2);
@@ -70,26 +70,26 @@ void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved
   ops::rope_forward(s.q, ctx.rope_cos, ctx.rope_sin, n_);
 
   // Key/value latent and the shared rotary key: kva [T, r_kv + R] = [c ; k_pe].
-  s.kva = act({T, rkv_ + R_}, "mla.kv_a");
+  s.kva = act_out({T, rkv_ + R_}, "mla.kv_a");
   ops::linear_forward(xn, ps.value(kv_a_), s.kva);
-  s.c = act({T, rkv_}, "mla.c_kv");
-  s.c_n = act({T, rkv_}, "mla.c_kv_normed");
-  s.c_rstd = act({T}, "mla.c_kv_rstd");
+  s.c = act_out({T, rkv_}, "mla.c_kv");
+  s.c_n = act_out({T, rkv_}, "mla.c_kv_normed");
+  s.c_rstd = act_out({T}, "mla.c_kv_rstd");
   ops::copy_columns(s.kva, 0, s.c);
   ops::rmsnorm_forward(s.c, ps.value(kv_norm_), eps_, s.c_n, s.c_rstd);
-  OwnedTensor k_pe = act({B, S, 1, R_}, "mla.k_pe");
+  OwnedTensor k_pe = act_out({B, S, 1, R_}, "mla.k_pe");
   ops::copy_columns(s.kva, rkv_, k_pe.t.view({T, R_}));
   ops::rope_forward(k_pe, ctx.rope_cos, ctx.rope_sin, 0);
 
   // Per-head keys and values from the latent: kvb [T, H*(n+dv)] -> k [.., n+R], v [.., dv].
-  OwnedTensor kvb = act({B, S, H_, n_ + dv_}, "mla.kv_b");
+  OwnedTensor kvb = act_out({B, S, H_, n_ + dv_}, "mla.kv_b");
   ops::linear_forward(s.c_n, ps.value(kv_b_), kvb.t.view({T, H_ * (n_ + dv_)}));
-  s.k = act({B, S, H_, qk}, "mla.k");
-  s.v = act({B, S, H_, dv_}, "mla.v");
+  s.k = act_out({B, S, H_, qk}, "mla.k");
+  s.v = act_out({B, S, H_, dv_}, "mla.v");
   ops::mla_assemble_kv(kvb, k_pe.t.view({B, S, R_}), n_, s.k, s.v);
 
-  s.o = act({B, S, H_, dv_}, "mla.o");
-  s.lse = act({B, H_, S}, "mla.lse");
+  s.o = act_out({B, S, H_, dv_}, "mla.o");
+  s.lse = act_out({B, H_, S}, "mla.lse");
   ops::attention_forward(s.q, s.k, s.v, ctx.attn_scale, s.o, s.lse);
   ops::linear_forward(s.o.t.view({T, H_ * dv_}), ps.value(o_), y, /*accumulate=*/true);
 }
@@ -102,36 +102,36 @@ void MLA::drop_recomputable(Saved& s) {
 void MLA::recompute(const ParamStore& ps, Saved& s) const {
   const int64_t T = s.c.t.dim(0);
   if (rq_ > 0) {
-    s.qa_n = act({T, rq_}, "mla.q_a_normed");
+    s.qa_n = act_out({T, rq_}, "mla.q_a_normed");
     ops::rmsnorm_forward(s.qa, ps.value(q_a_norm_), eps_, s.qa_n, s.qa_rstd);
   }
-  s.c_n = act({T, rkv_}, "mla.c_kv_normed");
+  s.c_n = act_out({T, rkv_}, "mla.c_kv_normed");
   ops::rmsnorm_forward(s.c, ps.value(kv_norm_), eps_, s.c_n, s.c_rstd);
 }
 
 void MLA::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dxn,
                    const StepContext& ctx) const {
   const int64_t B = ctx.B, S = ctx.S, T = ctx.T(), qk = n_ + R_;
-  OwnedTensor d_o = act({B, S, H_, dv_}, "mla.d_o");
+  OwnedTensor d_o = act_out({B, S, H_, dv_}, "mla.d_o");
   ops::linear_backward_input(dy, ps.value(o_), d_o.t.view({T, H_ * dv_}));
   ops::linear_backward_weight(dy, s.o.t.view({T, H_ * dv_}), ps.grad(o_));
 
-  OwnedTensor dq = act({B, S, H_, qk}, "mla.dq"), dk = act({B, S, H_, qk}, "mla.dk"),
-              dvv = act({B, S, H_, dv_}, "mla.dv");
+  OwnedTensor dq = act_out({B, S, H_, qk}, "mla.dq"), dk = act_out({B, S, H_, qk}, "mla.dk"),
+              dvv = act_out({B, S, H_, dv_}, "mla.dv");
   ops::attention_backward(s.q, s.k, s.v, s.o, s.lse, d_o, ctx.attn_scale, dq, dk, dvv);
 
-  OwnedTensor dkvb = act({B, S, H_, n_ + dv_}, "mla.dkv_b"), dk_pe = act({B, S, 1, R_}, "mla.dk_pe");
+  OwnedTensor dkvb = act_out({B, S, H_, n_ + dv_}, "mla.dkv_b"), dk_pe = act_out({B, S, 1, R_}, "mla.dk_pe");
   ops::mla_assemble_kv_backward(dk, dvv, n_, dkvb, dk_pe.t.view({B, S, R_}));
   ops::rope_backward(dk_pe, ctx.rope_cos, ctx.rope_sin, 0);
   ops::rope_backward(dq, ctx.rope_cos, ctx.rope_sin, n_);
 
   // Latent path: kv_b, kv norm, then the kv_a columns [c ; k_pe].
-  OwnedTensor dc_n = act({T, rkv_}, "mla.dc_kv_normed"), dc = act({T, rkv_}, "mla.dc_kv");
+  OwnedTensor dc_n = act_out({T, rkv_}, "mla.dc_kv_normed"), dc = act_out({T, rkv_}, "mla.dc_kv");
   const Tensor dkvb2 = dkvb.t.view({T, H_ * (n_ + dv_)});
   ops::linear_backward_input(dkvb2, ps.value(kv_b_), dc_n);
   ops::linear_backward_weight(dkvb2, s.c_n, ps.grad(kv_b_));
   ops::rmsnorm_backward(s.c, ps.value(kv_norm_), s.c_rstd, dc_n, dc, ps.grad(kv_norm_));
-  OwnedTensor dkva = act({T, rkv_ + R_}, "mla.dkv_a");
+  OwnedTensor dkva = act_out({T, rkv_ + R_}, "mla.dkv_a");
   ops::copy_columns_backward(dc, 0, dkva);
   ops::copy_columns_backward(dk_pe.t.view({T, R_}), rkv_, dkva);
   ops::linear_backward_input(dkva, ps.value(kv_a_), dxn);
@@ -140,7 +140,7 @@ void MLA::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const
   // Query path.
   const Tensor dq2 = dq.t.view({T, H_ * qk});
   if (rq_ > 0) {
-    OwnedTensor dqa_n = act({T, rq_}, "mla.dq_a_normed"), dqa = act({T, rq_}, "mla.dq_a");
+    OwnedTensor dqa_n = act_out({T, rq_}, "mla.dq_a_normed"), dqa = act_out({T, rq_}, "mla.dq_a");
     ops::linear_backward_input(dq2, ps.value(q_b_), dqa_n);
     ops::linear_backward_weight(dq2, s.qa_n, ps.grad(q_b_));
     ops::rmsnorm_backward(s.qa, ps.value(q_a_norm_), s.qa_rstd, dqa_n, dqa, ps.grad(q_a_norm_));

@@ -20,9 +20,9 @@ void SwiGLU::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, boo
                      const StepContext& ctx) const {
   const int64_t T = x.dim(0);
   s.input = x;
-  s.g = act({T, width_}, "mlp.g");
-  s.u = act({T, width_}, "mlp.u");
-  s.h = act({T, width_}, "mlp.h");
+  s.g = act_out({T, width_}, "mlp.g");
+  s.u = act_out({T, width_}, "mlp.u");
+  s.h = act_out({T, width_}, "mlp.h");
   ops::linear_forward(x, ps.value(gate_), s.g);
   ops::linear_forward(x, ps.value(up_), s.u);
   ops::swiglu_forward(s.g, s.u, s.h);
@@ -31,15 +31,15 @@ void SwiGLU::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, boo
 }
 
 void SwiGLU::recompute(Saved& s) {
-  s.h = act(s.g.t.shape(), "mlp.h");
+  s.h = act_out(s.g.t.shape(), "mlp.h");
   ops::swiglu_forward(s.g, s.u, s.h);
 }
 
 void SwiGLU::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dx,
                       bool accumulate) const {
   const int64_t T = dy.dim(0);
-  OwnedTensor dh = act({T, width_}, "mlp.dh"), dg = act({T, width_}, "mlp.dg"),
-              du = act({T, width_}, "mlp.du");
+  OwnedTensor dh = act_out({T, width_}, "mlp.dh"), dg = act_out({T, width_}, "mlp.dg"),
+              du = act_out({T, width_}, "mlp.du");
   ops::linear_backward_input(dy, ps.value(down_), dh);
   ops::linear_backward_weight(dy, s.h, ps.grad(down_));
   ops::swiglu_backward(s.g, s.u, dh, dg, du);

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "core/error.hpp"
+#include "profile.hpp"
 
 namespace dsv3 {
 
@@ -48,16 +49,17 @@ void Model::check_tokens(const Tensor& tokens) const {
 
 double Model::head_loss(const Tensor& h, const Tensor& targets, size_t norm, float coef, const Tensor* dh,
                         OwnedTensor* logits_capture, const StepContext& ctx) {
+  DSV3_PROFILE(Head);  // the head's norm, vocabulary GEMMs and cross-entropy
   const int64_t T = h.dim(0), d = m_.d_model, V = m_.vocab_size;
-  OwnedTensor hn = act({T, d}, "head.normed"), rstd = act({T}, "head.rstd");
+  OwnedTensor hn = act_out({T, d}, "head.normed"), rstd = act_out({T}, "head.rstd");
   ops::rmsnorm_forward(h, params_.value(norm), static_cast<float>(m_.norm_eps), hn, rstd);
   OwnedTensor dhn;
-  if (dh) dhn = act({T, d}, "head.d_normed");
+  if (dh) dhn = act_out({T, d}, "head.d_normed");
   if (logits_capture) *logits_capture = act({T, V}, "logits");
   // Rows per chunk so that one chunk of f32 logits stays near 16 MiB.
   const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 22) / V, 1, T);
-  OwnedTensor logits = act({chunk, V}, "head.logits_chunk"), losses = act({chunk}, "head.losses"),
-              lse = act({chunk}, "head.lse"), dloss = act({chunk}, "head.dloss");
+  OwnedTensor logits = act_out({chunk, V}, "head.logits_chunk"), losses = act_out({chunk}, "head.losses"),
+              lse = act_out({chunk}, "head.lse"), dloss = act_out({chunk}, "head.dloss");
   const int32_t* tg = targets.i32();
   int64_t valid = 0;
   for (int64_t t = 0; t < T; ++t) valid += tg[t] >= 0;
@@ -115,11 +117,11 @@ StepLosses Model::run(const Tensor& tokens, bool training, float grad_scale, Mod
   const int64_t L = m_.num_layers;
   std::vector<OwnedTensor> hs;
   hs.reserve(static_cast<size_t>(L + 1));
-  hs.push_back(act({T, d}, "hidden.0"));
+  hs.push_back(act_out({T, d}, "hidden.0"));
   ops::embedding_forward(ids, params_.value(embed_), hs[0]);
   std::vector<Block::Saved> saved(static_cast<size_t>(L));
   for (int64_t l = 0; l < L; ++l) {
-    hs.push_back(act({T, d}, "hidden." + std::to_string(l + 1)));
+    hs.push_back(act_out({T, d}, "hidden." + std::to_string(l + 1)));
     blocks_[l]->forward(params_, hs[l], hs[l + 1], saved[l], ctx);
   }
   if (capture) {
@@ -130,7 +132,7 @@ StepLosses Model::run(const Tensor& tokens, bool training, float grad_scale, Mod
   StepLosses out;
   out.tokens = T;
   OwnedTensor dh_L;
-  if (training) dh_L = act({T, d}, "d_hidden_final");
+  if (training) dh_L = act_out({T, d}, "d_hidden_final");
   out.main = head_loss(hs[L], targets, final_norm_, 1.0f, training ? &dh_L.t : nullptr,
                        capture ? &capture->logits : nullptr, ctx);
 
@@ -142,9 +144,9 @@ StepLosses Model::run(const Tensor& tokens, bool training, float grad_scale, Mod
   for (int64_t k = 1; k <= D; ++k) {
     const OwnedTensor ids_k = shifted(k, "mtp_input_ids"), tgt_k = shifted(k + 1, "mtp_targets");
     const Tensor& prev = k == 1 ? hs[L].t : mh.back().t;
-    mh.push_back(act({T, d}, "mtp_hidden." + std::to_string(k)));
+    mh.push_back(act_out({T, d}, "mtp_hidden." + std::to_string(k)));
     mtp_[k - 1]->forward(params_, embed_, ids_k, prev, mh.back(), msaved[k - 1], ctx);
-    if (training) dmh.push_back(act({T, d}, "d_mtp_hidden." + std::to_string(k)));
+    if (training) dmh.push_back(act_out({T, d}, "d_mtp_hidden." + std::to_string(k)));
     out.mtp.push_back(head_loss(mh.back(), tgt_k, mtp_[k - 1]->head_norm(), mtp_coef,
                                 training ? &dmh.back().t : nullptr,
                                 capture ? &capture->mtp_logits[k - 1] : nullptr, ctx));
@@ -185,7 +187,7 @@ StepLosses Model::run(const Tensor& tokens, bool training, float grad_scale, Mod
     const Tensor& dprev = k == 1 ? dh_L.t : dmh[k - 2].t;
     mtp_[k - 1]->backward(params_, embed_, msaved[k - 1], dmh[k - 1], dprev, ctx);
   }
-  OwnedTensor dx = act({T, d}, "d_hidden");
+  OwnedTensor dx = act_out({T, d}, "d_hidden");
   Tensor dcur = dh_L.t;
   for (int64_t l = L - 1; l >= 0; --l) {
     blocks_[l]->backward(params_, saved[l], dcur, dx, ctx);

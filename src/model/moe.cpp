@@ -42,10 +42,10 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
                   const StepContext& ctx) const {
   const int64_t T = ctx.T();
   s.input = x;
-  s.logits = act({T, E_}, "moe.router_logits");
-  s.scores = act({T, E_}, "moe.scores");
+  s.logits = act_out({T, E_}, "moe.router_logits");
+  s.scores = act_out({T, E_}, "moe.scores");
   s.idx = OwnedTensor(DType::I32, {T, K_}, "moe.topk_idx");
-  s.weights = act({T, K_}, "moe.topk_weights");
+  s.weights = act_out({T, K_}, "moe.topk_weights");
   ops::linear_forward(x, ps.value(gate_), s.logits);
   const Tensor bias = router_.use_bias ? ps.state(bias_).value : Tensor();
   ops::router_forward(router_, s.logits, bias, s.scores, s.idx, s.weights);
@@ -54,11 +54,11 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
   // Permute token copies by expert, run each expert on its rows, combine weighted.
   s.plan = ops::make_dispatch_plan(s.idx, E_, capacity(T));
   const int64_t R = s.plan.rows;
-  s.xs = act({R, d_}, "moe.dispatched");
-  s.g = act({R, F_}, "moe.g");
-  s.u = act({R, F_}, "moe.u");
-  s.h = act({R, F_}, "moe.h");
-  s.ys = act({R, d_}, "moe.expert_out");
+  s.xs = act_out({R, d_}, "moe.dispatched");
+  s.g = act_out({R, F_}, "moe.g");
+  s.u = act_out({R, F_}, "moe.u");
+  s.h = act_out({R, F_}, "moe.h");
+  s.ys = act_out({R, d_}, "moe.expert_out");
   ops::dispatch_forward(s.plan, x, s.xs);
   const int32_t* off = s.plan.offsets.i32();
   for (int64_t e = 0; e < E_; ++e) {
@@ -78,11 +78,11 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
 void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dx,
                    const StepContext& ctx) const {
   const int64_t T = ctx.T(), R = s.plan.rows;
-  OwnedTensor dys = act({R, d_}, "moe.d_expert_out"), dw = act({T, K_}, "moe.d_topk_weights");
+  OwnedTensor dys = act_out({R, d_}, "moe.d_expert_out"), dw = act_out({T, K_}, "moe.d_topk_weights");
   ops::combine_backward(s.plan, s.ys, s.weights, dy, dys, dw);
 
-  OwnedTensor dxs = act({R, d_}, "moe.d_dispatched");
-  OwnedTensor dh = act({R, F_}, "moe.dh"), dg = act({R, F_}, "moe.dg"), du = act({R, F_}, "moe.du");
+  OwnedTensor dxs = act_out({R, d_}, "moe.d_dispatched");
+  OwnedTensor dh = act_out({R, F_}, "moe.dh"), dg = act_out({R, F_}, "moe.dg"), du = act_out({R, F_}, "moe.du");
   const int32_t* off = s.plan.offsets.i32();
   for (int64_t e = 0; e < E_; ++e) {
     const int64_t r0 = off[e], r1 = off[e + 1];
@@ -106,7 +106,7 @@ void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const
     dscores = act({T, E_}, "moe.d_scores");
     ops::seq_balance_loss_backward(s.scores, s.idx, ctx.B, alpha_, ctx.grad_scale, dscores);
   }
-  OwnedTensor dlogits = act({T, E_}, "moe.d_router_logits");
+  OwnedTensor dlogits = act_out({T, E_}, "moe.d_router_logits");
   ops::router_backward(router_, s.logits, s.scores, s.idx, dw, alpha_ > 0 ? dscores.t : Tensor(), dlogits);
   ops::linear_backward_input(dlogits, ps.value(gate_), dx, /*accumulate=*/true);
   ops::linear_backward_weight(dlogits, s.input, ps.grad(gate_));
@@ -118,7 +118,7 @@ void MoE::drop_recomputable(Saved& s) const {
 }
 
 void MoE::recompute(Saved& s) const {
-  s.h = act(s.g.t.shape(), "moe.h");
+  s.h = act_out(s.g.t.shape(), "moe.h");
   ops::swiglu_forward(s.g, s.u, s.h);
   if (shared_) SwiGLU::recompute(s.shared);
 }

@@ -29,18 +29,18 @@ void MTPModule::forward(const ParamStore& ps, size_t embed, const Tensor& ids, c
   s.h_prev = h_prev;
   s.ids = OwnedTensor(DType::I32, {T}, "mtp.ids");
   std::memcpy(s.ids.t.data(), ids.data(), ids.bytes());
-  s.e = act({T, d_}, "mtp.embedding");
-  s.e_n = act({T, d_}, "mtp.embedding_normed");
-  s.e_rstd = act({T}, "mtp.embedding_rstd");
-  s.g_n = act({T, d_}, "mtp.hidden_normed");
-  s.g_rstd = act({T}, "mtp.hidden_rstd");
+  s.e = act_out({T, d_}, "mtp.embedding");
+  s.e_n = act_out({T, d_}, "mtp.embedding_normed");
+  s.e_rstd = act_out({T}, "mtp.embedding_rstd");
+  s.g_n = act_out({T, d_}, "mtp.hidden_normed");
+  s.g_rstd = act_out({T}, "mtp.hidden_rstd");
   ops::embedding_forward(s.ids, ps.value(embed), s.e);
   ops::rmsnorm_forward(s.e, ps.value(enorm_), eps_, s.e_n, s.e_rstd);
   ops::rmsnorm_forward(h_prev, ps.value(hnorm_), eps_, s.g_n, s.g_rstd);
-  s.cat = act({T, 2 * d_}, "mtp.concat");
+  s.cat = act_out({T, 2 * d_}, "mtp.concat");
   ops::copy_columns_backward(s.e_n, 0, s.cat);   // cat[:, 0:d] = e_n (embedding half first)
   ops::copy_columns_backward(s.g_n, d_, s.cat);  // cat[:, d:2d] = g_n
-  s.hp = act({T, d_}, "mtp.eh_proj_out");
+  s.hp = act_out({T, d_}, "mtp.eh_proj_out");
   ops::linear_forward(s.cat, ps.value(eh_proj_), s.hp);
   block_.forward(ps, s.hp, out, s.block, ctx);
 }
@@ -48,15 +48,15 @@ void MTPModule::forward(const ParamStore& ps, size_t embed, const Tensor& ids, c
 void MTPModule::backward(const ParamStore& ps, size_t embed, Saved& s, const Tensor& dout,
                          const Tensor& dh_prev, const StepContext& ctx) const {
   const int64_t T = ctx.T();
-  OwnedTensor dhp = act({T, d_}, "mtp.d_eh_proj_out");
+  OwnedTensor dhp = act_out({T, d_}, "mtp.d_eh_proj_out");
   block_.backward(ps, s.block, dout, dhp, ctx);
-  OwnedTensor dcat = act({T, 2 * d_}, "mtp.d_concat");
+  OwnedTensor dcat = act_out({T, 2 * d_}, "mtp.d_concat");
   ops::linear_backward_input(dhp, ps.value(eh_proj_), dcat);
   ops::linear_backward_weight(dhp, s.cat, ps.grad(eh_proj_));
-  OwnedTensor de_n = act({T, d_}, "mtp.d_embedding_normed"), dg_n = act({T, d_}, "mtp.d_hidden_normed");
+  OwnedTensor de_n = act_out({T, d_}, "mtp.d_embedding_normed"), dg_n = act_out({T, d_}, "mtp.d_hidden_normed");
   ops::copy_columns(dcat, 0, de_n);
   ops::copy_columns(dcat, d_, dg_n);
-  OwnedTensor de = act({T, d_}, "mtp.d_embedding");
+  OwnedTensor de = act_out({T, d_}, "mtp.d_embedding");
   ops::rmsnorm_backward(s.e, ps.value(enorm_), s.e_rstd, de_n, de, ps.grad(enorm_));
   ops::embedding_backward(s.ids, de, ps.grad(embed));
   ops::rmsnorm_backward(s.h_prev, ps.value(hnorm_), s.g_rstd, dg_n, dh_prev, ps.grad(hnorm_),
