@@ -106,6 +106,13 @@ Args parse(int argc, char** argv) {
   if (a.help) return a;
   DSV3_CHECK(!a.inputs.empty(), "missing --input (see --help)");
   DSV3_CHECK(!a.output_prefix.empty(), "missing --output-prefix (see --help)");
+  // Create the output's folder (data/fortunes -> data/) so a fresh checkout needs no mkdir.
+  const fs::path parent = fs::path(a.output_prefix).parent_path();
+  if (!parent.empty()) {
+    std::error_code ec;
+    fs::create_directories(parent, ec);
+    DSV3_CHECK(!ec, parent.string(), ": cannot create the output folder: ", ec.message());
+  }
   return a;
 }
 

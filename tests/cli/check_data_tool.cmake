@@ -73,7 +73,7 @@ endfunction()
 
 file(WRITE ${WORK}/empty/nothing.txt "")
 expect_usage_error("empty corpus" --input ${WORK}/empty --output-prefix ${WORK}/e)
-expect_usage_error("unwritable output" --input ${corpus} --output-prefix ${WORK}/no/such/dir/x)
+expect_usage_error("unwritable output" --input ${corpus} --output-prefix ${corpus}/a.txt/x)
 expect_usage_error("missing input" --input ${WORK}/absent --output-prefix ${WORK}/m)
 expect_usage_error("bad fraction" --input ${corpus} --output-prefix ${WORK}/m --valid-fraction 1.5)
 if(EXISTS ${WORK}/e_train.bin.tmp OR EXISTS ${WORK}/e_train.bin)
