@@ -13,6 +13,7 @@
 #include "core/format.hpp"
 #include "data/sampler.hpp"
 #include "data/tokenizer.hpp"
+#include "io/checkpoint.hpp"
 #include "model/model.hpp"
 #include "train/trainer.hpp"
 
@@ -23,7 +24,8 @@ const char* kUsage = R"(usage: dsv3-eval --config NAME|PATH [--set key=value ...
   --data        dataset prefix as for dsv3-train; evaluates the validation split (or the data itself)
   --batches     micro-batches to evaluate (default training.eval_iters)
   --text-file   score one text: byte-tokenized as training does, truncated to training.seq_length
-  --checkpoint  weights to evaluate (default: the config's freshly initialised model)
+  --checkpoint  a checkpoint file or run directory (its latest) to evaluate (default: the config's
+                freshly initialised model)
   --json        print {"loss", "perplexity", "num_tokens", "token_ids"} (text) or {"loss", "perplexity",
                 "num_tokens"} (data)
 The loss is the main model's mean next-token cross-entropy in nats.
@@ -64,11 +66,15 @@ int main(int argc, char** argv) {
     }
     DSV3_CHECK(!config.empty(), "--config is required (see --help)");
     DSV3_CHECK(data.empty() != text_file.empty(), "give exactly one of --data PREFIX or --text-file FILE");
-    DSV3_CHECK(checkpoint.empty(), "--checkpoint ", checkpoint,
-               ": reading checkpoints is not supported by this build yet; only the initialised model can be "
-               "evaluated");
     const dsv3::Config cfg = dsv3::load_config(dsv3::resolve_config_path(config), overrides);
     dsv3::Model model(cfg);
+    if (!checkpoint.empty()) {
+      dsv3::LoadOptions lo;
+      lo.config = &cfg;
+      const dsv3::CheckpointInfo info =
+          dsv3::load_checkpoint(dsv3::resolve_checkpoint(checkpoint), model.params(), nullptr, lo);
+      if (!json) std::cout << "checkpoint " << info.path << " (step " << info.state.step << ")" << std::endl;
+    }
     const int64_t D = cfg.model.mtp.depth;
 
     if (!text_file.empty()) {

@@ -12,7 +12,7 @@
 namespace {
 const char* kUsage =
     R"(usage: dsv3-train --config NAME|PATH [--set key=value ...] [--data PREFIX] [--run-dir DIR]
-                  [--peak-tflops X]
+                  [--peak-tflops X] [--resume auto|none|CHECKPOINT]
 
   --config      1b, deepseek_v3_tiny, or a YAML path
   --set         override a config key (repeatable), e.g. --set training.train_steps=100
@@ -20,6 +20,9 @@ const char* kUsage =
                 default data.path
   --run-dir     where config.yaml and metrics.jsonl go (default checkpoint.dir or checkpoints/<name>)
   --peak-tflops the MFU denominator; default: measured by an sgemm probe at start
+  --resume      auto (default): continue from <run-dir>/latest if it exists; none: start fresh;
+                or a checkpoint file / run directory to continue from
+Checkpoints: <run-dir>/step_N.h5 every checkpoint.interval steps, at the end and after a signal.
 Exit status: 0 done (or stopped cleanly by SIGINT/SIGTERM), 2 bad input, 3 too many non-finite steps.
 )";
 }  // namespace

@@ -13,6 +13,7 @@
 #include "config/accounting.hpp"
 #include "core/error.hpp"
 #include "core/format.hpp"
+#include "io/checkpoint.hpp"
 #include "train/metrics.hpp"
 #include "train/optimizer.hpp"
 
@@ -109,6 +110,49 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
 
   Model model(cfg);
   AdamW adam(model.params(), AdamWConfig::from(t.optimizer));
+
+  // Resume: parameters, router biases, AdamW moments and step count, data position.
+  TrainSummary sum;
+  int64_t start_step = 0, tokens_seen = 0;
+  std::string resume_from;
+  if (opt.resume == "auto") {
+    resume_from = find_latest(run_dir);
+  } else if (opt.resume == "none") {
+    DSV3_CHECK(find_latest(run_dir).empty(), run_dir, " already holds checkpoints (", find_latest(run_dir),
+               "); resume with --resume auto or choose another --run-dir");
+  } else {
+    resume_from = resolve_checkpoint(opt.resume);
+  }
+  if (!resume_from.empty()) {
+    LoadOptions lo;
+    lo.config = &cfg;
+    lo.require_optimizer = true;
+    const CheckpointInfo info = load_checkpoint(resume_from, model.params(), &adam, lo);
+    DSV3_CHECK(info.state.seed == t.seed, resume_from, ": written with training.seed ", info.state.seed,
+               ", this run has ", t.seed,
+               " (the data order would differ; --set training.seed=", info.state.seed, " to continue it)");
+    train_sampler.restore(info.state.sampler);
+    start_step = info.state.step;
+    tokens_seen = info.state.consumed_tokens;
+    sum.resumed_from_step = start_step;
+    log << "resumed from " << resume_from << " at step " << start_step << " (" << tokens_seen << " tokens)"
+        << std::endl;
+  }
+  auto save = [&](int64_t step) {
+    TrainState st;
+    st.step = step;
+    st.consumed_tokens = tokens_seen;
+    st.sampler = train_sampler.state();
+    st.seed = t.seed;
+    SaveOptions so;
+    so.keep_last = cfg.checkpoint.keep_last;
+    so.layout = resolve_layout(cfg, 1);
+    const auto t0 = std::chrono::steady_clock::now();
+    sum.last_checkpoint = save_checkpoint(run_dir, cfg, model.params(), &adam, st, so);
+    log << "step " << step << " | checkpoint " << sum.last_checkpoint << " ("
+        << fixed(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 2) << " s)"
+        << std::endl;
+  };
   const int64_t micro = t.micro_batch_size, gb = t.global_batch_size, nmicro = gb / micro;
   const int64_t S = t.seq_length, W = S + m.mtp.depth + 1;
   const double flops_per_token = training_flops_per_token(m, S).total();
@@ -128,9 +172,8 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
       << human_flops(flops_per_token) << " per token; run dir " << run_dir << std::endl;
 
   install_stop_handlers();
-  TrainSummary sum;
   OwnedTensor batch(DType::I32, {gb, W}, "tokens");
-  int64_t streak = 0, tokens_seen = 0;
+  int64_t streak = 0, last_saved = start_step;
   const auto run_start = std::chrono::steady_clock::now();
   auto run_validation = [&](int64_t step) {
     if (!valid_sampler) return;
@@ -142,7 +185,8 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
         << ")" << std::endl;
   };
 
-  for (int64_t step = 0; step < t.train_steps; ++step) {
+  int64_t step = start_step;
+  for (; step < t.train_steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
     train_sampler.next_batch(gb, 0, 1, batch.t);
     model.params().zero_grads();
@@ -184,7 +228,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     const double imbalance = load_imbalance(agg.expert_load);
     const double dropped = agg.assignments ? double(agg.dropped) / double(agg.assignments) : 0.0;
     const double rss = current_rss_bytes();
-    if (step == 0) sum.first_loss = agg.main;
+    if (step == start_step) sum.first_loss = agg.main;
     sum.last_loss = agg.main;
     metrics.write({{"step", step + 1},
                    {"tokens", tokens_seen},
@@ -221,16 +265,24 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
       break;
     }
     if (t.eval_interval > 0 && (step + 1) % t.eval_interval == 0) run_validation(step + 1);
+    if ((step + 1) % cfg.checkpoint.interval == 0) save(step + 1), last_saved = step + 1;
     if (stop_requested()) {
       log << "stopping after step " << step + 1 << " on a signal" << std::endl;
       sum.stopped_by_signal = true;
+      ++step;
+      break;
+    }
+    if (opt.stop_after_steps > 0 && step + 1 >= opt.stop_after_steps) {
+      ++step;
       break;
     }
   }
-  if (!sum.aborted_nonfinite && (t.eval_interval == 0 || tokens_seen % (t.eval_interval * gb * S) != 0))
-    run_validation(tokens_seen / (gb * S));
+  // A final checkpoint unless the last step just wrote one (also after a signal: it stops cleanly).
+  if (!sum.aborted_nonfinite && step > last_saved) save(step);
+  if (!sum.aborted_nonfinite && step > start_step && (t.eval_interval == 0 || step % t.eval_interval != 0))
+    run_validation(step);
   sum.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
-  sum.tokens_per_s = tokens_seen / std::max(1e-9, sum.seconds);
+  sum.tokens_per_s = double(step - start_step) * gb * S / std::max(1e-9, sum.seconds);
   return sum;
 }
 

@@ -22,6 +22,10 @@ struct TrainerOptions {
   std::string data;             // overrides data.path
   double peak_tflops = 0;       // MFU denominator; 0: measured by an sgemm probe at start
   std::ostream* log = nullptr;  // default std::cout
+  // "auto": continue from <run-dir>/latest when it exists; "none": start fresh (a run directory that
+  // already holds checkpoints is refused); otherwise a checkpoint file or run directory to resume.
+  std::string resume = "auto";
+  int64_t stop_after_steps = 0;  // > 0: stop (with a checkpoint) once this many steps are done
 };
 
 struct TrainSummary {
@@ -33,6 +37,8 @@ struct TrainSummary {
   double tokens_per_s = 0;                        // mean over the run
   std::vector<std::pair<int64_t, double>> curve;  // (step, main loss) at every log line
   bool stopped_by_signal = false;
+  int64_t resumed_from_step = -1;  // -1: fresh start
+  std::string last_checkpoint;     // path of the last checkpoint written
   bool aborted_nonfinite = false;
 };
 

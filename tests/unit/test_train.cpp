@@ -225,3 +225,40 @@ TEST(Trainer, BadDataIsReportedBeforeTraining) {
     EXPECT_NE(std::string(e.what()).find("300"), std::string::npos) << e.what();
   }
 }
+
+TEST(Trainer, ResumeContinuesBitwise) {
+  // 20 steps straight vs 10 + checkpoint + resume + 10: identical per-step losses and parameters.
+  const std::string dir = ::testing::TempDir() + "/dsv3_train_resume";
+  fs::remove_all(dir);
+  const std::string data = make_dataset(dir + "/data");
+  const Config cfg = small_config({"training.train_steps=20", "training.eval_interval=0"});
+  auto losses_of = [](const std::string& run) {
+    std::vector<double> l;
+    for (const auto& r : read_metrics(run + "/metrics.jsonl"))
+      if (!r.contains("val_loss")) l.push_back(r["loss"].get<double>());
+    return l;
+  };
+  TrainerOptions opt;
+  opt.data = data;
+  opt.peak_tflops = 1.0;
+  std::ostringstream log;
+  opt.log = &log;
+  opt.run_dir = dir + "/straight";
+  train(cfg, opt);
+  opt.run_dir = dir + "/split";
+  opt.stop_after_steps = 10;
+  const TrainSummary first = train(cfg, opt);
+  EXPECT_EQ(first.steps, 10);
+  EXPECT_NE(first.last_checkpoint.find("step_0000010.h5"), std::string::npos) << first.last_checkpoint;
+  opt.stop_after_steps = 0;
+  const TrainSummary second = train(cfg, opt);  // --resume auto finds step 10
+  EXPECT_EQ(second.resumed_from_step, 10);
+  EXPECT_EQ(second.steps, 10);
+  const auto a = losses_of(dir + "/straight"), b = losses_of(dir + "/split");
+  ASSERT_EQ(a.size(), 20u);
+  ASSERT_EQ(b.size(), 20u);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << "step " << i + 1;
+  // Starting fresh in a run directory that holds checkpoints is refused.
+  opt.resume = "none";
+  EXPECT_THROW(train(cfg, opt), Error);
+}
