@@ -1,18 +1,21 @@
 // dsv3-train: trains a config on a dataset (single process on the host backend).
 #include <algorithm>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "config/config.hpp"
 #include "core/error.hpp"
 #include "core/format.hpp"
+#include "parallel/comm.hpp"
+#include "parallel/rank_grid.hpp"
 #include "train/trainer.hpp"
 
 namespace {
 const char* kUsage =
     R"(usage: dsv3-train --config NAME|PATH [--set key=value ...] [--data PREFIX] [--run-dir DIR]
-                  [--peak-tflops X] [--resume auto|none|CHECKPOINT]
+                  [--peak-tflops X] [--resume auto|none|CHECKPOINT] [--stop-after STEPS]
 
   --config      1b, deepseek_v3_tiny, or a YAML path
   --set         override a config key (repeatable), e.g. --set training.train_steps=100
@@ -22,13 +25,19 @@ const char* kUsage =
   --peak-tflops the MFU denominator; default: measured by an sgemm probe at start
   --resume      auto (default): continue from <run-dir>/latest if it exists; none: start fresh;
                 or a checkpoint file / run directory to continue from
+  --stop-after  stop with a checkpoint once STEPS steps are done (the schedule still spans
+                training.train_steps), e.g. to fit a job's time limit
+Under mpirun the ranks form the TP x PP x EP x DP grid of the parallel section (data parallelism with
+ZeRO-0/1 in this version); dp is world / (tp * pp).
 Checkpoints: <run-dir>/step_N.h5 every checkpoint.interval steps, at the end and after a signal.
 Exit status: 0 done (or stopped cleanly by SIGINT/SIGTERM), 2 bad input, 3 too many non-finite steps.
 )";
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::unique_ptr<dsv3::MpiRuntime> mpi;
   try {
+    mpi = std::make_unique<dsv3::MpiRuntime>(&argc, &argv);
     std::string config;
     std::vector<std::string> overrides;
     dsv3::TrainerOptions opt;
@@ -51,12 +60,26 @@ int main(int argc, char** argv) {
         opt.run_dir = value();
       else if (a == "--peak-tflops")
         opt.peak_tflops = std::stod(value());
+      else if (a == "--resume")
+        opt.resume = value();
+      else if (a == "--stop-after")
+        opt.stop_after_steps = std::stoll(value());
       else
         dsv3::raise("unknown argument '", a, "' (see --help)");
     }
     DSV3_CHECK(!config.empty(), "--config is required (see --help)");
     const dsv3::Config cfg = dsv3::load_config(dsv3::resolve_config_path(config), overrides);
+    // The process grid: every rank checks the layout; rank 0 alone reports a bad one.
+    dsv3::MpiComm world(MPI_COMM_WORLD, "world", /*owned=*/false);
+    dsv3::Layout layout;
+    dsv3::check_layout_collectively([&] { layout = dsv3::resolve_layout(cfg, mpi->world_size()); }, world);
+    const dsv3::RankGrid grid(layout, cfg.parallel.order, mpi->world_size());
+    const dsv3::CommGroups comms = dsv3::make_comm_groups(grid);
+    if (mpi->world_size() > 1) opt.comms = &comms;
+    const bool root = mpi->world_rank() == 0;
+    if (root && mpi->world_size() > 1) std::cout << "grid: " << grid.describe() << std::endl;
     const dsv3::TrainSummary s = dsv3::train(cfg, opt);
+    if (!root) return s.aborted_nonfinite ? 3 : 0;
     std::cout << "done: " << s.steps << " steps in " << dsv3::fixed(s.seconds, 1) << " s ("
               << dsv3::fixed(s.tokens_per_s, 0) << " tokens/s); loss " << dsv3::fixed(s.first_loss, 4)
               << " -> " << dsv3::fixed(s.last_loss, 4);
@@ -76,8 +99,12 @@ int main(int argc, char** argv) {
       std::cout << "validation loss " << dsv3::fixed(s.first_val_loss, 4) << " (first evaluation) -> "
                 << dsv3::fixed(s.last_val_loss, 4) << " nats per byte token" << std::endl;
     return s.aborted_nonfinite ? 3 : 0;
+  } catch (const dsv3::QuietExit&) {
+    return 2;
   } catch (const std::exception& e) {
     std::cerr << "dsv3-train: error: " << e.what() << std::endl;
+    if (mpi && mpi->world_size() > 1)
+      MPI_Abort(MPI_COMM_WORLD, 2);  // the other ranks may wait in a collective
     return 2;
   }
 }

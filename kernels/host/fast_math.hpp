@@ -32,7 +32,11 @@ inline float exp_f32(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = ((static_cast<int32_t>(n) + 127) << 23) & keep;  // 2^n, or 0 on underflow
+  // 2^n, or 0 on underflow. A NaN input gives a NaN polynomial; its exponent is irrelevant, but the
+  // float -> int conversion of NaN is undefined, so it is taken from 0.
+  const float n_finite = n == n ? n : 0.0f;
+  const uint32_t bits =
+      (static_cast<uint32_t>(static_cast<int32_t>(n_finite) + 127) << 23) & static_cast<uint32_t>(keep);
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;

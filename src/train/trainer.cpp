@@ -14,6 +14,7 @@
 #include "core/error.hpp"
 #include "core/format.hpp"
 #include "io/checkpoint.hpp"
+#include "parallel/comm.hpp"
 #include "train/metrics.hpp"
 #include "train/optimizer.hpp"
 
@@ -74,8 +75,43 @@ double evaluate(Model& model, WindowSampler& valid, int64_t micro_batch, int64_t
   return sum / static_cast<double>(n);
 }
 
+namespace {
+// Data-parallel context of one rank: its slice of each global batch and of the flat buffers.
+struct DataParallel {
+  const Comm* world = nullptr;
+  const Comm* dp = nullptr;  // null: one process
+  int64_t size = 1, rank = 0;
+  int64_t zero = 0;
+  // ZeRO-1: the flat buffers of N elements split into `size` blocks of B = N / size; the last rank
+  // also owns the tail [size * B, N).
+  int64_t block = 0, begin = 0, end = 0, n = 0;
+  bool root() const { return world == nullptr || world->rank() == 0; }
+};
+
+void allreduce_sum(const DataParallel& dp, double* v, int64_t n) {
+  if (dp.dp) dp.dp->allreduce(v, n);
+}
+}  // namespace
+
 TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
-  std::ostream& log = opt.log ? *opt.log : std::cout;
+  std::ostringstream quiet;
+  DataParallel dpx;
+  Layout layout = resolve_layout(cfg, 1);
+  if (opt.comms) {
+    const RankGrid& g = opt.comms->grid;
+    layout = resolve_layout(cfg, g.world());
+    DSV3_CHECK(layout.tp == 1 && layout.pp == 1 && layout.ep == 1, cfg.source_path, ": layout tp=", layout.tp,
+               " pp=", layout.pp, " ep=", layout.ep,
+               ": dsv3-train distributes over data parallelism only (tp = pp = ep = 1)");
+    DSV3_CHECK(layout.zero_stage <= 1, cfg.where("parallel.zero_stage"), " = ", layout.zero_stage,
+               ": dsv3-train implements ZeRO stages 0 and 1");
+    dpx.world = &opt.comms->get(GroupKind::World);
+    dpx.dp = &opt.comms->get(GroupKind::Dp);
+    dpx.size = dpx.dp->size();
+    dpx.rank = dpx.dp->rank();
+    dpx.zero = layout.zero_stage;
+  }
+  std::ostream& log = !dpx.root() ? quiet : opt.log ? *opt.log : std::cout;
   const auto& t = cfg.training;
   const ModelConfig& m = cfg.model;
   DSV3_CHECK(t.train_steps > 0, cfg.where("training.train_steps"), " must be positive to train");
@@ -87,12 +123,16 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
   std::error_code ec;
   fs::create_directories(run_dir, ec);
   DSV3_CHECK(!ec, run_dir, ": cannot create the run directory: ", ec.message());
-  {
+  std::unique_ptr<MetricsWriter> metrics_file;
+  if (dpx.root()) {
     std::ofstream y(run_dir + "/config.yaml");
     y << cfg.yaml_text << "\n";
     DSV3_CHECK(y.good(), run_dir, "/config.yaml: cannot write");
+    metrics_file = std::make_unique<MetricsWriter>(run_dir + "/metrics.jsonl");
   }
-  MetricsWriter metrics(run_dir + "/metrics.jsonl");
+  auto write_metrics = [&](const nlohmann::json& j) {
+    if (metrics_file) metrics_file->write(j);
+  };
 
   // Data: everything is checked before the first step.
   const std::string data_path = !opt.data.empty() ? opt.data : cfg.data.path;
@@ -109,7 +149,12 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
                                                     static_cast<uint64_t>(t.seed), src.valid_range, false);
 
   Model model(cfg);
-  AdamW adam(model.params(), AdamWConfig::from(t.optimizer));
+  dpx.n = model.params().num_elements();
+  dpx.block = dpx.n / dpx.size;
+  dpx.begin = dpx.zero >= 1 ? dpx.rank * dpx.block : 0;
+  dpx.end = dpx.zero >= 1 && dpx.rank + 1 < dpx.size ? dpx.begin + dpx.block : dpx.n;
+  AdamW adam(model.params(), AdamWConfig::from(t.optimizer), dpx.begin, dpx.end);
+  std::vector<float> rs_buffer(static_cast<size_t>(dpx.zero >= 1 ? dpx.block : 0));
 
   // Resume: parameters, router biases, AdamW moments and step count, data position.
   TrainSummary sum;
@@ -146,14 +191,15 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     st.seed = t.seed;
     SaveOptions so;
     so.keep_last = cfg.checkpoint.keep_last;
-    so.layout = resolve_layout(cfg, 1);
+    so.layout = layout;
+    if (dpx.world) so.comm = static_cast<const MpiComm*>(dpx.world)->handle();
     const auto t0 = std::chrono::steady_clock::now();
     sum.last_checkpoint = save_checkpoint(run_dir, cfg, model.params(), &adam, st, so);
     log << "step " << step << " | checkpoint " << sum.last_checkpoint << " ("
         << fixed(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 2) << " s)"
         << std::endl;
   };
-  const int64_t micro = t.micro_batch_size, gb = t.global_batch_size, nmicro = gb / micro;
+  const int64_t micro = t.micro_batch_size, gb = t.global_batch_size, nmicro = gb / (micro * dpx.size);
   const int64_t S = t.seq_length, W = S + m.mtp.depth + 1;
   const double flops_per_token = training_flops_per_token(m, S).total();
   const double peak = opt.peak_tflops > 0 ? opt.peak_tflops : measure_sgemm_tflops();
@@ -172,7 +218,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
       << human_flops(flops_per_token) << " per token; run dir " << run_dir << std::endl;
 
   install_stop_handlers();
-  OwnedTensor batch(DType::I32, {gb, W}, "tokens");
+  OwnedTensor batch(DType::I32, {gb / dpx.size, W}, "tokens");
   int64_t streak = 0, last_saved = start_step;
   const auto run_start = std::chrono::steady_clock::now();
   auto run_validation = [&](int64_t step) {
@@ -180,7 +226,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     const double v = evaluate(model, *valid_sampler, micro, t.eval_iters);
     if (sum.first_val_loss < 0) sum.first_val_loss = v;
     sum.last_val_loss = v;
-    metrics.write({{"step", step}, {"tokens", tokens_seen}, {"val_loss", v}, {"val_ppl", std::exp(v)}});
+    write_metrics({{"step", step}, {"tokens", tokens_seen}, {"val_loss", v}, {"val_ppl", std::exp(v)}});
     log << "step " << step << " | validation loss " << fixed(v, 4) << " (perplexity " << fixed(std::exp(v), 2)
         << ")" << std::endl;
   };
@@ -188,13 +234,13 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
   int64_t step = start_step;
   for (; step < t.train_steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
-    train_sampler.next_batch(gb, 0, 1, batch.t);
+    train_sampler.next_batch(gb, dpx.rank, dpx.size, batch.t);
     model.params().zero_grads();
     StepLosses agg;
     agg.mtp.assign(static_cast<size_t>(m.mtp.depth), 0.0);
     for (int64_t i = 0; i < nmicro; ++i) {
       const Tensor mb = batch.t.rows(i * micro, (i + 1) * micro);
-      const StepLosses l = model.forward_backward(mb, 1.0f / static_cast<float>(nmicro));
+      const StepLosses l = model.forward_backward(mb, 1.0f / static_cast<float>(nmicro * dpx.size));
       agg.total += l.total / nmicro, agg.main += l.main / nmicro, agg.balance += l.balance / nmicro;
       for (size_t k = 0; k < l.mtp.size(); ++k) agg.mtp[k] += l.mtp[k] / nmicro;
       agg.dropped += l.dropped, agg.assignments += l.assignments;
@@ -204,11 +250,54 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
         for (size_t e = 0; e < c.size(); ++e) a[e] += c[e];
       }
     }
-    const double gnorm = clip_grad_norm(model.params(), t.optimizer.grad_clip);
+    double gnorm = 0;
+    if (dpx.dp) {
+      // Losses and loads summed over the data-parallel ranks (means for the losses).
+      std::vector<double> red = {agg.total, agg.main, agg.balance, double(agg.dropped),
+                                 double(agg.assignments)};
+      for (double v : agg.mtp) red.push_back(v);
+      for (const auto& [layer, c] : agg.expert_load)
+        for (int64_t v : c) red.push_back(double(v));
+      allreduce_sum(dpx, red.data(), static_cast<int64_t>(red.size()));
+      const double inv = 1.0 / double(dpx.size);
+      agg.total = red[0] * inv, agg.main = red[1] * inv, agg.balance = red[2] * inv;
+      agg.dropped = int64_t(red[3]), agg.assignments = int64_t(red[4]);
+      size_t k = 5;
+      for (double& v : agg.mtp) v = red[k++] * inv;
+      for (auto& [layer, c] : agg.expert_load)
+        for (int64_t& v : c) v = int64_t(red[k++]);
+      // Gradients: summed over DP (each rank already scaled by 1 / (micro-batches * DP)).
+      float* g = model.params().flat_grads().f32();
+      double sq = 0;
+      if (dpx.zero == 0) {
+        dpx.dp->allreduce(g, dpx.n);
+        sq = sum_of_squares(g, dpx.n);
+      } else {
+        dpx.dp->reduce_scatter(g, rs_buffer.data(), dpx.block);
+        std::copy(rs_buffer.begin(), rs_buffer.end(), g + dpx.begin);
+        const int64_t tail = dpx.size * dpx.block;
+        if (tail < dpx.n) dpx.dp->allreduce(g + tail, dpx.n - tail);
+        sq = sum_of_squares(g + dpx.begin, dpx.end - dpx.begin);
+        dpx.dp->allreduce(&sq, 1);
+      }
+      gnorm = std::sqrt(sq);
+      if (t.optimizer.grad_clip > 0 && std::isfinite(gnorm) && gnorm > t.optimizer.grad_clip) {
+        const float scale = static_cast<float>(t.optimizer.grad_clip / (gnorm + 1e-6));
+        for (int64_t i = dpx.begin; i < dpx.end; ++i) g[i] *= scale;
+      }
+    } else {
+      gnorm = clip_grad_norm(model.params(), t.optimizer.grad_clip);
+    }
     const double lr = learning_rate(t, step);
     const bool finite = std::isfinite(agg.total) && std::isfinite(gnorm);
     if (finite) {
       adam.step(lr);
+      if (dpx.dp && dpx.zero >= 1) {  // every rank gets the updated shards
+        float* p = model.params().flat_values().f32();
+        dpx.dp->allgather(p + dpx.begin, p, dpx.block);
+        const int64_t tail = dpx.size * dpx.block;
+        if (tail < dpx.n) dpx.dp->broadcast(p + tail, dpx.n - tail, static_cast<int>(dpx.size - 1));
+      }
       if (m.moe.aux_loss_free) model.update_router_bias(agg.expert_load);
       streak = 0;
       ++sum.steps;
@@ -220,7 +309,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
           << " in a row, limit " << t.max_nonfinite_steps << ")" << std::endl;
     }
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    tokens_seen += gb * S;
+    tokens_seen += gb * S;  // over all data-parallel ranks
     const double tps = double(gb * S) / dt;
     const double tflops = tps * flops_per_token / 1e12;
     double mtp_mean = 0;
@@ -230,7 +319,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     const double rss = current_rss_bytes();
     if (step == start_step) sum.first_loss = agg.main;
     sum.last_loss = agg.main;
-    metrics.write({{"step", step + 1},
+    write_metrics({{"step", step + 1},
                    {"tokens", tokens_seen},
                    {"loss", agg.total},
                    {"lm_loss", agg.main},
@@ -266,7 +355,9 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     }
     if (t.eval_interval > 0 && (step + 1) % t.eval_interval == 0) run_validation(step + 1);
     if ((step + 1) % cfg.checkpoint.interval == 0) save(step + 1), last_saved = step + 1;
-    if (stop_requested()) {
+    int64_t stop = stop_requested() ? 1 : 0;
+    if (dpx.dp) dpx.dp->allreduce(&stop, 1, ReduceOp::Max);  // every rank stops after the same step
+    if (stop) {
       log << "stopping after step " << step + 1 << " on a signal" << std::endl;
       sum.stopped_by_signal = true;
       ++step;

@@ -17,7 +17,12 @@
 
 namespace dsv3 {
 
+struct CommGroups;
+
 struct TrainerOptions {
+  // The process grid and its communicators (null: one process). Data parallelism with ZeRO-0/1
+  // runs over comms->dp; every rank calls train() with the same config.
+  const CommGroups* comms = nullptr;
   std::string run_dir;          // default: checkpoint.dir or checkpoints/<config name>
   std::string data;             // overrides data.path
   double peak_tflops = 0;       // MFU denominator; 0: measured by an sgemm probe at start
