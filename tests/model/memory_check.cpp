@@ -33,17 +33,20 @@ dsv3::OwnedTensor tokens(const dsv3::Config& c, int64_t B, int64_t S) {
 
 int main(int argc, char** argv) {
   try {
-    // argv[1]: recompute mode; argv[2] == "train" adds an AdamW step (moments in the estimate too).
+    // argv[1]: recompute mode; argv[2] == "train" adds an AdamW step (moments in the estimate too);
+    // argv[3]: a config (default tiny).
     const std::string recompute = argc > 1 ? argv[1] : "none";
     const bool with_optimizer = argc > 2 && std::string(argv[2]) == "train";
-    dsv3::Config c = dsv3::load_config(dsv3::resolve_config_path("tiny"),
+    const std::string config = argc > 3 ? argv[3] : "tiny";
+    dsv3::Config c = dsv3::load_config(dsv3::resolve_config_path(config),
                                        {"training.precision=fp32", "training.recompute=" + recompute});
     const int64_t B = c.training.micro_batch_size, S = c.training.seq_length;
     {  // Warm-up on a tiny batch: Kokkos, BLAS buffers and the allocator's arenas exist before the baseline.
-      dsv3::Model warm(
+      const dsv3::Config wc =
           dsv3::load_config(dsv3::resolve_config_path("tiny"),
-                            {"model.d_model=32", "model.mla.d_latent=8", "model.mla.q_lora_rank=16"}));
-      warm.forward_backward(tokens(c, 1, 8));
+                            {"model.d_model=32", "model.mla.d_latent=8", "model.mla.q_lora_rank=16"});
+      dsv3::Model warm(wc);
+      warm.forward_backward(tokens(wc, 1, 8));
     }
     const double base = proc_status_bytes("VmRSS");
     dsv3::Model model(c);
@@ -62,7 +65,7 @@ int main(int argc, char** argv) {
     const double estimate =
         e.weights + e.gradients + e.activations + e.logits + (with_optimizer ? e.optimizer : 0.0);
     const double ratio = peak / estimate;
-    std::printf("tiny config, %lld x %lld tokens, recompute=%s, f32%s\n", static_cast<long long>(B),
+    std::printf("%s, %lld x %lld tokens, recompute=%s, f32%s\n", c.name.c_str(), static_cast<long long>(B),
                 static_cast<long long>(S), recompute.c_str(), with_optimizer ? ", with AdamW" : "");
     std::printf("  measured peak RSS above baseline: %s\n", dsv3::human_bytes(peak).c_str());
     std::printf("  estimate: %s (weights %s, gradients %s, optimizer %s, activations %s, logits %s)\n",
