@@ -19,7 +19,7 @@ all: build
 help:
 	@echo "make deps     install the Debian packages the build, tests and demo need"
 	@echo "make          release build in $(BUILD)/ (tools in $(BUILD)/bin)"
-	@echo "make demo     train the tiny model on the fortunes corpus on the CPU (a few minutes)"
+	@echo "make demo     (re)start checkpoints/demo: the tiny model on the fortunes corpus, MPI ranks on the CPU"
 	@echo "make test     all tests: unit tests under ASan/UBSan, the rest in Release, CUDA compile check"
 	@echo "make golden   regenerate tests/golden/tiny_golden.h5 with the PyTorch reference"
 	@echo "make format   clang-format every C++ source"
@@ -67,11 +67,14 @@ test: deps
 # The main job on the embedded default: byte-level fortunes corpus, tiny model, trained on the CPU.
 DEMO_DATA ?= data/fortunes
 DEMO_RUN ?= checkpoints/demo
+DEMO_RANKS ?= $(JOBS)
 demo: deps build
 	build/bin/dsv3-data --input /usr/share/games/fortunes --format fortunes --output-prefix $(DEMO_DATA) \
 	  --valid-fraction 0.02
-	rm -f $(DEMO_RUN)/metrics.jsonl
-	build/bin/dsv3-train --config configs/deepseek_v3_tiny.yaml --data $(DEMO_DATA) --run-dir $(DEMO_RUN)
+	rm -rf $(DEMO_RUN)
+	OPENBLAS_NUM_THREADS=1 mpirun --oversubscribe --allow-run-as-root -np $(DEMO_RANKS) \
+	  build/bin/dsv3-train --config configs/deepseek_v3_tiny.yaml --data $(DEMO_DATA) --run-dir $(DEMO_RUN) \
+	  --resume none
 
 # Regenerates the golden file of the model test with the PyTorch reference (Debian's python3-torch).
 golden:

@@ -202,7 +202,9 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
   const int64_t micro = t.micro_batch_size, gb = t.global_batch_size, nmicro = gb / (micro * dpx.size);
   const int64_t S = t.seq_length, W = S + m.mtp.depth + 1;
   const double flops_per_token = training_flops_per_token(m, S).total();
-  const double peak = opt.peak_tflops > 0 ? opt.peak_tflops : measure_sgemm_tflops();
+  // Per-rank peak (given, or this rank's sgemm probe) times the ranks sharing the global batch.
+  const double peak_rank = opt.peak_tflops > 0 ? opt.peak_tflops : measure_sgemm_tflops();
+  const double peak = peak_rank * static_cast<double>(dpx.size);
 
   const ParamCounts pc = count_parameters(m);
   log << "dsv3-train: " << cfg.name << " (" << human_count(double(pc.total())) << " parameters, "
@@ -214,8 +216,8 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
       << "\n  batch " << gb << " x " << S << " tokens (" << nmicro << " micro-batches of " << micro << "), "
       << t.train_steps << " steps, lr " << t.optimizer.lr << " (" << t.schedule.style << ", warm-up "
       << t.schedule.warmup_steps << "), recompute " << t.recompute << "\n  peak " << fixed(peak, 3)
-      << " TFLOP/s (" << (opt.peak_tflops > 0 ? "given" : "measured sgemm") << "), "
-      << human_flops(flops_per_token) << " per token; run dir " << run_dir << std::endl;
+      << " TFLOP/s (" << (opt.peak_tflops > 0 ? "given" : "measured sgemm") << " per rank x " << dpx.size
+      << "), " << human_flops(flops_per_token) << " per token; run dir " << run_dir << std::endl;
 
   install_stop_handlers();
   OwnedTensor batch(DType::I32, {gb / dpx.size, W}, "tokens");
