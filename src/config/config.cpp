@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -176,8 +177,37 @@ class Binder {
   std::set<std::string> known_;
 };
 
-// The one list of keys. Required keys are those without which a model cannot be built.
-void bind_all(Binder& b, Config& c) {
+// Collects every declared key with its current value as text, for comparisons and reports.
+class Lister {
+ public:
+  template <typename T>
+  void required(const std::string& key, const T& v) {
+    items.emplace_back(key, text(v));
+  }
+  template <typename T>
+  void optional(const std::string& key, const T& v) {
+    items.emplace_back(key, text(v));
+  }
+  std::vector<std::pair<std::string, std::string>> items;
+
+ private:
+  static std::string text(int64_t v) { return std::to_string(v); }
+  static std::string text(bool v) { return v ? "true" : "false"; }
+  static std::string text(const std::string& v) { return v; }
+  static std::string text(double v) {  // the shortest text that reads back as the same double
+    char b[40];
+    for (int prec = 6; prec <= 17; ++prec) {
+      std::snprintf(b, sizeof b, "%.*g", prec, v);
+      if (std::strtod(b, nullptr) == v) break;
+    }
+    return b;
+  }
+};
+
+// The one list of keys. Required keys are those without which a model cannot be built. Visited by
+// the loader (Binder) and by config_items (Lister), so the two cannot disagree.
+template <typename Visitor, typename C>
+void bind_all(Visitor& b, C& c) {
   b.required("name", c.name);
   b.optional("description", c.description);
 
@@ -565,6 +595,12 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
   std::stringstream ss;
   ss << in.rdbuf();
   return load_config_from_string(ss.str(), path, overrides);
+}
+
+std::vector<std::pair<std::string, std::string>> config_items(const Config& c) {
+  Lister l;
+  bind_all(l, c);
+  return l.items;
 }
 
 std::string config_dir() {

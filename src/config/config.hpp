@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace dsv3 {
@@ -180,6 +181,10 @@ void validate(const Config& cfg);
 // and a dp of 0 is then taken as 1. Throws dsv3::Error naming the numbers.
 Layout resolve_layout(const Config& cfg, int64_t world_size);
 void check_layout(const Config& cfg, const Layout& layout);
+
+// Every key of the schema with its value as text ("model.mla.d_latent" -> "512"), in declaration
+// order: the same list the loader reads.
+std::vector<std::pair<std::string, std::string>> config_items(const Config& c);
 
 // "10b", "deepseek_v3_10b", "671b", "base" or a path -> a config file path.
 std::string resolve_config_path(const std::string& name_or_path);

@@ -725,15 +725,6 @@ CheckpointInfo read_info(const ReadFile& f) {
   return info;
 }
 
-std::string num_text(double v) {
-  char b[40];
-  for (int prec = 6; prec <= 17; ++prec) {
-    std::snprintf(b, sizeof b, "%.*g", prec, v);
-    if (std::strtod(b, nullptr) == v) break;
-  }
-  return b;
-}
-
 void check_architecture(const CheckpointInfo& info, const Config& cfg, bool all_keys) {
   Config stored;
   try {
@@ -763,47 +754,12 @@ const std::vector<std::string> kTrainingOnlyModelKeys = {
     "model.mtp.loss_weight"};
 
 std::vector<std::pair<std::string, std::string>> model_config_items(const ModelConfig& m) {
-  auto i = [](int64_t v) { return std::to_string(v); };
-  auto b = [](bool v) { return std::string(v ? "true" : "false"); };
-  return {{"model.vocab_size", i(m.vocab_size)},
-          {"model.d_model", i(m.d_model)},
-          {"model.num_layers", i(m.num_layers)},
-          {"model.num_dense_layers", i(m.num_dense_layers)},
-          {"model.num_heads", i(m.num_heads)},
-          {"model.ffn_dim", i(m.ffn_dim)},
-          {"model.context_length", i(m.context_length)},
-          {"model.norm_eps", num_text(m.norm_eps)},
-          {"model.init_method_std", num_text(m.init_method_std)},
-          {"model.mla.d_latent", i(m.mla.d_latent)},
-          {"model.mla.q_lora_rank", i(m.mla.q_lora_rank)},
-          {"model.mla.qk_nope_head_dim", i(m.mla.qk_nope_head_dim)},
-          {"model.mla.qk_rope_head_dim", i(m.mla.qk_rope_head_dim)},
-          {"model.mla.v_head_dim", i(m.mla.v_head_dim)},
-          {"model.mla.use_fp8_kv", b(m.mla.use_fp8_kv)},
-          {"model.rope.theta", num_text(m.rope.theta)},
-          {"model.rope.scaling", m.rope.scaling},
-          {"model.rope.factor", num_text(m.rope.factor)},
-          {"model.rope.original_context_length", i(m.rope.original_context_length)},
-          {"model.rope.beta_fast", num_text(m.rope.beta_fast)},
-          {"model.rope.beta_slow", num_text(m.rope.beta_slow)},
-          {"model.rope.mscale", num_text(m.rope.mscale)},
-          {"model.rope.mscale_all_dim", num_text(m.rope.mscale_all_dim)},
-          {"model.moe.num_experts", i(m.moe.num_experts)},
-          {"model.moe.num_experts_per_token", i(m.moe.num_experts_per_token)},
-          {"model.moe.num_shared_experts", i(m.moe.num_shared_experts)},
-          {"model.moe.expert_dim", i(m.moe.expert_dim)},
-          {"model.moe.num_groups", i(m.moe.num_groups)},
-          {"model.moe.topk_groups", i(m.moe.topk_groups)},
-          {"model.moe.score_func", m.moe.score_func},
-          {"model.moe.route_scale", num_text(m.moe.route_scale)},
-          {"model.moe.norm_topk_prob", b(m.moe.norm_topk_prob)},
-          {"model.moe.aux_loss_free", b(m.moe.aux_loss_free)},
-          {"model.moe.bias_update_speed", num_text(m.moe.bias_update_speed)},
-          {"model.moe.seq_aux_alpha", num_text(m.moe.seq_aux_alpha)},
-          {"model.moe.capacity_factor", num_text(m.moe.capacity_factor)},
-          {"model.moe.deep_ep_fp8", b(m.moe.deep_ep_fp8)},
-          {"model.mtp.depth", i(m.mtp.depth)},
-          {"model.mtp.loss_weight", num_text(m.mtp.loss_weight)}};
+  Config c;
+  c.model = m;
+  std::vector<std::pair<std::string, std::string>> out;
+  for (auto& item : config_items(c))
+    if (item.first.rfind("model.", 0) == 0) out.push_back(std::move(item));
+  return out;
 }
 
 ConfigDifference first_model_difference(const ModelConfig& a, const ModelConfig& b, bool all_keys) {
