@@ -252,7 +252,8 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
         for (size_t e = 0; e < c.size(); ++e) a[e] += c[e];
       }
     }
-    double gnorm = 0;
+    double gnorm = 0, comm_s = 0;
+    const auto comm_t0 = std::chrono::steady_clock::now();
     if (dpx.dp) {
       // Losses and loads summed over the data-parallel ranks (means for the losses).
       std::vector<double> red = {agg.total, agg.main, agg.balance, double(agg.dropped),
@@ -287,6 +288,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
         const float scale = static_cast<float>(t.optimizer.grad_clip / (gnorm + 1e-6));
         for (int64_t i = dpx.begin; i < dpx.end; ++i) g[i] *= scale;
       }
+      comm_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - comm_t0).count();
     } else {
       gnorm = clip_grad_norm(model.params(), t.optimizer.grad_clip);
     }
@@ -295,10 +297,12 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     if (finite) {
       adam.step(lr);
       if (dpx.dp && dpx.zero >= 1) {  // every rank gets the updated shards
+        const auto gather_t0 = std::chrono::steady_clock::now();
         float* p = model.params().flat_values().f32();
         dpx.dp->allgather(p + dpx.begin, p, dpx.block);
         const int64_t tail = dpx.size * dpx.block;
         if (tail < dpx.n) dpx.dp->broadcast(p + tail, dpx.n - tail, static_cast<int>(dpx.size - 1));
+        comm_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - gather_t0).count();
       }
       if (m.moe.aux_loss_free) model.update_router_bias(agg.expert_load);
       streak = 0;
@@ -336,6 +340,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
                    {"dropped_fraction", dropped},
                    {"rss_bytes", rss},
                    {"step_time_s", dt},
+                   {"comm_time_s", comm_s},
                    {"skipped", !finite}});
     if ((step + 1) % t.log_interval == 0 || step == 0 || step + 1 == t.train_steps) {
       sum.curve.emplace_back(step + 1, agg.main);
@@ -347,6 +352,8 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
            << fixed(gnorm, 3) << " | " << fixed(tps, 0) << " tok/s | " << fixed(tflops * 1e3, 1)
            << " GFLOP/s | MFU " << fixed(100 * tflops / peak, 1) << "% | imbalance " << fixed(imbalance, 2)
            << " | dropped " << fixed(100 * dropped, 1) << "% | mem " << human_bytes(rss);
+      if (dpx.dp)
+        line << " | comm " << fixed(1e3 * comm_s, 1) << " ms (" << fixed(100 * comm_s / dt, 1) << "%)";
       log << line.str() << std::endl;
     }
     if (streak >= t.max_nonfinite_steps) {
