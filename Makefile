@@ -12,7 +12,7 @@ DEB_PACKAGES := build-essential cmake pkg-config git \
   libhdf5-openmpi-dev hdf5-tools libopenblas-dev libgtest-dev googletest nlohmann-json3-dev \
   python3 python3-torch python3-h5py python3-yaml python3-numpy fortunes clang-format
 
-.PHONY: all deps build debug cuda test test-release test-debug golden demo format check-format clean help bench
+.PHONY: all deps build debug cuda test test-release test-debug golden demo format check-format clean help bench bench-dp
 
 all: build
 
@@ -97,3 +97,7 @@ BENCH_ARGS ?=
 bench: $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j $(JOBS) --target dsv3-bench
 	$(BUILD)/bin/dsv3-bench $(BENCH_ARGS)
+
+# Data-parallel scaling of the tiny config on 1, 2 and 4 MPI ranks (tokens/s, communication share).
+bench-dp: build
+	/usr/bin/python3 tools/bench/dp_scaling.py --bin $(BUILD)/bin
