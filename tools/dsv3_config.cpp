@@ -11,6 +11,7 @@
 #include "config/config.hpp"
 #include "config/planner.hpp"
 #include "config/report.hpp"
+#include "core/cli.hpp"
 #include "core/error.hpp"
 
 namespace {
@@ -39,33 +40,11 @@ struct Args {
   std::vector<std::string> overrides;
 };
 
-int64_t parse_int(const std::string& flag, const std::string& v) {
-  try {
-    size_t pos = 0;
-    long long n = std::stoll(v, &pos);
-    if (pos == v.size()) return n;
-  } catch (...) {
-  }
-  dsv3::raise(flag, " expects an integer, got '", v, "'");
-}
-double parse_double(const std::string& flag, const std::string& v) {
-  try {
-    size_t pos = 0;
-    double d = std::stod(v, &pos);
-    if (pos == v.size()) return d;
-  } catch (...) {
-  }
-  dsv3::raise(flag, " expects a number, got '", v, "'");
-}
-
 Args parse(int argc, char** argv) {
   Args a;
   for (int i = 1; i < argc; ++i) {
     const std::string s = argv[i];
-    auto value = [&]() -> std::string {
-      DSV3_CHECK(i + 1 < argc, s, " needs a value (see --help)");
-      return argv[++i];
-    };
+    auto value = [&] { return dsv3::cli::next_value(argc, argv, i); };
     if (s == "--list")
       a.list = true;
     else if (s == "--json")
@@ -77,9 +56,9 @@ Args parse(int argc, char** argv) {
     else if (s == "--info")
       a.info = value();
     else if (s == "--gpus")
-      a.gpus = parse_int(s, value());
+      a.gpus = dsv3::cli::parse_int(s, value());
     else if (s == "--gpu-memory")
-      a.gpu_memory = parse_double(s, value());
+      a.gpu_memory = dsv3::cli::parse_double(s, value());
     else if (s == "--use-case")
       a.use_case = value();
     else if (s == "--budget")
@@ -121,8 +100,8 @@ int run(int argc, char** argv) {
   }
   if (interactive) {
     std::cout << "dsv3-config: which DeepSeek-V3 config fits your hardware?\n";
-    a.gpus = parse_int("GPUs", ask("How many GPUs", "8"));
-    a.gpu_memory = parse_double("GPU memory", ask("Memory per GPU in GB", "80"));
+    a.gpus = dsv3::cli::parse_int("GPUs", ask("How many GPUs", "8"));
+    a.gpu_memory = dsv3::cli::parse_double("GPU memory", ask("Memory per GPU in GB", "80"));
     a.use_case = ask("Use case (research, production, learning, or empty)", "");
     std::cout << "\n";
   }

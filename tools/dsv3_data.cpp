@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/cli.hpp"
 #include "core/error.hpp"
 #include "data/indexed_dataset.hpp"
 #include "data/sampler.hpp"
@@ -51,36 +52,11 @@ struct Args {
   bool help = false;
 };
 
-double parse_double(const std::string& flag, const std::string& v) {
-  try {
-    size_t pos = 0;
-    const double d = std::stod(v, &pos);
-    if (pos == v.size()) return d;
-  } catch (...) {
-  }
-  dsv3::raise(flag, " expects a number, got '", v, "'");
-}
-
-uint64_t parse_u64(const std::string& flag, const std::string& v) {
-  try {
-    size_t pos = 0;
-    if (!v.empty() && v[0] != '-') {
-      const unsigned long long n = std::stoull(v, &pos);
-      if (pos == v.size()) return n;
-    }
-  } catch (...) {
-  }
-  dsv3::raise(flag, " expects a non-negative integer, got '", v, "'");
-}
-
 Args parse(int argc, char** argv) {
   Args a;
   for (int i = 1; i < argc; ++i) {
     const std::string s = argv[i];
-    auto value = [&]() -> std::string {
-      DSV3_CHECK(i + 1 < argc, s, " needs a value (see --help)");
-      return argv[++i];
-    };
+    auto value = [&] { return dsv3::cli::next_value(argc, argv, i); };
     if (s == "--help" || s == "-h") {
       a.help = true;
     } else if (s == "--input") {
@@ -94,11 +70,11 @@ Args parse(int argc, char** argv) {
       DSV3_CHECK(a.format == "text" || a.format == "fortunes", "--format must be text or fortunes, got '",
                  a.format, "'");
     } else if (s == "--valid-fraction") {
-      a.valid_fraction = parse_double(s, value());
+      a.valid_fraction = dsv3::cli::parse_double(s, value());
       DSV3_CHECK(a.valid_fraction >= 0.0 && a.valid_fraction < 1.0,
                  "--valid-fraction must be in [0, 1), got ", a.valid_fraction);
     } else if (s == "--seed") {
-      a.seed = parse_u64(s, value());
+      a.seed = dsv3::cli::parse_u64(s, value());
     } else {
       dsv3::raise("unknown argument '", s, "' (see --help)");
     }

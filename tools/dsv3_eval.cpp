@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "config/config.hpp"
+#include "core/cli.hpp"
 #include "core/error.hpp"
 #include "core/format.hpp"
 #include "data/sampler.hpp"
@@ -40,10 +41,7 @@ int main(int argc, char** argv) {
     int64_t batches = 0;
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
-      auto value = [&]() -> std::string {
-        DSV3_CHECK(i + 1 < argc, a, " needs a value (see --help)");
-        return argv[++i];
-      };
+      auto value = [&] { return dsv3::cli::next_value(argc, argv, i); };
       if (a == "--help" || a == "-h") {
         std::cout << kUsage;
         return 0;
@@ -58,7 +56,7 @@ int main(int argc, char** argv) {
       else if (a == "--checkpoint")
         checkpoint = value();
       else if (a == "--batches")
-        batches = std::stoll(value());
+        batches = dsv3::cli::parse_int(a, value());
       else if (a == "--json")
         json = true;
       else

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "config/config.hpp"
+#include "core/cli.hpp"
 #include "core/error.hpp"
 #include "core/format.hpp"
 #include "parallel/comm.hpp"
@@ -43,10 +44,7 @@ int main(int argc, char** argv) {
     dsv3::TrainerOptions opt;
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
-      auto value = [&]() -> std::string {
-        DSV3_CHECK(i + 1 < argc, a, " needs a value (see --help)");
-        return argv[++i];
-      };
+      auto value = [&] { return dsv3::cli::next_value(argc, argv, i); };
       if (a == "--help" || a == "-h") {
         std::cout << kUsage;
         return 0;
@@ -59,11 +57,11 @@ int main(int argc, char** argv) {
       else if (a == "--run-dir")
         opt.run_dir = value();
       else if (a == "--peak-tflops")
-        opt.peak_tflops = std::stod(value());
+        opt.peak_tflops = dsv3::cli::parse_double(a, value());
       else if (a == "--resume")
         opt.resume = value();
       else if (a == "--stop-after")
-        opt.stop_after_steps = std::stoll(value());
+        opt.stop_after_steps = dsv3::cli::parse_int(a, value());
       else
         dsv3::raise("unknown argument '", a, "' (see --help)");
     }
