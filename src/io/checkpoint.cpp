@@ -1033,15 +1033,19 @@ void CheckpointWriter::write(const std::string& dataset, const std::vector<int64
   DSV3_CHECK(err.empty(), impl_->tmp, ": ", err);
 }
 
-void CheckpointWriter::set_int_attr(const std::string& object, const std::string& name, int64_t v) {
-  const QuietHdf5 quiet;
-  hid_t f = impl_->file.get();
-  if (object != "/" && !link_exists(f, object)) {
+// The object at `path` (a group is created, with its parents, when missing; "/" is the root).
+static Hid open_or_create_group(hid_t f, const std::string& path) {
+  if (path != "/" && !link_exists(f, path)) {
     Hid lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
     H5Pset_create_intermediate_group(lcpl.get(), 1);
-    Hid g(H5Gcreate2(f, object.c_str(), lcpl.get(), H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
+    Hid g(H5Gcreate2(f, path.c_str(), lcpl.get(), H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
   }
-  Hid obj(H5Oopen(f, object.c_str(), H5P_DEFAULT), H5Oclose);
+  return Hid(H5Oopen(f, path.c_str(), H5P_DEFAULT), H5Oclose);
+}
+
+void CheckpointWriter::set_int_attr(const std::string& object, const std::string& name, int64_t v) {
+  const QuietHdf5 quiet;
+  Hid obj = open_or_create_group(impl_->file.get(), object);
   DSV3_CHECK(obj.ok() && write_int_attr(obj.get(), name.c_str(), v), impl_->tmp, ": writing attribute '",
              name, "' of '", object, "' failed: ", hdf5_error());
 }
@@ -1049,13 +1053,7 @@ void CheckpointWriter::set_int_attr(const std::string& object, const std::string
 void CheckpointWriter::set_string_attr(const std::string& object, const std::string& name,
                                        const std::string& v) {
   const QuietHdf5 quiet;
-  hid_t f = impl_->file.get();
-  if (object != "/" && !link_exists(f, object)) {
-    Hid lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
-    H5Pset_create_intermediate_group(lcpl.get(), 1);
-    Hid g(H5Gcreate2(f, object.c_str(), lcpl.get(), H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
-  }
-  Hid obj(H5Oopen(f, object.c_str(), H5P_DEFAULT), H5Oclose);
+  Hid obj = open_or_create_group(impl_->file.get(), object);
   DSV3_CHECK(obj.ok() && write_string_attr(obj.get(), name.c_str(), v), impl_->tmp, ": writing attribute '",
              name, "' of '", object, "' failed: ", hdf5_error());
 }

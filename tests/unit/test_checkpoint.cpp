@@ -20,22 +20,16 @@
 #include "model/model.hpp"
 #include "train/optimizer.hpp"
 
+#include "test_util.hpp"
+
 using namespace dsv3;
 namespace fs = std::filesystem;
 
 namespace {
 
-fs::path fresh_dir(const std::string& tag) {
-  const fs::path d = fs::temp_directory_path() / ("dsv3_ckpt_" + tag + "_" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
+fs::path fresh_dir(const std::string& tag) { return dsv3::test_util::fresh_dir("ckpt_" + tag); }
 
-const Config& tiny() {
-  static const Config c = load_config(resolve_config_path("tiny"));
-  return c;
-}
+using dsv3::test_util::tiny;
 
 // Gives every parameter, router bias and moment a value that differs from initialisation.
 void perturb(Model& m, AdamW& opt, uint32_t seed) {
@@ -65,14 +59,7 @@ void expect_same_model(const Model& a, const Model& b) {
     EXPECT_TRUE(same_bits(a.params().state(i).value, b.params().state(i).value)) << a.params().state(i).name;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using dsv3::test_util::error_of;
 
 TrainState some_state(int64_t step) {
   TrainState s;

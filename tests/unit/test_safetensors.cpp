@@ -22,31 +22,18 @@
 #include "io/safetensors.hpp"
 #include "model/model.hpp"
 
+#include "test_util.hpp"
+
 using namespace dsv3;
 namespace fs = std::filesystem;
 
 namespace {
 
-fs::path fresh_dir(const std::string& tag) {
-  const fs::path d = fs::temp_directory_path() / ("dsv3_st_" + tag + "_" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
+fs::path fresh_dir(const std::string& tag) { return dsv3::test_util::fresh_dir("st_" + tag); }
 
-const Config& tiny() {
-  static const Config c = load_config(resolve_config_path("tiny"));
-  return c;
-}
+using dsv3::test_util::tiny;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using dsv3::test_util::error_of;
 
 uint32_t bits(float f) {
   uint32_t u;

@@ -1,0 +1,38 @@
+// Small helpers shared by the unit tests: a fresh scratch folder, the tiny config, an error's text.
+#pragma once
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <functional>
+#include <string>
+
+#include "config/config.hpp"
+#include "core/error.hpp"
+
+namespace dsv3::test_util {
+
+// An empty folder under the system temp dir, unique per tag and process.
+inline std::filesystem::path fresh_dir(const std::string& tag) {
+  const auto d = std::filesystem::temp_directory_path() / ("dsv3_" + tag + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(d);
+  std::filesystem::create_directories(d);
+  return d;
+}
+
+inline const Config& tiny() {
+  static const Config c = load_config(resolve_config_path("tiny"));
+  return c;
+}
+
+// The message of the dsv3::Error f throws, "(no error)" when it throws none.
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+}  // namespace dsv3::test_util
