@@ -44,6 +44,16 @@ void embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out
 // dtable[ids[t], :] += dout[t, :]
 void embedding_backward(const Tensor& ids, const Tensor& dout, const Tensor& dtable);
 
+// Vocabulary-parallel embedding (tensor parallelism): `table` [Vs, D] holds rows [first, first + Vs)
+// of the full table. out[t, :] = table[ids[t] - first, :] for ids inside the shard, 0 otherwise, so
+// the sum of out over the shards is the full embedding. Ids must lie in [0, vocab) (checked: an id
+// outside names its position); vocab is the full vocabulary size.
+void embedding_shard_forward(const Tensor& ids, const Tensor& table, int64_t first, int64_t vocab,
+                             const Tensor& out);
+// dtable[ids[t] - first, :] += dout[t, :] for ids inside the shard.
+void embedding_shard_backward(const Tensor& ids, const Tensor& dout, int64_t first, int64_t vocab,
+                              const Tensor& dtable);
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm over the last dimension: rstd[t] = 1 / sqrt(mean_j x[t,j]^2 + eps); y = x * rstd * w.
 // x, y [T, D]; w [D]; rstd [T] (saved for backward).
@@ -151,6 +161,20 @@ void cross_entropy_forward(const Tensor& logits, const Tensor& targets, const Te
 // In place: logits <- dloss[c] * (softmax(logits) - onehot(target)); dloss [C].
 void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const Tensor& lse,
                             const Tensor& dloss);
+
+// Vocabulary-parallel cross-entropy (tensor parallelism): `logits` [C, Vs] are columns [first,
+// first + Vs) of the full [C, V] logits. Forward gives per row the log-sum-exp of the shard's columns,
+// shard_lse [C], and target_logit [C] = logits[c, targets[c] - first] when the target lies in the
+// shard, else 0 (targets < 0 are ignored rows: 0). The caller combines the shards: lse =
+// log(sum_shards exp(shard_lse)), target logit = sum over shards, loss = lse - target logit. Targets
+// must be < vocab, the full vocabulary size (a bad one names its row).
+void cross_entropy_shard_forward(const Tensor& logits, const Tensor& targets, int64_t first, int64_t vocab,
+                                 const Tensor& shard_lse, const Tensor& target_logit);
+// In place, with lse [C] the combined (full-vocabulary) log-sum-exp: logits <- dloss[c] *
+// (exp(logits - lse[c]) - onehot(targets[c] - first)) (the onehot only when the target is in the
+// shard); rows with targets < 0 become 0.
+void cross_entropy_shard_backward(const Tensor& logits, const Tensor& targets, int64_t first, int64_t vocab,
+                                  const Tensor& lse, const Tensor& dloss);
 
 // ---------------------------------------------------------------------------------------------
 // Complementary sequence-wise balance loss (DeepSeek-V3 report, eqs. 17-20), averaged over the B

@@ -1,4 +1,4 @@
-// dsv3-train: trains a config on a dataset (single process on the host backend).
+// dsv3-train: trains a config on a dataset, on one process or on the TP x PP x EP x DP grid of MPI ranks.
 #include <algorithm>
 #include <iostream>
 #include <memory>
@@ -17,6 +17,7 @@ namespace {
 const char* kUsage =
     R"(usage: dsv3-train --config NAME|PATH [--set key=value ...] [--data PREFIX] [--run-dir DIR]
                   [--peak-tflops X] [--resume auto|none|CHECKPOINT] [--stop-after STEPS]
+                  [--bucket-mb MB]
 
   --config      1b, deepseek_v3_tiny, or a YAML path
   --set         override a config key (repeatable), e.g. --set training.train_steps=100
@@ -28,8 +29,9 @@ const char* kUsage =
                 or a checkpoint file / run directory to continue from
   --stop-after  stop with a checkpoint once STEPS steps are done (the schedule still spans
                 training.train_steps), e.g. to fit a job's time limit
-Under mpirun the ranks form the TP x PP x EP x DP grid of the parallel section (data parallelism with
-ZeRO-0/1 in this version); dp is world / (tp * pp).
+  --bucket-mb   gradient bucket size for the data-parallel reduction and ZeRO slices (default 4)
+Under mpirun the ranks form the TP x PP x EP x DP grid of the parallel section: dp is world / (tp * pp),
+experts spread over ep ranks, ZeRO stage 0, 1 or 2 over dp; pipeline stages run 1F1B.
 Checkpoints: <run-dir>/step_N.h5 every checkpoint.interval steps, at the end and after a signal.
 Exit status: 0 done (or stopped cleanly by SIGINT/SIGTERM), 2 bad input, 3 too many non-finite steps.
 )";
@@ -62,7 +64,11 @@ int main(int argc, char** argv) {
         opt.resume = value();
       else if (a == "--stop-after")
         opt.stop_after_steps = dsv3::cli::parse_int(a, value());
-      else
+      else if (a == "--bucket-mb") {
+        const double mb = dsv3::cli::parse_double(a, value());
+        DSV3_CHECK(mb > 0, "--bucket-mb must be positive, got ", mb);
+        opt.bucket_elements = std::max<int64_t>(16, static_cast<int64_t>(mb * (1 << 20) / 4));
+      } else
         dsv3::raise("unknown argument '", a, "' (see --help)");
     }
     DSV3_CHECK(!config.empty(), "--config is required (see --help)");
@@ -75,7 +81,17 @@ int main(int argc, char** argv) {
     const dsv3::CommGroups comms = dsv3::make_comm_groups(grid);
     if (mpi->world_size() > 1) opt.comms = &comms;
     const bool root = mpi->world_rank() == 0;
-    if (root && mpi->world_size() > 1) std::cout << "grid: " << grid.describe() << std::endl;
+    if (root && mpi->world_size() > 1) {
+      std::cout << "grid: " << grid.describe() << "\n";
+      // Every rank's coordinates (up to 64 ranks; larger grids print the summary only).
+      for (int r = 0; r < grid.world() && grid.world() <= 64; ++r) {
+        const dsv3::DenseCoord d = grid.dense_coord(r);
+        const dsv3::ExpertCoord e = grid.expert_coord(r);
+        std::cout << "  rank " << r << ": tp " << d.tp << " pp " << d.pp << " dp " << d.dp << " | ep " << e.ep
+                  << " edp " << e.edp << "\n";
+      }
+      std::cout << std::flush;
+    }
     const dsv3::TrainSummary s = dsv3::train(cfg, opt);
     if (!root) return s.aborted_nonfinite ? 3 : 0;
     std::cout << "done: " << s.steps << " steps in " << dsv3::fixed(s.seconds, 1) << " s ("

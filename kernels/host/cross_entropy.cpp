@@ -3,6 +3,10 @@
 // the row maximum); backward overwrites the logits with the gradient. A negative target marks an
 // ignored row (loss 0, gradient 0).
 //   logits [C, V]; targets [C] i32; losses, lse, dloss [C]
+// The shard forms work on columns [first, first + Vs) of the full logits (vocabulary parallelism):
+// forward gives the shard's log-sum-exp and the target logit when the target lies in the shard;
+// backward takes the combined log-sum-exp and does not renormalise over the shard.
+//   logits [C, Vs]; targets [C] i32 (full-vocabulary ids); shard_lse, target_logit, lse, dloss [C]
 #include <cmath>
 
 #include "core/error.hpp"
@@ -15,8 +19,8 @@ namespace dsv3::ops {
 
 namespace {
 
-// Shapes, dtypes, device and the target range; returns C.
-int64_t check_inputs(const char* op, const Tensor& logits, const Tensor& targets) {
+// Shapes, dtypes and device of the logits and targets; returns C.
+int64_t check_logits(const char* op, const Tensor& logits, const Tensor& targets) {
   expect_dtype(op, logits, DType::F32);
   expect_shape(op, logits, {-1, -1});
   const int64_t C = logits.dim(0), V = logits.dim(1);
@@ -25,11 +29,41 @@ int64_t check_inputs(const char* op, const Tensor& logits, const Tensor& targets
   for (const Tensor* t : {&logits, &targets}) host::check_host(op, *t);
   DSV3_CHECK(V > 0 || C == 0, op, ": tensor '", logits.name(), "' ", logits.shape_str(),
              " has an empty vocabulary");
+  return C;
+}
+
+// Shapes, dtypes, device and the target range; returns C.
+int64_t check_inputs(const char* op, const Tensor& logits, const Tensor& targets) {
+  const int64_t C = check_logits(op, logits, targets);
+  const int64_t V = logits.dim(1);
   const int32_t* tg = targets.i32();
   for (int64_t c = 0; c < C; ++c)
     DSV3_CHECK(tg[c] < V, op, ": row ", c, " has target ", tg[c], ", outside the vocabulary [0, ", V,
                ") of tensor '", logits.name(), "'");
   return C;
+}
+
+// The shard form: the columns [first, first + Vs) must fit the vocabulary [0, vocab) and every target
+// must be < vocab; returns C.
+int64_t check_shard_inputs(const char* op, const Tensor& logits, const Tensor& targets, int64_t first,
+                           int64_t vocab) {
+  const int64_t C = check_logits(op, logits, targets);
+  const int64_t Vs = logits.dim(1);
+  DSV3_CHECK(first >= 0 && Vs <= vocab && first <= vocab - Vs, op, ": shard columns [", first, ", ",
+             first + Vs, ") of tensor '", logits.name(), "' ", logits.shape_str(),
+             " do not fit the vocabulary [0, ", vocab, ")");
+  const int32_t* tg = targets.i32();
+  for (int64_t c = 0; c < C; ++c)
+    DSV3_CHECK(tg[c] < vocab, op, ": row ", c, " has target ", tg[c], ", outside the vocabulary [0, ", vocab,
+               ") (shard tensor '", logits.name(), "')");
+  return C;
+}
+
+// Dtype, shape and device of a per-row tensor [C].
+void check_rows(const char* op, const Tensor& t, int64_t C) {
+  expect_dtype(op, t, DType::F32);
+  expect_shape(op, t, {C});
+  host::check_host(op, t);
 }
 
 }  // namespace
@@ -44,8 +78,7 @@ void cross_entropy_forward(const Tensor& logits, const Tensor& targets, const Te
   expect_shape(op, losses, {C});
   expect_dtype(op, lse, DType::F32);
   expect_shape(op, lse, {C});
-  for (const Tensor* t : {&losses, &lse})
-    host::check_host(op, *t);
+  for (const Tensor* t : {&losses, &lse}) host::check_host(op, *t);
   const float* L = logits.f32();
   const int32_t* tg = targets.i32();
   float* out = losses.f32();
@@ -70,8 +103,7 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const T
   expect_shape(op, lse, {C});
   expect_dtype(op, dloss, DType::F32);
   expect_shape(op, dloss, {C});
-  for (const Tensor* t : {&lse, &dloss})
-    host::check_host(op, *t);
+  for (const Tensor* t : {&lse, &dloss}) host::check_host(op, *t);
   float* L = logits.f32();
   const int32_t* tg = targets.i32();
   const float* ls = lse.f32();
@@ -89,6 +121,57 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const T
     const float f = static_cast<float>(g / sum);
     for (int64_t v = 0; v < V; ++v) l[v] *= f;
     l[tg[c]] -= g;
+  });
+}
+
+void cross_entropy_shard_forward(const Tensor& logits, const Tensor& targets, int64_t first, int64_t vocab,
+                                 const Tensor& shard_lse, const Tensor& target_logit) {
+  DSV3_PROFILE(Head);
+  const char* op = "cross_entropy_shard_forward";
+  const int64_t C = check_shard_inputs(op, logits, targets, first, vocab);
+  const int64_t Vs = logits.dim(1);
+  check_rows(op, shard_lse, C);
+  check_rows(op, target_logit, C);
+  const float* L = logits.f32();
+  const int32_t* tg = targets.i32();
+  float* ls = shard_lse.f32();
+  float* tl = target_logit.f32();
+  host::parallel_for("dsv3::cross_entropy_shard_forward", C, [=](int64_t c) {
+    const float* l = L + c * Vs;
+    const float m = host::lane_max_f32(l, Vs);
+    const double sum = host::exp_shifted_sum_f64(l, Vs, m);
+    ls[c] = static_cast<float>(m + std::log(sum));
+    const int64_t j = static_cast<int64_t>(tg[c]) - first;
+    tl[c] = tg[c] >= 0 && j >= 0 && j < Vs ? l[j] : 0.0f;
+  });
+}
+
+void cross_entropy_shard_backward(const Tensor& logits, const Tensor& targets, int64_t first, int64_t vocab,
+                                  const Tensor& lse, const Tensor& dloss) {
+  DSV3_PROFILE(Head);
+  const char* op = "cross_entropy_shard_backward";
+  const int64_t C = check_shard_inputs(op, logits, targets, first, vocab);
+  const int64_t Vs = logits.dim(1);
+  check_rows(op, lse, C);
+  check_rows(op, dloss, C);
+  float* L = logits.f32();
+  const int32_t* tg = targets.i32();
+  const float* ls = lse.f32();
+  const float* dl = dloss.f32();
+  host::parallel_for("dsv3::cross_entropy_shard_backward", C, [=](int64_t c) {
+    float* l = L + c * Vs;
+    if (tg[c] < 0) {
+      for (int64_t v = 0; v < Vs; ++v) l[v] = 0.0f;
+      return;
+    }
+    // No renormalisation: the shard holds only part of the softmax mass, lse is the full one.
+    const float g = dl[c];
+    host::exp_shifted_inplace(l, Vs, ls[c]);
+    const int64_t j = static_cast<int64_t>(tg[c]) - first;
+    const bool inside = j >= 0 && j < Vs;
+    const float p = inside ? l[j] : 0.0f;
+    for (int64_t v = 0; v < Vs; ++v) l[v] *= g;
+    if (inside) l[j] = g * (p - 1.0f);
   });
 }
 

@@ -524,15 +524,19 @@ std::string make_plan(const std::vector<std::vector<Piece>>& all, std::string& d
 // This rank's pieces of the store (and of the optimizer's moments).
 std::vector<Piece> local_pieces(const ParamStore& ps, const AdamW* opt) {
   std::vector<Piece> out;
-  auto add_model = [&](const ParamEntry& e) {
+  auto piece_of = [](const ParamEntry& e, int kind) {
     Piece p;
-    p.kind = 0;
+    p.kind = kind;
     p.name = e.name;
     p.gshape = e.shard.global_shape;
     p.offset = e.shard.global_offset.empty() ? std::vector<int64_t>(e.shard.global_shape.size(), 0)
                                              : e.shard.global_offset;
     p.lshape = e.shard.local_shape;
     p.replica = e.shard.replica;
+    return p;
+  };
+  auto add_model = [&](const ParamEntry& e) {
+    Piece p = piece_of(e, 0);
     p.a = 0, p.b = numel_of(e.shard.local_shape);
     p.data0 = e.value.f32();
     out.push_back(std::move(p));
@@ -541,23 +545,17 @@ std::vector<Piece> local_pieces(const ParamStore& ps, const AdamW* opt) {
   for (const auto& e : ps.states()) add_model(e);
   if (opt) {
     auto* o = const_cast<AdamW*>(opt);  // the moment accessors are non-const; only read here
-    for (const auto& e : ps.params()) {
-      const int64_t n = numel_of(e.shard.local_shape);
-      const int64_t lo = std::max(o->begin(), e.offset), hi = std::min(o->end(), e.offset + n);
-      if (lo >= hi) continue;
-      Piece p;
-      p.kind = 1;
-      p.name = e.name;
-      p.gshape = e.shard.global_shape;
-      p.offset = e.shard.global_offset.empty() ? std::vector<int64_t>(e.shard.global_shape.size(), 0)
-                                               : e.shard.global_offset;
-      p.lshape = e.shard.local_shape;
-      p.replica = e.shard.replica;
-      p.a = lo - e.offset, p.b = hi - e.offset;
-      p.data0 = o->exp_avg().data() + (lo - o->begin());
-      p.data1 = o->exp_avg_sq().data() + (lo - o->begin());
-      out.push_back(std::move(p));
-    }
+    for (const auto& e : ps.params())
+      for (const auto& rg : o->ranges()) {
+        const int64_t n = numel_of(e.shard.local_shape);
+        const int64_t lo = std::max(rg.begin, e.offset), hi = std::min(rg.end, e.offset + n);
+        if (lo >= hi) continue;
+        Piece p = piece_of(e, 1);
+        p.a = lo - e.offset, p.b = hi - e.offset;
+        p.data0 = o->exp_avg().data() + rg.moment + (lo - rg.begin);
+        p.data1 = o->exp_avg_sq().data() + rg.moment + (lo - rg.begin);
+        out.push_back(std::move(p));
+      }
   }
   return out;
 }
@@ -820,12 +818,13 @@ std::string save_checkpoint(const std::string& run_dir, const Config& cfg, const
   }
   const std::string mine = ranks.mpi() ? ranks.scatter(decisions) : decisions.at(0);
 
-  // path -> (piece index, which buffer) for the datasets this rank writes.
-  std::map<std::string, std::pair<size_t, int>> jobs;
+  // path -> (piece index, which buffer) for the datasets this rank writes; a rank may write several
+  // pieces of one dataset (ZeRO slices of a tensor that spans several gradient buckets).
+  std::map<std::string, std::vector<std::pair<size_t, int>>> jobs;
   for (size_t i = 0; i < pieces.size(); ++i)
     if (i < mine.size() && mine[i] == '1') {
       const auto paths = dataset_paths(pieces[i]);
-      for (size_t j = 0; j < paths.size(); ++j) jobs[paths[j]] = {i, int(j)};
+      for (size_t j = 0; j < paths.size(); ++j) jobs[paths[j]].emplace_back(i, int(j));
     }
 
   const std::string created = ranks.bcast(utc_now());
@@ -861,12 +860,24 @@ std::string save_checkpoint(const std::string& run_dir, const Config& cfg, const
       std::vector<Box> boxes;
       const float* data = nullptr;
       int64_t n = 0;
+      std::vector<float> joined;  // several pieces: their data in file order
       auto job = jobs.find(path);
       if (job != jobs.end()) {
-        const Piece& p = pieces[job->second.first];
-        boxes = range_boxes(p.offset, p.lshape, p.a, p.b);
-        data = job->second.second == 0 ? p.data0 : p.data1;
-        n = p.b - p.a;
+        auto parts = job->second;
+        std::sort(parts.begin(), parts.end(),
+                  [&](const auto& x, const auto& y) { return pieces[x.first].a < pieces[y.first].a; });
+        for (const auto& [idx, which] : parts) {
+          const Piece& p = pieces[idx];
+          const auto b = range_boxes(p.offset, p.lshape, p.a, p.b);
+          boxes.insert(boxes.end(), b.begin(), b.end());
+          const float* src = which == 0 ? p.data0 : p.data1;
+          if (parts.size() == 1)
+            data = src;
+          else
+            joined.insert(joined.end(), src, src + (p.b - p.a));
+          n += p.b - p.a;
+        }
+        if (parts.size() > 1) data = joined.data();
       }
       err = write_selection(d.get(), gshape, boxes, data, n, dxpl.get(), path);
       if (err.empty() && o.after_write) o.after_write(path);
@@ -925,19 +936,20 @@ CheckpointInfo load_checkpoint(const std::string& path, ParamStore& params, Adam
     DSV3_CHECK(info.has_optimizer || !o.require_optimizer, path,
                ": missing group '/optimizer' (a weights-only checkpoint) but optimizer state was required");
     if (info.has_optimizer) {
-      for (const auto& e : params.params()) {
-        const int64_t n = numel_of(e.shard.local_shape);
-        const int64_t lo = std::max(opt->begin(), e.offset), hi = std::min(opt->end(), e.offset + n);
-        if (lo >= hi) continue;
-        const std::vector<int64_t> ofs = e.shard.global_offset.empty()
-                                             ? std::vector<int64_t>(e.shard.global_shape.size(), 0)
-                                             : e.shard.global_offset;
-        const auto boxes = range_boxes(ofs, e.shard.local_shape, lo - e.offset, hi - e.offset);
-        read_boxes(f, "/optimizer/exp_avg/" + e.name, e.shard.global_shape, boxes,
-                   opt->exp_avg().data() + (lo - opt->begin()), hi - lo);
-        read_boxes(f, "/optimizer/exp_avg_sq/" + e.name, e.shard.global_shape, boxes,
-                   opt->exp_avg_sq().data() + (lo - opt->begin()), hi - lo);
-      }
+      for (const auto& e : params.params())
+        for (const auto& rg : opt->ranges()) {
+          const int64_t n = numel_of(e.shard.local_shape);
+          const int64_t lo = std::max(rg.begin, e.offset), hi = std::min(rg.end, e.offset + n);
+          if (lo >= hi) continue;
+          const std::vector<int64_t> ofs = e.shard.global_offset.empty()
+                                               ? std::vector<int64_t>(e.shard.global_shape.size(), 0)
+                                               : e.shard.global_offset;
+          const auto boxes = range_boxes(ofs, e.shard.local_shape, lo - e.offset, hi - e.offset);
+          read_boxes(f, "/optimizer/exp_avg/" + e.name, e.shard.global_shape, boxes,
+                     opt->exp_avg().data() + rg.moment + (lo - rg.begin), hi - lo);
+          read_boxes(f, "/optimizer/exp_avg_sq/" + e.name, e.shard.global_shape, boxes,
+                     opt->exp_avg_sq().data() + rg.moment + (lo - rg.begin), hi - lo);
+        }
       opt->set_steps(info.optimizer_steps);
     }
   }

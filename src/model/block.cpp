@@ -11,20 +11,21 @@ void Block::Saved::clear() {
   trimmed = false;
 }
 
-Block::Block(const ModelConfig& m, ParamStore& ps, int64_t layer, bool moe)
+Block::Block(const ModelConfig& m, ParamStore& ps, int64_t layer, bool moe, const ModelParallel& mp)
     : layer_(layer),
       d_(m.d_model),
       eps_(static_cast<float>(m.norm_eps)),
-      norm_in_(ps.add("model.layers." + std::to_string(layer) + ".input_layernorm.weight", {m.d_model},
-                      ParamInit::Ones, ParamGroup::Dense, false)),
-      norm_post_(ps.add("model.layers." + std::to_string(layer) + ".post_attention_layernorm.weight",
-                        {m.d_model}, ParamInit::Ones, ParamGroup::Dense, false)),
-      attn_(m, ps, "model.layers." + std::to_string(layer) + ".self_attn") {
+      norm_in_(ps.add_replicated("model.layers." + std::to_string(layer) + ".input_layernorm.weight",
+                                 {m.d_model}, mp.tp_rank, ParamInit::Ones, ParamGroup::Dense, false)),
+      norm_post_(
+          ps.add_replicated("model.layers." + std::to_string(layer) + ".post_attention_layernorm.weight",
+                            {m.d_model}, mp.tp_rank, ParamInit::Ones, ParamGroup::Dense, false)),
+      attn_(m, ps, "model.layers." + std::to_string(layer) + ".self_attn", mp) {
   const std::string p = "model.layers." + std::to_string(layer) + ".mlp";
   if (moe)
-    moe_ = std::make_unique<MoE>(m, ps, p);
+    moe_ = std::make_unique<MoE>(m, ps, p, mp);
   else
-    mlp_ = std::make_unique<SwiGLU>(ps, p, m.d_model, m.ffn_dim);
+    mlp_ = std::make_unique<SwiGLU>(ps, p, m.d_model, m.ffn_dim, ParamGroup::Dense, mp);
 }
 
 void Block::forward(const ParamStore& ps, const Tensor& x, const Tensor& out, Saved& s,

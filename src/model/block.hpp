@@ -13,7 +13,7 @@ namespace dsv3 {
 
 class Block {
  public:
-  Block(const ModelConfig& m, ParamStore& ps, int64_t layer, bool moe);
+  Block(const ModelConfig& m, ParamStore& ps, int64_t layer, bool moe, const ModelParallel& mp = {});
   struct Saved {
     Tensor x;                 // [T, d] block input (owned by the model)
     OwnedTensor xn, xn_rstd;  // [T, d], [T]

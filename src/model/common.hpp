@@ -7,6 +7,7 @@
 
 #include "config/config.hpp"
 #include "core/tensor.hpp"
+#include "model/parallel.hpp"
 #include "ops.hpp"
 
 namespace dsv3 {
@@ -37,5 +38,8 @@ inline OwnedTensor act(std::vector<int64_t> shape, const std::string& name) {
 inline OwnedTensor act_out(std::vector<int64_t> shape, const std::string& name) {
   return OwnedTensor(DType::F32, std::move(shape), name, Device::Host, Fill::Uninitialized);
 }
+
+// Sums t over the tensor-parallel group in place (nothing without TP).
+void tp_allreduce(const ModelParallel& mp, const Tensor& t);
 
 }  // namespace dsv3

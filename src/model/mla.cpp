@@ -27,27 +27,30 @@ float attention_scale(const ModelConfig& m) {
   return static_cast<float>(scale);
 }
 
-MLA::MLA(const ModelConfig& m, ParamStore& ps, const std::string& p)
-    : d_(m.d_model),
-      H_(m.num_heads),
+MLA::MLA(const ModelConfig& m, ParamStore& ps, const std::string& p, const ModelParallel& mp)
+    : mp_(mp),
+      d_(m.d_model),
+      H_(m.num_heads / mp.tp_size),
       n_(m.mla.qk_nope_head_dim),
       R_(m.mla.qk_rope_head_dim),
       dv_(m.mla.v_head_dim),
       rq_(m.mla.q_lora_rank),
       rkv_(m.mla.d_latent),
       eps_(static_cast<float>(m.norm_eps)) {
-  const int64_t qk = n_ + R_;
+  const int64_t qk = n_ + R_, H = m.num_heads, tp = mp.tp_size, r = mp.tp_rank;
   if (rq_ > 0) {
-    q_a_ = ps.add(p + ".q_a_proj.weight", {rq_, d_}, ParamInit::Normal);
-    q_a_norm_ = ps.add(p + ".q_a_layernorm.weight", {rq_}, ParamInit::Ones, ParamGroup::Dense, false);
-    q_b_ = ps.add(p + ".q_b_proj.weight", {H_ * qk, rq_}, ParamInit::Normal);
+    q_a_ = ps.add_replicated(p + ".q_a_proj.weight", {rq_, d_}, r, ParamInit::Normal);
+    q_a_norm_ =
+        ps.add_replicated(p + ".q_a_layernorm.weight", {rq_}, r, ParamInit::Ones, ParamGroup::Dense, false);
+    q_b_ = ps.add_split(p + ".q_b_proj.weight", {H * qk, rq_}, 0, tp, r, ParamInit::Normal);
   } else {
-    q_ = ps.add(p + ".q_proj.weight", {H_ * qk, d_}, ParamInit::Normal);
+    q_ = ps.add_split(p + ".q_proj.weight", {H * qk, d_}, 0, tp, r, ParamInit::Normal);
   }
-  kv_a_ = ps.add(p + ".kv_a_proj_with_mqa.weight", {rkv_ + R_, d_}, ParamInit::Normal);
-  kv_norm_ = ps.add(p + ".kv_a_layernorm.weight", {rkv_}, ParamInit::Ones, ParamGroup::Dense, false);
-  kv_b_ = ps.add(p + ".kv_b_proj.weight", {H_ * (n_ + dv_), rkv_}, ParamInit::Normal);
-  o_ = ps.add(p + ".o_proj.weight", {d_, H_ * dv_}, ParamInit::Normal);
+  kv_a_ = ps.add_replicated(p + ".kv_a_proj_with_mqa.weight", {rkv_ + R_, d_}, r, ParamInit::Normal);
+  kv_norm_ =
+      ps.add_replicated(p + ".kv_a_layernorm.weight", {rkv_}, r, ParamInit::Ones, ParamGroup::Dense, false);
+  kv_b_ = ps.add_split(p + ".kv_b_proj.weight", {H * (n_ + dv_), rkv_}, 0, tp, r, ParamInit::Normal);
+  o_ = ps.add_split(p + ".o_proj.weight", {d_, H * dv_}, 1, tp, r, ParamInit::Normal);
 }
 
 void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved& s,
@@ -91,7 +94,15 @@ void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved
   s.o = act_out({B, S, H_, dv_}, "mla.o");
   s.lse = act_out({B, H_, S}, "mla.lse");
   ops::attention_forward(s.q, s.k, s.v, ctx.attn_scale, s.o, s.lse);
-  ops::linear_forward(s.o.t.view({T, H_ * dv_}), ps.value(o_), y, /*accumulate=*/true);
+  if (!mp_.tp) {
+    ops::linear_forward(s.o.t.view({T, H_ * dv_}), ps.value(o_), y, /*accumulate=*/true);
+    return;
+  }
+  // Row-parallel o_proj: each rank's heads give a partial sum of the output.
+  OwnedTensor part = act_out({T, d_}, "mla.o_proj_partial");
+  ops::linear_forward(s.o.t.view({T, H_ * dv_}), ps.value(o_), part);
+  tp_allreduce(mp_, part);
+  ops::add_inplace(y, part);
 }
 
 void MLA::drop_recomputable(Saved& s) {
@@ -130,6 +141,9 @@ void MLA::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const
   const Tensor dkvb2 = dkvb.t.view({T, H_ * (n_ + dv_)});
   ops::linear_backward_input(dkvb2, ps.value(kv_b_), dc_n);
   ops::linear_backward_weight(dkvb2, s.c_n, ps.grad(kv_b_));
+  // Column-parallel inputs: the latent and the shared rotary key gather contributions of all heads.
+  tp_allreduce(mp_, dc_n);
+  tp_allreduce(mp_, dk_pe);
   ops::rmsnorm_backward(s.c, ps.value(kv_norm_), s.c_rstd, dc_n, dc, ps.grad(kv_norm_));
   OwnedTensor dkva = act_out({T, rkv_ + R_}, "mla.dkv_a");
   ops::copy_columns_backward(dc, 0, dkva);
@@ -143,12 +157,19 @@ void MLA::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const
     OwnedTensor dqa_n = act_out({T, rq_}, "mla.dq_a_normed"), dqa = act_out({T, rq_}, "mla.dq_a");
     ops::linear_backward_input(dq2, ps.value(q_b_), dqa_n);
     ops::linear_backward_weight(dq2, s.qa_n, ps.grad(q_b_));
+    tp_allreduce(mp_, dqa_n);
     ops::rmsnorm_backward(s.qa, ps.value(q_a_norm_), s.qa_rstd, dqa_n, dqa, ps.grad(q_a_norm_));
     ops::linear_backward_input(dqa, ps.value(q_a_), dxn, /*accumulate=*/true);
     ops::linear_backward_weight(dqa, s.xn, ps.grad(q_a_));
-  } else {
+  } else if (!mp_.tp) {
     ops::linear_backward_input(dq2, ps.value(q_), dxn, /*accumulate=*/true);
     ops::linear_backward_weight(dq2, s.xn, ps.grad(q_));
+  } else {
+    OwnedTensor part = act_out({T, d_}, "mla.dxn_q_partial");
+    ops::linear_backward_input(dq2, ps.value(q_), part);
+    ops::linear_backward_weight(dq2, s.xn, ps.grad(q_));
+    tp_allreduce(mp_, part);
+    ops::add_inplace(dxn, part);
   }
 }
 

@@ -9,14 +9,16 @@ namespace dsv3 {
 
 class MLA {
  public:
-  MLA(const ModelConfig& m, ParamStore& ps,
-      const std::string& prefix);  // prefix = model.layers.{l}.self_attn
+  // prefix = model.layers.{l}.self_attn. Under tensor parallelism this rank holds heads
+  // [tp_rank * H / tp, (tp_rank + 1) * H / tp): q_b (or q_proj) and kv_b split by output rows, o_proj by
+  // input columns; the down-projections and their norms are replicated.
+  MLA(const ModelConfig& m, ParamStore& ps, const std::string& prefix, const ModelParallel& mp = {});
   struct Saved {
     Tensor xn;                      // [T, d] normed block input (owned by the block)
     OwnedTensor qa, qa_n, qa_rstd;  // [T, r_q], [T, r_q], [T]   (q_lora only)
     OwnedTensor kva;                // [T, r_kv + R]
     OwnedTensor c, c_n, c_rstd;     // [T, r_kv], [T, r_kv], [T]
-    OwnedTensor q;                  // [B, S, H, n + R] after RoPE
+    OwnedTensor q;                  // [B, S, H, n + R] after RoPE (H: local heads)
     OwnedTensor k, v;               // [B, S, H, n + R], [B, S, H, dv]
     OwnedTensor o, lse;             // [B, S, H, dv], [B, H, S]
   };
@@ -31,7 +33,8 @@ class MLA {
   void recompute(const ParamStore& ps, Saved& s) const;
 
  private:
-  int64_t d_, H_, n_, R_, dv_, rq_, rkv_;
+  ModelParallel mp_;
+  int64_t d_, H_, n_, R_, dv_, rq_, rkv_;  // H_: heads on this rank
   float eps_;
   size_t q_ = 0, q_a_ = 0, q_a_norm_ = 0, q_b_ = 0, kv_a_, kv_norm_, kv_b_, o_;
 };

@@ -9,11 +9,13 @@ Recompute parse_recompute(const std::string& s) {
   return Recompute::None;
 }
 
-SwiGLU::SwiGLU(ParamStore& ps, const std::string& prefix, int64_t d, int64_t width, ParamGroup group)
-    : d_(d), width_(width) {
-  gate_ = ps.add(prefix + ".gate_proj.weight", {width, d}, ParamInit::Normal, group);
-  up_ = ps.add(prefix + ".up_proj.weight", {width, d}, ParamInit::Normal, group);
-  down_ = ps.add(prefix + ".down_proj.weight", {d, width}, ParamInit::Normal, group);
+SwiGLU::SwiGLU(ParamStore& ps, const std::string& prefix, int64_t d, int64_t width, ParamGroup group,
+               const ModelParallel& mp)
+    : d_(d), width_(width / mp.tp_size), mp_(mp) {
+  const int64_t tp = mp.tp_size, r = mp.tp_rank;
+  gate_ = ps.add_split(prefix + ".gate_proj.weight", {width, d}, 0, tp, r, ParamInit::Normal, group);
+  up_ = ps.add_split(prefix + ".up_proj.weight", {width, d}, 0, tp, r, ParamInit::Normal, group);
+  down_ = ps.add_split(prefix + ".down_proj.weight", {d, width}, 1, tp, r, ParamInit::Normal, group);
 }
 
 void SwiGLU::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, bool accumulate, Saved& s,
@@ -26,8 +28,18 @@ void SwiGLU::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, boo
   ops::linear_forward(x, ps.value(gate_), s.g);
   ops::linear_forward(x, ps.value(up_), s.u);
   ops::swiglu_forward(s.g, s.u, s.h);
-  ops::linear_forward(s.h, ps.value(down_), y, accumulate);
   (void)ctx;
+  if (!mp_.tp) {
+    ops::linear_forward(s.h, ps.value(down_), y, accumulate);
+    return;
+  }
+  OwnedTensor part = act_out({T, d_}, "mlp.down_partial");
+  ops::linear_forward(s.h, ps.value(down_), part);
+  tp_allreduce(mp_, part);
+  if (accumulate)
+    ops::add_inplace(y, part);
+  else
+    ops::scale(y, part, 1.0f);
 }
 
 void SwiGLU::recompute(Saved& s) {
@@ -43,10 +55,21 @@ void SwiGLU::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, co
   ops::linear_backward_input(dy, ps.value(down_), dh);
   ops::linear_backward_weight(dy, s.h, ps.grad(down_));
   ops::swiglu_backward(s.g, s.u, dh, dg, du);
-  ops::linear_backward_input(dg, ps.value(gate_), dx, accumulate);
-  ops::linear_backward_input(du, ps.value(up_), dx, true);
   ops::linear_backward_weight(dg, s.input, ps.grad(gate_));
   ops::linear_backward_weight(du, s.input, ps.grad(up_));
+  if (!mp_.tp) {
+    ops::linear_backward_input(dg, ps.value(gate_), dx, accumulate);
+    ops::linear_backward_input(du, ps.value(up_), dx, true);
+    return;
+  }
+  OwnedTensor part = act_out({T, d_}, "mlp.dx_partial");
+  ops::linear_backward_input(dg, ps.value(gate_), part);
+  ops::linear_backward_input(du, ps.value(up_), part, true);
+  tp_allreduce(mp_, part);
+  if (accumulate)
+    ops::add_inplace(dx, part);
+  else
+    ops::scale(dx, part, 1.0f);
 }
 
 }  // namespace dsv3

@@ -8,9 +8,11 @@ namespace dsv3 {
 
 class SwiGLU {
  public:
-  // Registers prefix.{gate_proj,up_proj,down_proj}.weight with width F.
+  // Registers prefix.{gate_proj,up_proj,down_proj}.weight with width F. Under tensor parallelism
+  // (dense FFN, shared experts) gate/up are column-parallel and down row-parallel: this rank holds
+  // F / tp of the width, and the output and the input gradient are summed over the TP group.
   SwiGLU(ParamStore& ps, const std::string& prefix, int64_t d_model, int64_t width,
-         ParamGroup group = ParamGroup::Dense);
+         ParamGroup group = ParamGroup::Dense, const ModelParallel& mp = {});
   struct Saved {
     OwnedTensor g, u, h;  // [T, F]
     Tensor input;         // [T, d] (the caller owns it)
@@ -28,7 +30,8 @@ class SwiGLU {
 
  private:
   size_t gate_, up_, down_;
-  int64_t d_, width_;
+  int64_t d_, width_;  // width_: this rank's part
+  ModelParallel mp_;
 };
 
 }  // namespace dsv3

@@ -2,22 +2,78 @@
 #include "model/model.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "core/error.hpp"
+#include "parallel/comm.hpp"
 #include "profile.hpp"
 
 namespace dsv3 {
 
-Model::Model(const Config& cfg) : m_(cfg.model), recompute_(parse_recompute(cfg.training.recompute)) {
-  embed_ = params_.add("model.embed_tokens.weight", {m_.vocab_size, m_.d_model}, ParamInit::Normal);
-  for (int64_t l = 0; l < m_.num_layers; ++l)
-    blocks_.push_back(std::make_unique<Block>(m_, params_, l, /*moe=*/l >= m_.num_dense_layers));
-  final_norm_ = params_.add("model.norm.weight", {m_.d_model}, ParamInit::Ones, ParamGroup::Dense, false);
-  head_ = params_.add("lm_head.weight", {m_.vocab_size, m_.d_model}, ParamInit::Normal);
-  for (int64_t k = 1; k <= m_.mtp.depth; ++k) mtp_.push_back(std::make_unique<MTPModule>(m_, params_, k));
-  params_.allocate();
+Model::Model(const Config& cfg, const ModelParallel& mp)
+    : m_(cfg.model), mp_(mp), recompute_(parse_recompute(cfg.training.recompute)) {
+  const StageLayers st = stage_layers(m_, mp_.pp_size, mp_.pp_rank);
+  layer_begin_ = st.begin, layer_end_ = st.end;
+  const bool last = mp_.last_stage(), first = mp_.first_stage();
+  // The embedding on the first stage; the last stage keeps a tied copy for the MTP modules (replica 1:
+  // its gradient is summed with the first stage's, and only the first stage writes it).
+  has_embed_ = first || (last && m_.mtp.depth > 0);
+  if (has_embed_)
+    embed_ = params_.add_split("model.embed_tokens.weight", {m_.vocab_size, m_.d_model}, 0, mp_.tp_size,
+                               mp_.tp_rank, ParamInit::Normal, ParamGroup::Dense, true, first ? 0 : 1);
+  for (int64_t l = layer_begin_; l < layer_end_; ++l) {
+    block_first_param_.push_back(params_.params().size());
+    blocks_.push_back(std::make_unique<Block>(m_, params_, l, /*moe=*/l >= m_.num_dense_layers, mp_));
+  }
+  if (last) {
+    tail_first_param_ = params_.params().size();
+    final_norm_ = params_.add_replicated("model.norm.weight", {m_.d_model}, mp_.tp_rank, ParamInit::Ones,
+                                         ParamGroup::Dense, false);
+    head_ = params_.add_split("lm_head.weight", {m_.vocab_size, m_.d_model}, 0, mp_.tp_size, mp_.tp_rank,
+                              ParamInit::Normal);
+    for (int64_t k = 1; k <= m_.mtp.depth; ++k)
+      mtp_.push_back(std::make_unique<MTPModule>(m_, params_, k, mp_));
+  }
+  params_.allocate(mp_.dense_quantum, mp_.expert_quantum);
   initialize(static_cast<uint64_t>(cfg.training.seed));
+}
+
+std::pair<int64_t, int64_t> Model::ready_from(size_t first_param) const {
+  int64_t dense = params_.dense_elements(), expert = params_.num_elements();
+  const auto& ps = params_.params();
+  for (size_t i = ps.size(); i-- > first_param;) {
+    if (ps[i].group == ParamGroup::Dense)
+      dense = ps[i].offset;
+    else
+      expert = ps[i].offset;
+  }
+  return {dense, expert};
+}
+
+std::vector<int64_t> Model::moe_layers() const {
+  std::vector<int64_t> out;
+  for (int64_t l = m_.num_dense_layers; l < m_.num_layers + m_.mtp.depth; ++l) out.push_back(l);
+  return out;
+}
+
+void Model::embed(const Tensor& ids, const Tensor& out) const {
+  if (!mp_.tp) {
+    ops::embedding_forward(ids, params_.value(embed_), out);
+    return;
+  }
+  const int64_t first = m_.vocab_size / mp_.tp_size * mp_.tp_rank;
+  ops::embedding_shard_forward(ids, params_.value(embed_), first, m_.vocab_size, out);
+  tp_allreduce(mp_, out);
+}
+
+void Model::embed_backward(const Tensor& ids, const Tensor& dout) {
+  if (!mp_.tp) {
+    ops::embedding_backward(ids, dout, params_.grad(embed_));
+    return;
+  }
+  const int64_t first = m_.vocab_size / mp_.tp_size * mp_.tp_rank;
+  ops::embedding_shard_backward(ids, dout, first, m_.vocab_size, params_.grad(embed_));
 }
 
 void Model::initialize(uint64_t seed) { params_.initialize(seed, m_.init_method_std); }
@@ -50,16 +106,20 @@ void Model::check_tokens(const Tensor& tokens) const {
 double Model::head_loss(const Tensor& h, const Tensor& targets, size_t norm, float coef, const Tensor* dh,
                         OwnedTensor* logits_capture, const StepContext& ctx) {
   DSV3_PROFILE(Head);  // the head's norm, vocabulary GEMMs and cross-entropy
-  const int64_t T = h.dim(0), d = m_.d_model, V = m_.vocab_size;
+  const int64_t T = h.dim(0), d = m_.d_model, V = m_.vocab_size, Vl = V / mp_.tp_size;
+  const int64_t first = Vl * mp_.tp_rank;
+  DSV3_CHECK(!logits_capture || !mp_.tp, "logits capture needs the whole vocabulary on one rank (tp = 1)");
   OwnedTensor hn = act_out({T, d}, "head.normed"), rstd = act_out({T}, "head.rstd");
   ops::rmsnorm_forward(h, params_.value(norm), static_cast<float>(m_.norm_eps), hn, rstd);
   OwnedTensor dhn;
   if (dh) dhn = act_out({T, d}, "head.d_normed");
   if (logits_capture) *logits_capture = act({T, V}, "logits");
   // Rows per chunk so that one chunk of f32 logits stays near 16 MiB.
-  const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 22) / V, 1, T);
-  OwnedTensor logits = act_out({chunk, V}, "head.logits_chunk"), losses = act_out({chunk}, "head.losses"),
+  const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 22) / Vl, 1, T);
+  OwnedTensor logits = act_out({chunk, Vl}, "head.logits_chunk"), losses = act_out({chunk}, "head.losses"),
               lse = act_out({chunk}, "head.lse"), dloss = act_out({chunk}, "head.dloss");
+  OwnedTensor stats;  // vocabulary-parallel: [3, chunk] shard lse, target logit, sum of exponentials
+  if (mp_.tp) stats = act_out({3, chunk}, "head.vocab_parallel_stats");
   const int32_t* tg = targets.i32();
   int64_t valid = 0;
   for (int64_t t = 0; t < T; ++t) valid += tg[t] >= 0;
@@ -70,31 +130,64 @@ double Model::head_loss(const Tensor& h, const Tensor& targets, size_t norm, flo
     const Tensor hc = hn.t.rows(c0, c0 + C), tc = targets.rows(c0, c0 + C);
     ops::linear_forward(hc, params_.value(head_), lg);
     if (logits_capture) std::memcpy(logits_capture->t.rows(c0, c0 + C).data(), lg.data(), lg.bytes());
-    ops::cross_entropy_forward(lg, tc, ls, ll);
+    if (!mp_.tp) {
+      ops::cross_entropy_forward(lg, tc, ls, ll);
+    } else {
+      // Combine the shards: lse = M + log(sum_r exp(lse_r - M)), M = max_r lse_r.
+      float* sl = stats.t.f32();
+      float *tl = sl + chunk, *se = sl + 2 * chunk;
+      ops::cross_entropy_shard_forward(lg, tc, first, V, stats.t.rows(0, 1).view({chunk}).rows(0, C),
+                                       stats.t.rows(1, 2).view({chunk}).rows(0, C));
+      std::vector<float> mx(sl, sl + C);
+      mp_.tp->allreduce(mx.data(), C, ReduceOp::Max);
+      for (int64_t i = 0; i < C; ++i) se[i] = std::exp(sl[i] - mx[i]);
+      mp_.tp->allreduce(tl, C);
+      mp_.tp->allreduce(se, C);
+      for (int64_t i = 0; i < C; ++i) {
+        ll.f32()[i] = mx[i] + std::log(se[i]);
+        ls.f32()[i] = tc.i32()[i] < 0 ? 0.0f : ll.f32()[i] - tl[i];
+      }
+    }
     for (int64_t i = 0; i < C; ++i) sum += ls.f32()[i];
     if (!dh) continue;
     const Tensor dl = dloss.t.rows(0, C);
     std::fill(dl.f32(), dl.f32() + C, valid ? coef * ctx.grad_scale / static_cast<float>(valid) : 0.0f);
-    ops::cross_entropy_backward(lg, tc, ll, dl);  // lg now holds dlogits
+    if (!mp_.tp)
+      ops::cross_entropy_backward(lg, tc, ll, dl);  // lg now holds dlogits
+    else
+      ops::cross_entropy_shard_backward(lg, tc, first, V, ll, dl);
     ops::linear_backward_input(lg, params_.value(head_), dhn.t.rows(c0, c0 + C));
     ops::linear_backward_weight(lg, hc, params_.grad(head_));
   }
-  if (dh) ops::rmsnorm_backward(h, params_.value(norm), rstd, dhn, *dh, params_.grad(norm));
+  if (dh) {
+    tp_allreduce(mp_, dhn);  // each vocabulary shard contributes to the hidden gradient
+    ops::rmsnorm_backward(h, params_.value(norm), rstd, dhn, *dh, params_.grad(norm));
+  }
   return valid ? sum / static_cast<double>(valid) : 0.0;
 }
 
 StepLosses Model::forward_backward(const Tensor& tokens, float grad_scale, ModelCapture* capture) {
-  return run(tokens, true, grad_scale, capture);
-}
-StepLosses Model::forward(const Tensor& tokens, ModelCapture* capture) {
-  return run(tokens, false, 1.0f, capture);
+  DSV3_CHECK(mp_.pp_size == 1,
+             "Model::forward_backward runs the whole model; with pipeline stages use "
+             "stage_forward/stage_backward");
+  MicroBatchState st;
+  StepLosses out = stage_forward(tokens, Tensor(), st, true, grad_scale, capture);
+  stage_backward(st, Tensor());
+  return out;
 }
 
-StepLosses Model::run(const Tensor& tokens, bool training, float grad_scale, ModelCapture* capture) {
+StepLosses Model::forward(const Tensor& tokens, ModelCapture* capture) {
+  DSV3_CHECK(mp_.pp_size == 1, "Model::forward runs the whole model; with pipeline stages use stage_forward");
+  MicroBatchState st;
+  return stage_forward(tokens, Tensor(), st, false, 1.0f, capture);
+}
+
+StepLosses Model::stage_forward(const Tensor& tokens, const Tensor& input, MicroBatchState& st, bool training,
+                                float grad_scale, ModelCapture* capture) {
   check_tokens(tokens);
   const int64_t D = m_.mtp.depth, B = tokens.dim(0), W = tokens.dim(1), S = W - D - 1, T = B * S,
                 d = m_.d_model;
-  StepContext ctx;
+  StepContext& ctx = st.ctx;
   ctx.B = B, ctx.S = S;
   ctx.rope_cos = rope_cos(S);
   ctx.rope_sin = sin_.t;
@@ -102,6 +195,9 @@ StepLosses Model::run(const Tensor& tokens, bool training, float grad_scale, Mod
   ctx.recompute = recompute_;
   ctx.training = training;
   ctx.grad_scale = grad_scale;
+  st.training = training;
+  st.tokens = OwnedTensor(DType::I32, {B, W}, "tokens");
+  std::memcpy(st.tokens.t.data(), tokens.data(), tokens.bytes());
 
   // Token windows shifted by `shift`: [T] i32 of tokens[b, shift + s].
   auto shifted = [&](int64_t shift, const char* name) {
@@ -111,48 +207,29 @@ StepLosses Model::run(const Tensor& tokens, bool training, float grad_scale, Mod
       std::memcpy(o.i32() + b * S, src + b * W + shift, static_cast<size_t>(S) * 4);
     return o;
   };
-  const OwnedTensor ids = shifted(0, "input_ids"), targets = shifted(1, "targets");
 
-  // Main trunk.
-  const int64_t L = m_.num_layers;
-  std::vector<OwnedTensor> hs;
-  hs.reserve(static_cast<size_t>(L + 1));
-  hs.push_back(act_out({T, d}, "hidden.0"));
-  ops::embedding_forward(ids, params_.value(embed_), hs[0]);
-  std::vector<Block::Saved> saved(static_cast<size_t>(L));
-  for (int64_t l = 0; l < L; ++l) {
-    hs.push_back(act_out({T, d}, "hidden." + std::to_string(l + 1)));
-    blocks_[l]->forward(params_, hs[l], hs[l + 1], saved[l], ctx);
+  // The local blocks, from the embedding (first stage) or the previous stage's output.
+  const int64_t L = layer_end_ - layer_begin_;
+  st.hs.clear();
+  st.hs.reserve(static_cast<size_t>(L + 1));
+  st.hs.push_back(act_out({T, d}, "hidden.in"));
+  if (mp_.first_stage()) {
+    st.ids = shifted(0, "input_ids");
+    embed(st.ids, st.hs[0]);
+  } else {
+    DSV3_CHECK(input.ndim() == 2 && input.dim(0) == T && input.dim(1) == d, "pipeline stage ", mp_.pp_rank,
+               ": input activation ", input.describe(), " should be [", T, ", ", d, "]");
+    std::memcpy(st.hs[0].t.data(), input.data(), input.bytes());
   }
-  if (capture) {
-    capture->hidden_final = act({T, d}, "hidden_final");
-    std::memcpy(capture->hidden_final.t.data(), hs[L].t.data(), hs[L].t.bytes());
+  st.saved.clear();
+  st.saved.resize(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l) {
+    st.hs.push_back(act_out({T, d}, "hidden." + std::to_string(layer_begin_ + l + 1)));
+    blocks_[l]->forward(params_, st.hs[l], st.hs[l + 1], st.saved[l], ctx);
   }
 
   StepLosses out;
   out.tokens = T;
-  OwnedTensor dh_L;
-  if (training) dh_L = act_out({T, d}, "d_hidden_final");
-  out.main = head_loss(hs[L], targets, final_norm_, 1.0f, training ? &dh_L.t : nullptr,
-                       capture ? &capture->logits : nullptr, ctx);
-
-  // MTP modules: forward (with their head losses and head gradients), then backward in reverse.
-  const float mtp_coef = D > 0 ? static_cast<float>(m_.mtp.loss_weight / D) : 0.0f;
-  std::vector<OwnedTensor> mh, dmh;
-  std::vector<MTPModule::Saved> msaved(static_cast<size_t>(D));
-  if (capture) capture->mtp_logits.resize(static_cast<size_t>(D));
-  for (int64_t k = 1; k <= D; ++k) {
-    const OwnedTensor ids_k = shifted(k, "mtp_input_ids"), tgt_k = shifted(k + 1, "mtp_targets");
-    const Tensor& prev = k == 1 ? hs[L].t : mh.back().t;
-    mh.push_back(act_out({T, d}, "mtp_hidden." + std::to_string(k)));
-    mtp_[k - 1]->forward(params_, embed_, ids_k, prev, mh.back(), msaved[k - 1], ctx);
-    if (training) dmh.push_back(act_out({T, d}, "d_mtp_hidden." + std::to_string(k)));
-    out.mtp.push_back(head_loss(mh.back(), tgt_k, mtp_[k - 1]->head_norm(), mtp_coef,
-                                training ? &dmh.back().t : nullptr,
-                                capture ? &capture->mtp_logits[k - 1] : nullptr, ctx));
-  }
-
-  // Router statistics and balance losses of every MoE block (main, then MTP).
   auto collect = [&](const Block& blk, const Block::Saved& s) {
     if (!blk.is_moe()) return;
     out.balance += s.balance_loss;
@@ -162,47 +239,106 @@ StepLosses Model::run(const Tensor& tokens, bool training, float grad_scale, Mod
     out.assignments += T * m_.moe.num_experts_per_token;
     out.dropped += T * m_.moe.num_experts_per_token - kept;
   };
-  for (int64_t l = 0; l < L; ++l) collect(*blocks_[l], saved[l]);
-  for (int64_t k = 0; k < D; ++k) collect(mtp_[k]->block(), msaved[k].block);
-  if (capture) {
-    auto grab = [&](const Block& blk, const Block::Saved& s) {
-      if (!blk.is_moe() || !s.filled) return;
-      OwnedTensor idx(DType::I32, s.moe.idx.t.shape(), "router_idx"),
-          w(DType::F32, s.moe.weights.t.shape(), "router_w");
-      std::memcpy(idx.t.data(), s.moe.idx.t.data(), idx.t.bytes());
-      std::memcpy(w.t.data(), s.moe.weights.t.data(), w.t.bytes());
-      capture->router[blk.layer()] = {std::move(idx), std::move(w)};
-    };
-    for (int64_t l = 0; l < L; ++l) grab(*blocks_[l], saved[l]);
-    for (int64_t k = 0; k < D; ++k) grab(mtp_[k]->block(), msaved[k].block);
+  auto grab = [&](const Block& blk, const Block::Saved& s) {
+    if (!capture || !blk.is_moe() || !s.filled) return;
+    OwnedTensor idx(DType::I32, s.moe.idx.t.shape(), "router_idx"),
+        w(DType::F32, s.moe.weights.t.shape(), "router_w");
+    std::memcpy(idx.t.data(), s.moe.idx.t.data(), idx.t.bytes());
+    std::memcpy(w.t.data(), s.moe.weights.t.data(), w.t.bytes());
+    capture->router[blk.layer()] = {std::move(idx), std::move(w)};
+  };
+  for (int64_t l = 0; l < L; ++l) collect(*blocks_[l], st.saved[l]), grab(*blocks_[l], st.saved[l]);
+  if (!mp_.last_stage()) {
+    out.total = out.balance;
+    return out;
   }
+
+  const Tensor& hL = st.hs[static_cast<size_t>(L)].t;
+  if (capture) {
+    capture->hidden_final = act({T, d}, "hidden_final");
+    std::memcpy(capture->hidden_final.t.data(), hL.data(), hL.bytes());
+  }
+  const OwnedTensor targets = shifted(1, "targets");
+  if (training) st.dh = act_out({T, d}, "d_hidden_final");
+  out.main = head_loss(hL, targets, final_norm_, 1.0f, training ? &st.dh.t : nullptr,
+                       capture ? &capture->logits : nullptr, ctx);
+
+  // MTP modules: forward (with their head losses and head gradients); backward in stage_backward.
+  const float mtp_coef = D > 0 ? static_cast<float>(m_.mtp.loss_weight / D) : 0.0f;
+  st.mtp_ids.clear(), st.mtp_e.clear(), st.mh.clear(), st.dmh.clear();
+  st.msaved.clear();
+  st.msaved.resize(static_cast<size_t>(D));
+  if (capture) capture->mtp_logits.resize(static_cast<size_t>(D));
+  for (int64_t k = 1; k <= D; ++k) {
+    st.mtp_ids.push_back(shifted(k, "mtp_input_ids"));
+    const OwnedTensor tgt_k = shifted(k + 1, "mtp_targets");
+    st.mtp_e.push_back(act_out({T, d}, "mtp.embedding"));
+    embed(st.mtp_ids.back(), st.mtp_e.back());
+    const Tensor& prev = k == 1 ? hL : st.mh.back().t;
+    st.mh.push_back(act_out({T, d}, "mtp_hidden." + std::to_string(k)));
+    mtp_[k - 1]->forward(params_, st.mtp_e.back(), prev, st.mh.back(), st.msaved[k - 1], ctx);
+    if (training) st.dmh.push_back(act_out({T, d}, "d_mtp_hidden." + std::to_string(k)));
+    out.mtp.push_back(head_loss(st.mh.back(), tgt_k, mtp_[k - 1]->head_norm(), mtp_coef,
+                                training ? &st.dmh.back().t : nullptr,
+                                capture ? &capture->mtp_logits[k - 1] : nullptr, ctx));
+  }
+  for (int64_t k = 0; k < D; ++k)
+    collect(mtp_[k]->block(), st.msaved[k].block), grab(mtp_[k]->block(), st.msaved[k].block);
 
   double mtp_sum = 0;
   for (double v : out.mtp) mtp_sum += v;
   out.total = out.main + (D > 0 ? m_.mtp.loss_weight / D * mtp_sum : 0.0) + out.balance;
-  if (!training) return out;
+  return out;
+}
 
-  // Backward: MTP modules in reverse (module k's input gradient flows into module k-1's output).
-  for (int64_t k = D; k >= 1; --k) {
-    const Tensor& dprev = k == 1 ? dh_L.t : dmh[k - 2].t;
-    mtp_[k - 1]->backward(params_, embed_, msaved[k - 1], dmh[k - 1], dprev, ctx);
+void Model::stage_backward(MicroBatchState& st, const Tensor& d_output,
+                           const std::function<void(int64_t, int64_t)>& ready) {
+  DSV3_CHECK(st.training, "stage_backward after a forward without training");
+  const StepContext& ctx = st.ctx;
+  const int64_t T = ctx.T(), d = m_.d_model, D = m_.mtp.depth, L = layer_end_ - layer_begin_;
+  auto notify = [&](size_t first_param) {
+    if (!ready) return;
+    const auto [dense, expert] = ready_from(first_param);
+    ready(dense, expert);
+  };
+  OwnedTensor cur;
+  if (mp_.last_stage()) {
+    // MTP modules in reverse (module k's input gradient flows into module k-1's output).
+    OwnedTensor de = D > 0 ? act_out({T, d}, "mtp.d_embedding") : OwnedTensor();
+    for (int64_t k = D; k >= 1; --k) {
+      const Tensor& dprev = k == 1 ? st.dh.t : st.dmh[k - 2].t;
+      mtp_[k - 1]->backward(params_, st.msaved[k - 1], st.dmh[k - 1], dprev, de, ctx);
+      embed_backward(st.mtp_ids[k - 1], de);
+    }
+    notify(tail_first_param_);
+    cur = std::move(st.dh);
+  } else {
+    DSV3_CHECK(d_output.ndim() == 2 && d_output.dim(0) == T && d_output.dim(1) == d, "pipeline stage ",
+               mp_.pp_rank, ": output gradient ", d_output.describe(), " should be [", T, ", ", d, "]");
+    cur = act_out({T, d}, "d_hidden_out");
+    std::memcpy(cur.t.data(), d_output.data(), d_output.bytes());
   }
   OwnedTensor dx = act_out({T, d}, "d_hidden");
-  Tensor dcur = dh_L.t;
   for (int64_t l = L - 1; l >= 0; --l) {
-    blocks_[l]->backward(params_, saved[l], dcur, dx, ctx);
-    std::swap(dh_L, dx);  // dh_L now holds the gradient of block l's input
-    dcur = dh_L.t;
+    blocks_[l]->backward(params_, st.saved[l], cur, dx, ctx);
+    std::swap(cur, dx);  // cur now holds the gradient of block l's input
+    notify(block_first_param_[l]);
   }
-  ops::embedding_backward(ids, dcur, params_.grad(embed_));
-  return out;
+  if (mp_.first_stage()) {
+    embed_backward(st.ids, cur);
+    notify(0);
+  } else {
+    st.d_input = std::move(cur);
+    if (ready) ready(0, 0);
+  }
+  st.saved.clear(), st.msaved.clear(), st.hs.clear(), st.mh.clear(), st.dmh.clear(), st.mtp_e.clear();
 }
 
 void Model::update_router_bias(const std::map<int64_t, std::vector<int64_t>>& load) {
   const float gamma = static_cast<float>(m_.moe.bias_update_speed);
   for (const auto& [layer, counts] : load) {
     const Tensor b = router_bias(layer);
-    if (b.empty()) continue;
+    if (b.empty()) continue;  // no bias, or the layer lives on another pipeline stage
     DSV3_CHECK(static_cast<int64_t>(counts.size()) == b.numel(), "router bias update: layer ", layer, " has ",
                counts.size(), " loads for ", b.numel(), " experts");
     double mean = 0;

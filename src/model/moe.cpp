@@ -1,16 +1,36 @@
-// MoE forward and backward. T tokens, E routed experts, K chosen per token, R kept (token, expert)
-// rows after dispatch, F = expert_dim.
+// MoE forward and backward. T tokens, E routed experts (El of them on this rank), K chosen per token,
+// R kept (token, expert) rows after dispatch, F = expert_dim.
+//
+// Parallel path: every rank routes all T tokens of its micro-batch (the plan, capacity included, is the
+// single-rank one). Tensor-parallel peers hold the same tokens, so each sends only the rows of its
+// token slice [owned_begin, owned_end); the rows of one expert are in token order, so that slice is
+// the contiguous range [lo[e], hi[e]). An all-to-all over the EP group carries rows to the experts'
+// owners and the outputs back; the combined output (non-zero only on owned tokens) is summed over
+// the TP group. The backward runs the same exchange on the gradients.
 #include "model/moe.hpp"
 
+#include <algorithm>
 #include <cmath>
+
+#include "parallel/comm.hpp"
 
 namespace dsv3 {
 
-MoE::MoE(const ModelConfig& m, ParamStore& ps, const std::string& p)
-    : d_(m.d_model),
+namespace {
+// dst rows [d0, d0 + n) = src rows [s0, s0 + n)
+void copy_rows(const Tensor& src, int64_t s0, const Tensor& dst, int64_t d0, int64_t n) {
+  if (n > 0) ops::copy_columns(src.rows(s0, s0 + n), 0, dst.rows(d0, d0 + n));
+}
+}  // namespace
+
+MoE::MoE(const ModelConfig& m, ParamStore& ps, const std::string& p, const ModelParallel& mp)
+    : mp_(mp),
+      d_(m.d_model),
       E_(m.moe.num_experts),
       K_(m.moe.num_experts_per_token),
       F_(m.moe.expert_dim),
+      El_(m.moe.num_experts / mp.ep_size),
+      e0_(mp.ep_rank * (m.moe.num_experts / mp.ep_size)),
       capacity_factor_(m.moe.capacity_factor),
       alpha_(m.moe.seq_aux_alpha) {
   router_.num_experts = E_;
@@ -21,21 +41,108 @@ MoE::MoE(const ModelConfig& m, ParamStore& ps, const std::string& p)
   router_.use_bias = m.moe.aux_loss_free;
   router_.norm_topk = m.moe.norm_topk_prob;
   router_.route_scale = static_cast<float>(m.moe.route_scale);
-  gate_ = ps.add(p + ".gate.weight", {E_, d_}, ParamInit::Normal);
+  gate_ = ps.add_replicated(p + ".gate.weight", {E_, d_}, mp.tp_rank, ParamInit::Normal);
   if (router_.use_bias) bias_ = ps.add_state(p + ".gate.e_score_correction_bias", {E_});
-  for (int64_t e = 0; e < E_; ++e) {
+  for (int64_t e = e0_; e < e0_ + El_; ++e) {
     const std::string ep = p + ".experts." + std::to_string(e);
     w_gate_.push_back(ps.add(ep + ".gate_proj.weight", {F_, d_}, ParamInit::Normal, ParamGroup::Expert));
     w_up_.push_back(ps.add(ep + ".up_proj.weight", {F_, d_}, ParamInit::Normal, ParamGroup::Expert));
     w_down_.push_back(ps.add(ep + ".down_proj.weight", {d_, F_}, ParamInit::Normal, ParamGroup::Expert));
   }
   if (m.moe.num_shared_experts > 0)
-    shared_ = std::make_unique<SwiGLU>(ps, p + ".shared_experts", d_, F_ * m.moe.num_shared_experts);
+    shared_ = std::make_unique<SwiGLU>(ps, p + ".shared_experts", d_, F_ * m.moe.num_shared_experts,
+                                       ParamGroup::Dense, mp);
 }
 
 int64_t MoE::capacity(int64_t tokens) const {
   if (capacity_factor_ <= 0) return 0;
   return static_cast<int64_t>(std::ceil(capacity_factor_ * static_cast<double>(tokens * K_) / E_));
+}
+
+void MoE::peer_counts(const Saved& s, std::vector<int64_t>& to_peer, std::vector<int64_t>& from_peer) const {
+  const int64_t P = mp_.ep_size;
+  to_peer.assign(static_cast<size_t>(P), 0), from_peer.assign(static_cast<size_t>(P), 0);
+  for (int64_t q = 0; q < P; ++q)
+    for (int64_t j = 0; j < El_; ++j) {
+      to_peer[q] += (s.hi[q * El_ + j] - s.lo[q * El_ + j]) * d_;
+      from_peer[q] += s.recv[q * El_ + j] * d_;
+    }
+}
+
+void MoE::exchange(Saved& s, const Tensor& rows, OwnedTensor& by_expert) const {
+  const int64_t P = mp_.ep_size;
+  int64_t sent = 0;
+  for (int64_t e = 0; e < E_; ++e) sent += s.hi[e] - s.lo[e];
+  OwnedTensor send = act_out({std::max<int64_t>(sent, 1), d_}, "moe.send_rows");
+  for (int64_t e = 0, r = 0; e < E_; ++e) {
+    copy_rows(rows, s.lo[e], send, r, s.hi[e] - s.lo[e]);
+    r += s.hi[e] - s.lo[e];
+  }
+  if (s.recv.empty()) {  // first exchange of this forward: tell the owners how many rows come
+    std::vector<int64_t> counts(static_cast<size_t>(E_));
+    for (int64_t e = 0; e < E_; ++e) counts[e] = s.hi[e] - s.lo[e];
+    s.recv.assign(static_cast<size_t>(P * El_), 0);
+    if (mp_.ep) {
+      mp_.ep->alltoallv(counts.data(), std::vector<int64_t>(P, El_), s.recv.data(),
+                        std::vector<int64_t>(P, El_));
+    } else {
+      s.recv = counts;
+    }
+    s.expert_offset.assign(static_cast<size_t>(El_ + 1), 0);
+    for (int64_t j = 0; j < El_; ++j) {
+      int64_t n = 0;
+      for (int64_t src = 0; src < P; ++src) n += s.recv[src * El_ + j];
+      s.expert_offset[j + 1] = s.expert_offset[j] + n;
+    }
+  }
+  const int64_t Rl = s.expert_offset[El_];
+  // Rows arrive grouped by source, then by local expert; regroup them by local expert.
+  OwnedTensor arrived;
+  Tensor in = send.t;
+  if (mp_.ep) {
+    std::vector<int64_t> scount, rcount;
+    peer_counts(s, scount, rcount);
+    arrived = act_out({std::max<int64_t>(Rl, 1), d_}, "moe.arrived_rows");
+    mp_.ep->alltoallv(send.t.f32(), scount, arrived.t.f32(), rcount);
+    in = arrived.t;
+  }
+  by_expert = act_out({std::max<int64_t>(Rl, 1), d_}, "moe.expert_rows");
+  std::vector<int64_t> fill(s.expert_offset.begin(), s.expert_offset.end() - 1);
+  for (int64_t src = 0, r = 0; src < P; ++src)
+    for (int64_t j = 0; j < El_; ++j) {
+      const int64_t n = s.recv[src * El_ + j];
+      copy_rows(in, r, by_expert, fill[j], n);
+      fill[j] += n, r += n;
+    }
+}
+
+void MoE::exchange_back(const Saved& s, const Tensor& by_expert, const Tensor& rows) const {
+  const int64_t P = mp_.ep_size;
+  const int64_t Rl = s.expert_offset[El_];
+  // Regroup by source, send back, and place each row at its plan position.
+  OwnedTensor out = act_out({std::max<int64_t>(Rl, 1), d_}, "moe.return_rows");
+  std::vector<int64_t> take(s.expert_offset.begin(), s.expert_offset.end() - 1);
+  for (int64_t src = 0, r = 0; src < P; ++src)
+    for (int64_t j = 0; j < El_; ++j) {
+      const int64_t n = s.recv[src * El_ + j];
+      copy_rows(by_expert, take[j], out, r, n);
+      take[j] += n, r += n;
+    }
+  int64_t sent = 0;
+  for (int64_t e = 0; e < E_; ++e) sent += s.hi[e] - s.lo[e];
+  OwnedTensor back;
+  Tensor in = out.t;
+  if (mp_.ep) {
+    std::vector<int64_t> scount, rcount;
+    peer_counts(s, rcount, scount);  // the reverse direction
+    back = act_out({std::max<int64_t>(sent, 1), d_}, "moe.returned_rows");
+    mp_.ep->alltoallv(out.t.f32(), scount, back.t.f32(), rcount);
+    in = back.t;
+  }
+  for (int64_t e = 0, r = 0; e < E_; ++e) {
+    copy_rows(in, r, rows, s.lo[e], s.hi[e] - s.lo[e]);
+    r += s.hi[e] - s.lo[e];
+  }
 }
 
 void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved& s,
@@ -55,49 +162,107 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
   s.plan = ops::make_dispatch_plan(s.idx, E_, capacity(T));
   const int64_t R = s.plan.rows;
   s.xs = act_out({R, d_}, "moe.dispatched");
-  s.g = act_out({R, F_}, "moe.g");
-  s.u = act_out({R, F_}, "moe.u");
-  s.h = act_out({R, F_}, "moe.h");
-  s.ys = act_out({R, d_}, "moe.expert_out");
   ops::dispatch_forward(s.plan, x, s.xs);
   const int32_t* off = s.plan.offsets.i32();
-  for (int64_t e = 0; e < E_; ++e) {
-    const int64_t r0 = off[e], r1 = off[e + 1];
-    if (r1 == r0) continue;
-    const Tensor xe = s.xs.t.rows(r0, r1), ge = s.g.t.rows(r0, r1), ue = s.u.t.rows(r0, r1),
-                 he = s.h.t.rows(r0, r1), ye = s.ys.t.rows(r0, r1);
-    ops::linear_forward(xe, ps.value(w_gate_[e]), ge);
-    ops::linear_forward(xe, ps.value(w_up_[e]), ue);
-    ops::swiglu_forward(ge, ue, he);
-    ops::linear_forward(he, ps.value(w_down_[e]), ye);
+  s.exchanged = mp_.ep != nullptr || mp_.tp != nullptr;
+  s.recv.clear();
+  if (s.exchanged) {
+    const int64_t a = mp_.owned_begin(T), b = mp_.owned_end(T);
+    const int32_t* slot = s.plan.slot_of_row.i32();
+    s.lo.assign(static_cast<size_t>(E_), 0), s.hi.assign(static_cast<size_t>(E_), 0);
+    for (int64_t e = 0; e < E_; ++e) {
+      auto token = [&](int64_t r) { return slot[r] / K_; };
+      int64_t lo = off[e], hi = off[e + 1];
+      while (lo < off[e + 1] && token(lo) < a) ++lo;
+      hi = lo;
+      while (hi < off[e + 1] && token(hi) < b) ++hi;
+      s.lo[e] = lo, s.hi[e] = hi;
+    }
+    exchange(s, s.xs, s.xe);
+  } else {
+    s.expert_offset.assign(off + e0_, off + e0_ + El_ + 1);
   }
-  ops::combine_forward(s.plan, s.ys, s.weights, y, /*accumulate=*/true);
+  const Tensor xin = s.exchanged ? s.xe.t : s.xs.t;
+  const int64_t Rl = std::max<int64_t>(s.expert_offset[El_] - s.expert_offset[0], 1);
+  s.g = act_out({Rl, F_}, "moe.g");
+  s.u = act_out({Rl, F_}, "moe.u");
+  s.h = act_out({Rl, F_}, "moe.h");
+  OwnedTensor ye = act_out({Rl, d_}, "moe.expert_rows_out");
+  const int64_t base = s.expert_offset[0];
+  for (int64_t j = 0; j < El_; ++j) {
+    const int64_t r0 = s.expert_offset[j], r1 = s.expert_offset[j + 1];
+    if (r1 == r0) continue;
+    const Tensor xe = xin.rows(r0, r1), ge = s.g.t.rows(r0 - base, r1 - base),
+                 ue = s.u.t.rows(r0 - base, r1 - base), he = s.h.t.rows(r0 - base, r1 - base),
+                 yo = ye.t.rows(r0 - base, r1 - base);
+    ops::linear_forward(xe, ps.value(w_gate_[j]), ge);
+    ops::linear_forward(xe, ps.value(w_up_[j]), ue);
+    ops::swiglu_forward(ge, ue, he);
+    ops::linear_forward(he, ps.value(w_down_[j]), yo);
+  }
+  if (!s.exchanged) {
+    s.ys = std::move(ye);
+    ops::combine_forward(s.plan, s.ys.t.rows(0, R), s.weights, y, /*accumulate=*/true);
+  } else {
+    s.ys = act({std::max<int64_t>(R, 1), d_}, "moe.expert_out");  // zero outside the owned rows
+    exchange_back(s, ye, s.ys);
+    if (!mp_.tp) {
+      ops::combine_forward(s.plan, s.ys.t.rows(0, R), s.weights, y, /*accumulate=*/true);
+    } else {
+      OwnedTensor part = act_out({T, d_}, "moe.routed_partial");
+      ops::combine_forward(s.plan, s.ys.t.rows(0, R), s.weights, part);
+      tp_allreduce(mp_, part);
+      ops::add_inplace(y, part);
+    }
+  }
   if (shared_) shared_->forward(ps, x, y, /*accumulate=*/true, s.shared, ctx);
 }
 
 void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dx,
                    const StepContext& ctx) const {
   const int64_t T = ctx.T(), R = s.plan.rows;
-  OwnedTensor dys = act_out({R, d_}, "moe.d_expert_out"), dw = act_out({T, K_}, "moe.d_topk_weights");
-  ops::combine_backward(s.plan, s.ys, s.weights, dy, dys, dw);
+  OwnedTensor dys = act_out({std::max<int64_t>(R, 1), d_}, "moe.d_expert_out"),
+              dw = act_out({T, K_}, "moe.d_topk_weights");
+  ops::combine_backward(s.plan, s.ys.t.rows(0, R), s.weights, dy, dys.t.rows(0, R), dw);
 
-  OwnedTensor dxs = act_out({R, d_}, "moe.d_dispatched");
-  OwnedTensor dh = act_out({R, F_}, "moe.dh"), dg = act_out({R, F_}, "moe.dg"), du = act_out({R, F_}, "moe.du");
-  const int32_t* off = s.plan.offsets.i32();
-  for (int64_t e = 0; e < E_; ++e) {
-    const int64_t r0 = off[e], r1 = off[e + 1];
-    if (r1 == r0) continue;
-    const Tensor dye = dys.t.rows(r0, r1), dhe = dh.t.rows(r0, r1), dge = dg.t.rows(r0, r1),
-                 due = du.t.rows(r0, r1), dxe = dxs.t.rows(r0, r1), xe = s.xs.t.rows(r0, r1);
-    ops::linear_backward_input(dye, ps.value(w_down_[e]), dhe);
-    ops::linear_backward_weight(dye, s.h.t.rows(r0, r1), ps.grad(w_down_[e]));
-    ops::swiglu_backward(s.g.t.rows(r0, r1), s.u.t.rows(r0, r1), dhe, dge, due);
-    ops::linear_backward_input(dge, ps.value(w_gate_[e]), dxe);
-    ops::linear_backward_input(due, ps.value(w_up_[e]), dxe, true);
-    ops::linear_backward_weight(dge, xe, ps.grad(w_gate_[e]));
-    ops::linear_backward_weight(due, xe, ps.grad(w_up_[e]));
+  const Tensor xin = s.exchanged ? s.xe.t : s.xs.t;
+  OwnedTensor dye_owned;
+  Tensor dye = dys.t;
+  if (s.exchanged) {
+    Saved& ms = const_cast<Saved&>(s);  // the counts are already known: exchange only moves rows
+    exchange(ms, dys.t, dye_owned);
+    dye = dye_owned.t;
   }
-  ops::dispatch_backward(s.plan, dxs, dx);
+  const int64_t base = s.expert_offset[0];
+  const int64_t Rl = std::max<int64_t>(s.expert_offset[El_] - base, 1);
+  OwnedTensor dxe = act_out({s.exchanged ? Rl : std::max<int64_t>(R, 1), d_}, "moe.d_expert_rows");
+  OwnedTensor dh = act_out({Rl, F_}, "moe.dh"), dg = act_out({Rl, F_}, "moe.dg"),
+              du = act_out({Rl, F_}, "moe.du");
+  for (int64_t j = 0; j < El_; ++j) {
+    const int64_t r0 = s.expert_offset[j], r1 = s.expert_offset[j + 1];
+    if (r1 == r0) continue;
+    const int64_t l0 = r0 - base, l1 = r1 - base;
+    const Tensor dyo = dye.rows(r0, r1), dhe = dh.t.rows(l0, l1), dge = dg.t.rows(l0, l1),
+                 due = du.t.rows(l0, l1), dxo = dxe.t.rows(r0, r1), xe = xin.rows(r0, r1);
+    ops::linear_backward_input(dyo, ps.value(w_down_[j]), dhe);
+    ops::linear_backward_weight(dyo, s.h.t.rows(l0, l1), ps.grad(w_down_[j]));
+    ops::swiglu_backward(s.g.t.rows(l0, l1), s.u.t.rows(l0, l1), dhe, dge, due);
+    ops::linear_backward_input(dge, ps.value(w_gate_[j]), dxo);
+    ops::linear_backward_input(due, ps.value(w_up_[j]), dxo, true);
+    ops::linear_backward_weight(dge, xe, ps.grad(w_gate_[j]));
+    ops::linear_backward_weight(due, xe, ps.grad(w_up_[j]));
+  }
+  if (!s.exchanged) {
+    ops::dispatch_backward(s.plan, dxe.t.rows(0, R), dx);
+  } else {
+    OwnedTensor dxs = act({std::max<int64_t>(R, 1), d_}, "moe.d_dispatched");  // zero outside the owned rows
+    exchange_back(s, dxe, dxs);
+    ops::dispatch_backward(s.plan, dxs.t.rows(0, R), dx);
+    if (mp_.tp) {  // each TP rank holds the gradient of its own tokens: sum them
+      tp_allreduce(mp_, dx);
+      tp_allreduce(mp_, dw);
+    }
+  }
   if (shared_) shared_->backward(ps, s.shared, dy, dx, /*accumulate=*/true);
 
   // Router: gradient through the gathered weights, plus the balance loss on the scores.

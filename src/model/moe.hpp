@@ -14,12 +14,21 @@ namespace dsv3 {
 
 class MoE {
  public:
-  MoE(const ModelConfig& m, ParamStore& ps, const std::string& prefix);  // prefix = model.layers.{l}.mlp
+  // prefix = model.layers.{l}.mlp. Under expert parallelism this rank holds experts
+  // [ep_rank * E / ep, (ep_rank + 1) * E / ep); tokens reach them by an all-to-all over the EP group.
+  MoE(const ModelConfig& m, ParamStore& ps, const std::string& prefix, const ModelParallel& mp = {});
   struct Saved {
     Tensor input;                              // [T, d] (owned by the block)
     OwnedTensor logits, scores, idx, weights;  // [T, E], [T, E], [T, K] i32, [T, K]
     ops::DispatchPlan plan;
-    OwnedTensor xs, g, u, h, ys;  // [R, d], [R, F], [R, F], [R, F], [R, d]
+    OwnedTensor xs, ys;  // [R, d] rows of the plan: dispatched inputs, expert outputs
+    // Rows of this rank's experts, grouped by local expert (= xs when nothing is exchanged).
+    OwnedTensor xe;       // [Rl, d] (empty when xs serves)
+    OwnedTensor g, u, h;  // [Rl, F]
+    // The exchange: rows [lo[e], hi[e]) of the plan go to expert e's owner; recv[s * El + j] rows come
+    // from EP peer s for local expert j; local expert j's rows start at expert_offset[j].
+    std::vector<int64_t> lo, hi, recv, expert_offset;
+    bool exchanged = false;
     SwiGLU::Saved shared;
     double balance_loss = 0;
   };
@@ -39,9 +48,17 @@ class MoE {
   bool has_bias() const { return router_.use_bias; }
   const ops::RouterParams& router() const { return router_; }
   int64_t capacity(int64_t tokens) const;
+  int64_t local_experts() const { return El_; }
 
  private:
-  int64_t d_, E_, K_, F_;
+  // Sends rows of `rows` [R, d] ([lo, hi) per expert) to the experts' owners; returns them grouped by
+  // local expert. `back` reverses it: rows grouped by local expert return into [lo, hi) of `rows`.
+  void exchange(Saved& s, const Tensor& rows, OwnedTensor& by_expert) const;
+  void exchange_back(const Saved& s, const Tensor& by_expert, const Tensor& rows) const;
+  // Elements this rank sends to / receives from each EP peer in the forward exchange.
+  void peer_counts(const Saved& s, std::vector<int64_t>& to_peer, std::vector<int64_t>& from_peer) const;
+  ModelParallel mp_;
+  int64_t d_, E_, K_, F_, El_, e0_;  // El_ experts on this rank, the first is e0_
   double capacity_factor_, alpha_;
   ops::RouterParams router_;
   size_t gate_, bias_ = 0;

@@ -11,30 +11,28 @@ std::string mtp_prefix(const ModelConfig& m, int64_t k) {
 }
 }  // namespace
 
-MTPModule::MTPModule(const ModelConfig& m, ParamStore& ps, int64_t k)
+MTPModule::MTPModule(const ModelConfig& m, ParamStore& ps, int64_t k, const ModelParallel& mp)
     : d_(m.d_model),
       eps_(static_cast<float>(m.norm_eps)),
-      enorm_(
-          ps.add(mtp_prefix(m, k) + ".enorm.weight", {m.d_model}, ParamInit::Ones, ParamGroup::Dense, false)),
-      hnorm_(
-          ps.add(mtp_prefix(m, k) + ".hnorm.weight", {m.d_model}, ParamInit::Ones, ParamGroup::Dense, false)),
-      eh_proj_(ps.add(mtp_prefix(m, k) + ".eh_proj.weight", {m.d_model, 2 * m.d_model}, ParamInit::Normal)),
-      head_norm_(ps.add(mtp_prefix(m, k) + ".shared_head.norm.weight", {m.d_model}, ParamInit::Ones,
-                        ParamGroup::Dense, false)),
-      block_(m, ps, m.num_layers + k - 1, /*moe=*/m.num_layers + k - 1 >= m.num_dense_layers) {}
+      enorm_(ps.add_replicated(mtp_prefix(m, k) + ".enorm.weight", {m.d_model}, mp.tp_rank, ParamInit::Ones,
+                               ParamGroup::Dense, false)),
+      hnorm_(ps.add_replicated(mtp_prefix(m, k) + ".hnorm.weight", {m.d_model}, mp.tp_rank, ParamInit::Ones,
+                               ParamGroup::Dense, false)),
+      eh_proj_(ps.add_replicated(mtp_prefix(m, k) + ".eh_proj.weight", {m.d_model, 2 * m.d_model}, mp.tp_rank,
+                                 ParamInit::Normal)),
+      head_norm_(ps.add_replicated(mtp_prefix(m, k) + ".shared_head.norm.weight", {m.d_model}, mp.tp_rank,
+                                   ParamInit::Ones, ParamGroup::Dense, false)),
+      block_(m, ps, m.num_layers + k - 1, /*moe=*/m.num_layers + k - 1 >= m.num_dense_layers, mp) {}
 
-void MTPModule::forward(const ParamStore& ps, size_t embed, const Tensor& ids, const Tensor& h_prev,
-                        const Tensor& out, Saved& s, const StepContext& ctx) const {
+void MTPModule::forward(const ParamStore& ps, const Tensor& e, const Tensor& h_prev, const Tensor& out,
+                        Saved& s, const StepContext& ctx) const {
   const int64_t T = ctx.T();
   s.h_prev = h_prev;
-  s.ids = OwnedTensor(DType::I32, {T}, "mtp.ids");
-  std::memcpy(s.ids.t.data(), ids.data(), ids.bytes());
-  s.e = act_out({T, d_}, "mtp.embedding");
+  s.e = e;
   s.e_n = act_out({T, d_}, "mtp.embedding_normed");
   s.e_rstd = act_out({T}, "mtp.embedding_rstd");
   s.g_n = act_out({T, d_}, "mtp.hidden_normed");
   s.g_rstd = act_out({T}, "mtp.hidden_rstd");
-  ops::embedding_forward(s.ids, ps.value(embed), s.e);
   ops::rmsnorm_forward(s.e, ps.value(enorm_), eps_, s.e_n, s.e_rstd);
   ops::rmsnorm_forward(h_prev, ps.value(hnorm_), eps_, s.g_n, s.g_rstd);
   s.cat = act_out({T, 2 * d_}, "mtp.concat");
@@ -45,20 +43,19 @@ void MTPModule::forward(const ParamStore& ps, size_t embed, const Tensor& ids, c
   block_.forward(ps, s.hp, out, s.block, ctx);
 }
 
-void MTPModule::backward(const ParamStore& ps, size_t embed, Saved& s, const Tensor& dout,
-                         const Tensor& dh_prev, const StepContext& ctx) const {
+void MTPModule::backward(const ParamStore& ps, Saved& s, const Tensor& dout, const Tensor& dh_prev,
+                         const Tensor& de, const StepContext& ctx) const {
   const int64_t T = ctx.T();
   OwnedTensor dhp = act_out({T, d_}, "mtp.d_eh_proj_out");
   block_.backward(ps, s.block, dout, dhp, ctx);
   OwnedTensor dcat = act_out({T, 2 * d_}, "mtp.d_concat");
   ops::linear_backward_input(dhp, ps.value(eh_proj_), dcat);
   ops::linear_backward_weight(dhp, s.cat, ps.grad(eh_proj_));
-  OwnedTensor de_n = act_out({T, d_}, "mtp.d_embedding_normed"), dg_n = act_out({T, d_}, "mtp.d_hidden_normed");
+  OwnedTensor de_n = act_out({T, d_}, "mtp.d_embedding_normed"),
+              dg_n = act_out({T, d_}, "mtp.d_hidden_normed");
   ops::copy_columns(dcat, 0, de_n);
   ops::copy_columns(dcat, d_, dg_n);
-  OwnedTensor de = act_out({T, d_}, "mtp.d_embedding");
   ops::rmsnorm_backward(s.e, ps.value(enorm_), s.e_rstd, de_n, de, ps.grad(enorm_));
-  ops::embedding_backward(s.ids, de, ps.grad(embed));
   ops::rmsnorm_backward(s.h_prev, ps.value(hnorm_), s.g_rstd, dg_n, dh_prev, ps.grad(hnorm_),
                         /*accumulate_dx=*/true);
 }

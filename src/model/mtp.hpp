@@ -9,20 +9,21 @@ namespace dsv3 {
 
 class MTPModule {
  public:
-  MTPModule(const ModelConfig& m, ParamStore& ps, int64_t depth_index);  // depth_index k = 1..D
+  MTPModule(const ModelConfig& m, ParamStore& ps, int64_t depth_index,
+            const ModelParallel& mp = {});  // depth_index k = 1..D
   struct Saved {
-    Tensor h_prev;               // [T, d] h^{k-1} (owned by the model)
-    OwnedTensor ids;             // [T] i32 tokens t_{i+k}
-    OwnedTensor e, e_n, e_rstd;  // [T, d] embedding, normed, [T]
-    OwnedTensor g_n, g_rstd;     // [T, d] normed h^{k-1}, [T]
-    OwnedTensor cat, hp;         // [T, 2d] = [e_n ; g_n], [T, d] eh_proj output
+    Tensor h_prev;            // [T, d] h^{k-1} (owned by the model)
+    Tensor e;                 // [T, d] embedding of the tokens t_{i+k} (owned by the model)
+    OwnedTensor e_n, e_rstd;  // [T, d] normed embedding, [T]
+    OwnedTensor g_n, g_rstd;  // [T, d] normed h^{k-1}, [T]
+    OwnedTensor cat, hp;      // [T, 2d] = [e_n ; g_n], [T, d] eh_proj output
     Block::Saved block;
   };
-  // out [T, d] = h^k.
-  void forward(const ParamStore& ps, size_t embed, const Tensor& ids, const Tensor& h_prev, const Tensor& out,
-               Saved& s, const StepContext& ctx) const;
-  // dh_prev [T, d] += from dout [T, d]; the embedding gradient accumulates into ps.grad(embed).
-  void backward(const ParamStore& ps, size_t embed, Saved& s, const Tensor& dout, const Tensor& dh_prev,
+  // out [T, d] = h^k from the embedding e [T, d] of t_{i+k} (the model embeds, sharing its table).
+  void forward(const ParamStore& ps, const Tensor& e, const Tensor& h_prev, const Tensor& out, Saved& s,
+               const StepContext& ctx) const;
+  // dh_prev [T, d] += and de [T, d] (overwritten) from dout [T, d].
+  void backward(const ParamStore& ps, Saved& s, const Tensor& dout, const Tensor& dh_prev, const Tensor& de,
                 const StepContext& ctx) const;
 
   size_t head_norm() const { return head_norm_; }

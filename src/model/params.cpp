@@ -14,12 +14,28 @@ ShardSpec full_shard(std::vector<int64_t> shape) {
   s.local_shape = std::move(shape);
   return s;
 }
-// Index of the first element of a shard's row-major slice in the global tensor, valid when the
-// shard is a contiguous block of whole rows (split along dimension 0) or the full tensor.
-uint64_t first_global_index(const ShardSpec& s) {
-  uint64_t row = 1;
-  for (size_t d = 1; d < s.global_shape.size(); ++d) row *= static_cast<uint64_t>(s.global_shape[d]);
-  return s.global_offset.empty() ? 0 : static_cast<uint64_t>(s.global_offset[0]) * row;
+// Initialises a shard from the global stream: runs of the last dimension are contiguous both locally
+// and globally, so each run draws the global indices it covers.
+void init_shard(const Tensor& t, const ShardSpec& s, uint64_t seed, const std::string& name, double std) {
+  const size_t nd = s.global_shape.size();
+  if (nd == 0 || s.is_full()) {
+    init_normal_tensor(t, seed, name, std, 0);
+    return;
+  }
+  const int64_t run = s.local_shape[nd - 1];
+  const int64_t runs = numel_of(s.local_shape) / std::max<int64_t>(run, 1);
+  std::vector<int64_t> idx(nd, 0);
+  for (int64_t r = 0; r < runs; ++r) {
+    int64_t rem = r;  // multi-index of the run over the leading local dimensions
+    for (size_t d = nd - 1; d-- > 0;) idx[d] = rem % s.local_shape[d], rem /= s.local_shape[d];
+    uint64_t g = 0;
+    for (size_t d = 0; d < nd; ++d) {
+      const int64_t i = (d + 1 == nd ? 0 : idx[d]) + s.global_offset[d];
+      g = g * static_cast<uint64_t>(s.global_shape[d]) + static_cast<uint64_t>(i);
+    }
+    const Tensor row = t.view({numel_of(s.local_shape)}).rows(r * run, (r + 1) * run);
+    init_normal_tensor(row, seed, name, std, g);
+  }
 }
 }  // namespace
 
@@ -38,12 +54,31 @@ size_t ParamStore::add_sharded(const std::string& name, ShardSpec shard, ParamIn
   e.init = init;
   e.group = group;
   e.weight_decay = weight_decay;
-  e.offset = total_;
-  total_ += numel_of(e.shard.local_shape);
-  total_ = (total_ + 15) / 16 * 16;  // 64-byte aligned slices
   by_name_[name] = {false, params_.size()};
   params_.push_back(std::move(e));
   return params_.size() - 1;
+}
+
+size_t ParamStore::add_split(const std::string& name, std::vector<int64_t> shape, int dim, int64_t parts,
+                             int64_t index, ParamInit init, ParamGroup group, bool weight_decay,
+                             int64_t replica) {
+  DSV3_CHECK(dim >= 0 && dim < static_cast<int>(shape.size()) && parts > 0 && index >= 0 && index < parts &&
+                 shape[static_cast<size_t>(dim)] % parts == 0,
+             "parameter '", name, "': dimension ", dim, " of ", shape_to_string(shape),
+             " does not split into ", parts, " parts");
+  ShardSpec s = full_shard(shape);
+  const int64_t n = shape[static_cast<size_t>(dim)] / parts;
+  s.local_shape[static_cast<size_t>(dim)] = n;
+  s.global_offset[static_cast<size_t>(dim)] = n * index;
+  s.replica = replica;
+  return add_sharded(name, std::move(s), init, group, weight_decay);
+}
+
+size_t ParamStore::add_replicated(const std::string& name, std::vector<int64_t> shape, int64_t replica,
+                                  ParamInit init, ParamGroup group, bool weight_decay) {
+  ShardSpec s = full_shard(std::move(shape));
+  s.replica = replica;
+  return add_sharded(name, std::move(s), init, group, weight_decay);
 }
 
 size_t ParamStore::add_state(const std::string& name, std::vector<int64_t> shape) {
@@ -61,8 +96,23 @@ size_t ParamStore::add_state(const std::string& name, std::vector<int64_t> shape
   return states_.size() - 1;
 }
 
-void ParamStore::allocate() {
+void ParamStore::allocate(int64_t dense_quantum, int64_t expert_quantum) {
   DSV3_CHECK(!allocated_, "ParamStore::allocate called twice");
+  DSV3_CHECK(dense_quantum > 0 && expert_quantum > 0, "ParamStore::allocate: quanta must be positive");
+  // Dense parameters first, then expert parameters; 64-byte aligned slices.
+  total_ = 0;
+  for (int pass = 0; pass < 2; ++pass) {
+    const ParamGroup want = pass == 0 ? ParamGroup::Dense : ParamGroup::Expert;
+    for (auto& e : params_) {
+      if (e.group != want) continue;
+      e.offset = total_;
+      total_ += (numel_of(e.shard.local_shape) + 15) / 16 * 16;
+    }
+    const int64_t q = pass == 0 ? dense_quantum : expert_quantum;
+    const int64_t start = pass == 0 ? 0 : dense_total_;  // the region's length is what must divide
+    total_ = start + (total_ - start + q - 1) / q * q;
+    if (pass == 0) dense_total_ = total_;
+  }
   values_ = Buffer(static_cast<size_t>(total_) * 4);
   grads_ = Buffer(static_cast<size_t>(total_) * 4);
   state_values_ = Buffer(static_cast<size_t>(state_total_) * 4);
@@ -82,7 +132,7 @@ void ParamStore::initialize(uint64_t seed, double std) {
   for (auto& e : params_) {
     switch (e.init) {
       case ParamInit::Normal:
-        init_normal_tensor(e.value, seed, e.name, std, first_global_index(e.shard));
+        init_shard(e.value, e.shard, seed, e.name, std);
         break;
       case ParamInit::Ones:
         fill_tensor(e.value, 1.0f);

@@ -33,7 +33,7 @@ struct ParamEntry {
   ParamInit init = ParamInit::Normal;
   ParamGroup group = ParamGroup::Dense;
   bool weight_decay = true;  // false for norms
-  int64_t offset = 0;        // element offset in the flat buffers
+  int64_t offset = 0;        // element offset in the flat buffers (set by allocate)
   Tensor value, grad;        // views into the flat buffers (grad empty for non-trainable state)
 };
 
@@ -44,10 +44,22 @@ class ParamStore {
              ParamGroup group = ParamGroup::Dense, bool weight_decay = true);
   size_t add_sharded(const std::string& name, ShardSpec shard, ParamInit init, ParamGroup group,
                      bool weight_decay);
+  // Tensor-parallel shards of a [rows, cols] matrix: part `index` of `parts` equal slices of dimension
+  // 0 (column-parallel layers, whose output features split) or of dimension 1 (row-parallel layers).
+  size_t add_split(const std::string& name, std::vector<int64_t> shape, int dim, int64_t parts, int64_t index,
+                   ParamInit init, ParamGroup group = ParamGroup::Dense, bool weight_decay = true,
+                   int64_t replica = 0);
+  // A full copy held by several ranks; `replica` > 0 marks the copies that neither write checkpoints
+  // nor count in the global gradient norm (replica 0 does).
+  size_t add_replicated(const std::string& name, std::vector<int64_t> shape, int64_t replica, ParamInit init,
+                        ParamGroup group = ParamGroup::Dense, bool weight_decay = true);
   // Non-trainable state (no gradient, not in the optimizer): router biases.
   size_t add_state(const std::string& name, std::vector<int64_t> shape);
   // Allocates the flat buffers and points every entry at its slice. Call once after registration.
-  void allocate();
+  // The flat buffers hold two regions: dense parameters [0, dense_elements()) then expert parameters
+  // [dense_elements(), num_elements()), so that each reduces over its own data-parallel group. Each
+  // region's length is padded to a multiple of its quantum (ZeRO shards split it evenly).
+  void allocate(int64_t dense_quantum = 16, int64_t expert_quantum = 16);
   // Fills values from the deterministic generator (src/model/init.hpp); states become 0.
   void initialize(uint64_t seed, double std);
 
@@ -60,6 +72,7 @@ class ParamStore {
   Tensor grad(size_t i) const { return params_.at(i).grad; }
 
   int64_t num_elements() const { return total_; }
+  int64_t dense_elements() const { return dense_total_; }
   Tensor flat_values() const;  // [num_elements]
   Tensor flat_grads() const;
   void zero_grads();
@@ -68,7 +81,7 @@ class ParamStore {
   std::vector<ParamEntry> params_, states_;
   std::map<std::string, std::pair<bool, size_t>> by_name_;  // (is_state, index)
   Buffer values_, grads_, state_values_;
-  int64_t total_ = 0, state_total_ = 0;
+  int64_t total_ = 0, dense_total_ = 0, state_total_ = 0;
   bool allocated_ = false;
 };
 

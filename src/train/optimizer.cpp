@@ -15,15 +15,30 @@ AdamWConfig AdamWConfig::from(const OptimizerConfig& o) {
 }
 
 AdamW::AdamW(const ParamStore& ps, AdamWConfig cfg, int64_t begin, int64_t end)
-    : ps_(ps), cfg_(cfg), begin_(begin), end_(end < 0 ? ps.num_elements() : end) {
-  DSV3_CHECK(0 <= begin_ && begin_ <= end_ && end_ <= ps.num_elements(), "AdamW: range [", begin_, ", ", end_,
-             ") outside the ", ps.num_elements(), " parameter elements");
-  for (const auto& p : ps.params()) {
-    const int64_t b = std::max(begin_, p.offset), e = std::min(end_, p.offset + p.value.numel());
-    if (b < e) segments_.push_back({b, e, p.weight_decay});
+    : AdamW(ps, cfg, std::vector<std::pair<int64_t, int64_t>>{{begin, end < 0 ? ps.num_elements() : end}}) {}
+
+AdamW::AdamW(const ParamStore& ps, AdamWConfig cfg, const std::vector<std::pair<int64_t, int64_t>>& ranges)
+    : ps_(ps), cfg_(cfg) {
+  int64_t moment = 0, prev_end = 0;
+  for (const auto& [b, e] : ranges) {
+    DSV3_CHECK(prev_end <= b && b <= e && e <= ps.num_elements(), "AdamW: range [", b, ", ", e,
+               ") overlaps the previous one or lies outside the ", ps.num_elements(), " parameter elements");
+    ranges_.push_back({b, e, moment});
+    for (const auto& p : ps.params()) {
+      const int64_t lo = std::max(b, p.offset), hi = std::min(e, p.offset + p.value.numel());
+      if (lo < hi) segments_.push_back({lo, hi, moment + (lo - b), p.weight_decay});
+    }
+    moment += e - b;
+    prev_end = e;
   }
-  m_.assign(static_cast<size_t>(end_ - begin_), 0.0f);
-  v_.assign(static_cast<size_t>(end_ - begin_), 0.0f);
+  m_.assign(static_cast<size_t>(moment), 0.0f);
+  v_.assign(static_cast<size_t>(moment), 0.0f);
+}
+
+int64_t AdamW::moment_index(int64_t flat) const {
+  for (const auto& r : ranges_)
+    if (flat >= r.begin && flat < r.end) return r.moment + (flat - r.begin);
+  return -1;
 }
 
 void AdamW::step(double lr) {
@@ -38,8 +53,8 @@ void AdamW::step(double lr) {
   const float* g = ps_.flat_grads().f32();
   for (const auto& s : segments_) {
     const float decay = s.decay ? static_cast<float>(1.0 - lr * cfg_.weight_decay) : 1.0f;
-    float* m = m_.data() + (s.begin - begin_);
-    float* v = v_.data() + (s.begin - begin_);
+    float* m = m_.data() + s.moment;
+    float* v = v_.data() + s.moment;
     for (int64_t i = s.begin; i < s.end; ++i, ++m, ++v) {
       const float gi = g[i];
       *m = b1 * *m + (1.0f - b1) * gi;

@@ -18,26 +18,36 @@ struct AdamWConfig {
 
 class AdamW {
  public:
+  // A flat range [begin, end) of the store's buffers whose moments start at index `moment` of
+  // exp_avg() / exp_avg_sq().
+  struct Range {
+    int64_t begin, end, moment;
+  };
   // Optimises elements [begin, end) of the store's flat buffers (the whole buffer by default).
   AdamW(const ParamStore& ps, AdamWConfig cfg, int64_t begin = 0, int64_t end = -1);
+  // Optimises the given disjoint flat ranges (ZeRO: this rank's shards), in order.
+  AdamW(const ParamStore& ps, AdamWConfig cfg, const std::vector<std::pair<int64_t, int64_t>>& ranges);
   // One update with learning rate lr from the gradients currently in the store.
   void step(double lr);
   int64_t steps() const { return t_; }
-  int64_t begin() const { return begin_; }
-  int64_t end() const { return end_; }
-  // Optimizer state for checkpoints: first and second moments over [begin, end).
+  const std::vector<Range>& ranges() const { return ranges_; }
+  // Index into exp_avg() / exp_avg_sq() of flat element `flat`, or -1 when no range holds it.
+  int64_t moment_index(int64_t flat) const;
+  // Optimizer state for checkpoints: first and second moments of every range, back to back.
   std::vector<float>& exp_avg() { return m_; }
   std::vector<float>& exp_avg_sq() { return v_; }
   void set_steps(int64_t t) { t_ = t; }
 
  private:
   struct Segment {
-    int64_t begin, end;  // flat range of one parameter inside [begin_, end_)
+    int64_t begin, end;  // flat range of one parameter inside one range
+    int64_t moment;      // index of `begin`'s moments
     bool decay;
   };
   const ParamStore& ps_;
   AdamWConfig cfg_;
-  int64_t begin_, end_, t_ = 0;
+  std::vector<Range> ranges_;
+  int64_t t_ = 0;
   std::vector<Segment> segments_;
   std::vector<float> m_, v_;
 };

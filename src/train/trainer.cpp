@@ -15,6 +15,7 @@
 #include "core/format.hpp"
 #include "io/checkpoint.hpp"
 #include "parallel/comm.hpp"
+#include "train/grad_sync.hpp"
 #include "train/metrics.hpp"
 #include "train/optimizer.hpp"
 
@@ -76,42 +77,72 @@ double evaluate(Model& model, WindowSampler& valid, int64_t micro_batch, int64_t
 }
 
 namespace {
-// Data-parallel context of one rank: its slice of each global batch and of the flat buffers.
-struct DataParallel {
-  const Comm* world = nullptr;
-  const Comm* dp = nullptr;  // null: one process
-  int64_t size = 1, rank = 0;
-  int64_t zero = 0;
-  // ZeRO-1: the flat buffers of N elements split into `size` blocks of B = N / size; the last rank
-  // also owns the tail [size * B, N).
-  int64_t block = 0, begin = 0, end = 0, n = 0;
-  bool root() const { return world == nullptr || world->rank() == 0; }
-};
-
-void allreduce_sum(const DataParallel& dp, double* v, int64_t n) {
-  if (dp.dp) dp.dp->allreduce(v, n);
+// The 1F1B order of one pipeline stage: (is_forward, micro-batch) pairs. Stage s runs pp - s - 1
+// warm-up forwards, then alternates one forward and one backward, then drains the backwards.
+std::vector<std::pair<bool, int64_t>> one_f_one_b(int64_t pp, int64_t stage, int64_t micro) {
+  std::vector<std::pair<bool, int64_t>> ops;
+  const int64_t warm = std::min(pp - stage - 1, micro);
+  for (int64_t i = 0; i < warm; ++i) ops.emplace_back(true, i);
+  for (int64_t i = 0; i < micro - warm; ++i) ops.emplace_back(true, warm + i), ops.emplace_back(false, i);
+  for (int64_t i = micro - warm; i < micro; ++i) ops.emplace_back(false, i);
+  return ops;
 }
+
+std::string schedule_text(int64_t pp, int64_t micro) {
+  std::ostringstream o;
+  for (int64_t s = 0; s < pp; ++s) {
+    o << "    stage " << s << ":";
+    for (const auto& [fwd, i] : one_f_one_b(pp, s, micro)) o << " " << (fwd ? "F" : "B") << i;
+    o << "\n";
+  }
+  return o.str();
+}
+
+// Where this rank sits, and the communicators the loop uses (null where the group has one rank).
+struct Ranks {
+  const Comm* world = nullptr;
+  const Comm* dp = nullptr;   // dense data parallel
+  const Comm* edp = nullptr;  // expert data parallel
+  const Comm* pp = nullptr;
+  const Comm* tie = nullptr;  // first and last stage: the embedding copies (pp > 1 with MTP)
+  int64_t dp_size = 1, dp_rank = 0, edp_size = 1, pp_size = 1, pp_rank = 0;
+  bool root() const { return world == nullptr || world->rank() == 0; }
+  bool first() const { return pp_rank == 0; }
+  bool last() const { return pp_rank == pp_size - 1; }
+};
+const Comm* if_many(const Comm& c) { return c.size() > 1 ? &c : nullptr; }
 }  // namespace
 
 TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
   std::ostringstream quiet;
-  DataParallel dpx;
-  Layout layout = resolve_layout(cfg, 1);
-  if (opt.comms) {
-    const RankGrid& g = opt.comms->grid;
-    layout = resolve_layout(cfg, g.world());
-    DSV3_CHECK(layout.tp == 1 && layout.pp == 1 && layout.ep == 1, cfg.source_path, ": layout tp=", layout.tp,
-               " pp=", layout.pp, " ep=", layout.ep,
-               ": dsv3-train distributes over data parallelism only (tp = pp = ep = 1)");
-    DSV3_CHECK(layout.zero_stage <= 1, cfg.where("parallel.zero_stage"), " = ", layout.zero_stage,
-               ": dsv3-train implements ZeRO stages 0 and 1");
-    dpx.world = &opt.comms->get(GroupKind::World);
-    dpx.dp = &opt.comms->get(GroupKind::Dp);
-    dpx.size = dpx.dp->size();
-    dpx.rank = dpx.dp->rank();
-    dpx.zero = layout.zero_stage;
+  Ranks rk;
+  ModelParallel mp;
+  Layout layout;
+  if (!opt.comms) {
+    DSV3_CHECK(cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.ep == 1, cfg.source_path,
+               ": layout tp=", cfg.parallel.tp, " pp=", cfg.parallel.pp, " ep=", cfg.parallel.ep,
+               " needs that many MPI ranks; one process runs tp = pp = ep = 1");
+    layout = resolve_layout(cfg, 1);
+  } else {
+    const CommGroups& g = *opt.comms;
+    layout = resolve_layout(cfg, g.grid.world());
+    DSV3_CHECK(layout.expert_tp == 1, cfg.where("parallel.expert_tp"), " = ", layout.expert_tp,
+               ": dsv3-train runs routed experts unsplit (expert_tp = 1); use ep to spread them");
+    DSV3_CHECK(!layout.sequence_parallel, cfg.where("parallel.sequence_parallel"),
+               ": sequence parallelism is not available in dsv3-train; set it to false");
+    mp = model_parallel_of(g);
+    rk.world = &g.get(GroupKind::World);
+    rk.dp = if_many(g.get(GroupKind::Dp));
+    rk.edp = if_many(g.get(GroupKind::Edp));
+    rk.pp = if_many(g.get(GroupKind::Pp));
+    rk.dp_size = g.get(GroupKind::Dp).size(), rk.dp_rank = g.get(GroupKind::Dp).rank();
+    rk.edp_size = g.get(GroupKind::Edp).size();
+    rk.pp_size = g.get(GroupKind::Pp).size(), rk.pp_rank = g.get(GroupKind::Pp).rank();
+    if (rk.pp_size > 1 && cfg.model.mtp.depth > 0 && g.has(GroupKind::Embedding))
+      rk.tie = &g.get(GroupKind::Embedding);
+    mp.dense_quantum = 16 * rk.dp_size, mp.expert_quantum = 16 * rk.edp_size;
   }
-  std::ostream& log = !dpx.root() ? quiet : opt.log ? *opt.log : std::cout;
+  std::ostream& log = !rk.root() ? quiet : opt.log ? *opt.log : std::cout;
   const auto& t = cfg.training;
   const ModelConfig& m = cfg.model;
   DSV3_CHECK(t.train_steps > 0, cfg.where("training.train_steps"), " must be positive to train");
@@ -124,7 +155,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
   fs::create_directories(run_dir, ec);
   DSV3_CHECK(!ec, run_dir, ": cannot create the run directory: ", ec.message());
   std::unique_ptr<MetricsWriter> metrics_file;
-  if (dpx.root()) {
+  if (rk.root()) {
     std::ofstream y(run_dir + "/config.yaml");
     y << cfg.yaml_text << "\n";
     DSV3_CHECK(y.good(), run_dir, "/config.yaml: cannot write");
@@ -148,13 +179,9 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     valid_sampler = std::make_unique<WindowSampler>(src.valid, t.seq_length, m.mtp.depth,
                                                     static_cast<uint64_t>(t.seed), src.valid_range, false);
 
-  Model model(cfg);
-  dpx.n = model.params().num_elements();
-  dpx.block = dpx.n / dpx.size;
-  dpx.begin = dpx.zero >= 1 ? dpx.rank * dpx.block : 0;
-  dpx.end = dpx.zero >= 1 && dpx.rank + 1 < dpx.size ? dpx.begin + dpx.block : dpx.n;
-  AdamW adam(model.params(), AdamWConfig::from(t.optimizer), dpx.begin, dpx.end);
-  std::vector<float> rs_buffer(static_cast<size_t>(dpx.zero >= 1 ? dpx.block : 0));
+  Model model(cfg, mp);
+  GradSync sync(model.params(), rk.dp, rk.edp, layout.zero_stage, opt.bucket_elements);
+  AdamW adam(model.params(), AdamWConfig::from(t.optimizer), sync.owned());
 
   // Resume: parameters, router biases, AdamW moments and step count, data position.
   TrainSummary sum;
@@ -192,19 +219,20 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     SaveOptions so;
     so.keep_last = cfg.checkpoint.keep_last;
     so.layout = layout;
-    if (dpx.world) so.comm = static_cast<const MpiComm*>(dpx.world)->handle();
+    if (rk.world) so.comm = static_cast<const MpiComm*>(rk.world)->handle();
     const auto t0 = std::chrono::steady_clock::now();
     sum.last_checkpoint = save_checkpoint(run_dir, cfg, model.params(), &adam, st, so);
     log << "step " << step << " | checkpoint " << sum.last_checkpoint << " ("
         << fixed(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 2) << " s)"
         << std::endl;
   };
-  const int64_t micro = t.micro_batch_size, gb = t.global_batch_size, nmicro = gb / (micro * dpx.size);
-  const int64_t S = t.seq_length, W = S + m.mtp.depth + 1;
+  const int64_t micro = t.micro_batch_size, gb = t.global_batch_size, nmicro = gb / (micro * rk.dp_size);
+  const int64_t S = t.seq_length, W = S + m.mtp.depth + 1, T = micro * S;
   const double flops_per_token = training_flops_per_token(m, S).total();
-  // Per-rank peak (given, or this rank's sgemm probe) times the ranks sharing the global batch.
+  // Per-rank peak (given, or this rank's sgemm probe) times the ranks of the world.
   const double peak_rank = opt.peak_tflops > 0 ? opt.peak_tflops : measure_sgemm_tflops();
-  const double peak = peak_rank * static_cast<double>(dpx.size);
+  const int64_t world = rk.world ? rk.world->size() : 1;
+  const double peak = peak_rank * static_cast<double>(world);
 
   const ParamCounts pc = count_parameters(m);
   log << "dsv3-train: " << cfg.name << " (" << human_count(double(pc.total())) << " parameters, "
@@ -213,97 +241,176 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
       << " tokens"
       << (valid_sampler ? ", " + std::to_string(valid_sampler->windows_per_epoch()) + " validation windows"
                         : ", no validation data")
-      << "\n  batch " << gb << " x " << S << " tokens (" << nmicro << " micro-batches of " << micro << "), "
-      << t.train_steps << " steps, lr " << t.optimizer.lr << " (" << t.schedule.style << ", warm-up "
-      << t.schedule.warmup_steps << "), recompute " << t.recompute << "\n  peak " << fixed(peak, 3)
-      << " TFLOP/s (" << (opt.peak_tflops > 0 ? "given" : "measured sgemm") << " per rank x " << dpx.size
-      << "), " << human_flops(flops_per_token) << " per token; run dir " << run_dir << std::endl;
+      << "\n  batch " << gb << " x " << S << " tokens (" << nmicro << " micro-batches of " << micro
+      << " per data-parallel rank), " << t.train_steps << " steps, lr " << t.optimizer.lr << " ("
+      << t.schedule.style << ", warm-up " << t.schedule.warmup_steps << "), recompute " << t.recompute
+      << "\n  ZeRO-" << layout.zero_stage << ", " << sync.buckets() << " gradient buckets of up to "
+      << opt.bucket_elements << " elements on this rank\n  peak " << fixed(peak, 3) << " TFLOP/s ("
+      << (opt.peak_tflops > 0 ? "given" : "measured sgemm") << " per rank x " << world << "), "
+      << human_flops(flops_per_token) << " per token; run dir " << run_dir << std::endl;
+  if (rk.pp_size > 1)
+    log << "  pipeline: " << rk.pp_size << " stages, 1F1B over " << nmicro
+        << " micro-batches, predicted bubble (pp-1)/(m+pp-1) = "
+        << fixed(100.0 * double(rk.pp_size - 1) / double(nmicro + rk.pp_size - 1), 1) << "%\n"
+        << schedule_text(rk.pp_size, nmicro) << std::flush;
+
+  // Pipeline transport: activations forward (tag 2i), gradients backward (tag 2i + 1).
+  const int prev = static_cast<int>(rk.pp_rank - 1), next = static_cast<int>(rk.pp_rank + 1);
+  auto tag = [](int64_t i, int dir) { return static_cast<int>((2 * i + dir) % Comm::kMaxTag); };
+  OwnedTensor recv_act, recv_grad;
+  if (rk.pp) recv_act = act_out({T, m.d_model}, "pipeline.recv_activation");
+  if (rk.pp) recv_grad = act_out({T, m.d_model}, "pipeline.recv_gradient");
+  double bubble_s = 0;
+  auto timed_recv = [&](const Tensor& buf, int peer, int tg) {
+    const auto t0 = std::chrono::steady_clock::now();
+    rk.pp->recv(buf, peer, tg);
+    bubble_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+
+  // Mean main loss over the validation windows, through the pipeline stages.
+  auto eval_loss = [&]() {
+    WindowSampler& valid = *valid_sampler;
+    valid.restore({0, 0});
+    const int64_t rows = std::min<int64_t>(micro, valid.windows_per_epoch());
+    OwnedTensor tok(DType::I32, {rows, W}, "valid_tokens");
+    OwnedTensor in;
+    if (rk.pp) in = act_out({rows * S, m.d_model}, "pipeline.valid_activation");
+    const int64_t n = std::max<int64_t>(1, std::min<int64_t>(t.eval_iters, valid.windows_per_epoch() / rows));
+    double total = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      valid.next_batch(rows, 0, 1, tok.t);
+      if (rk.pp && !rk.first()) rk.pp->recv(in.t, prev, tag(i, 0));
+      MicroBatchState st;
+      const StepLosses l = model.stage_forward(tok, rk.pp ? in.t : Tensor(), st, false);
+      if (rk.pp && !rk.last()) rk.pp->send(st.hs.back().t, next, tag(i, 0));
+      total += l.main;
+    }
+    if (rk.pp) rk.pp->allreduce(&total, 1);  // the last stage's sum
+    return total / static_cast<double>(n);
+  };
+
+  // Fixed layout of the expert loads for reductions: every MoE layer of the model x E experts.
+  const std::vector<int64_t> moe_layers = m.moe.num_experts > 0 ? model.moe_layers() : std::vector<int64_t>{};
+  const int64_t E = m.moe.num_experts;
 
   install_stop_handlers();
-  OwnedTensor batch(DType::I32, {gb / dpx.size, W}, "tokens");
+  OwnedTensor batch(DType::I32, {gb / rk.dp_size, W}, "tokens");
   int64_t streak = 0, last_saved = start_step;
+  double comm_total = 0, bubble_total = 0, time_total = 0;
   const auto run_start = std::chrono::steady_clock::now();
   auto run_validation = [&](int64_t step) {
     if (!valid_sampler) return;
-    const double v = evaluate(model, *valid_sampler, micro, t.eval_iters);
+    const double v = eval_loss();
     if (sum.first_val_loss < 0) sum.first_val_loss = v;
     sum.last_val_loss = v;
     write_metrics({{"step", step}, {"tokens", tokens_seen}, {"val_loss", v}, {"val_ppl", std::exp(v)}});
     log << "step " << step << " | validation loss " << fixed(v, 4) << " (perplexity " << fixed(std::exp(v), 2)
         << ")" << std::endl;
   };
+  const auto schedule = one_f_one_b(rk.pp_size, rk.pp_rank, nmicro);
+  const size_t embed = model.embedding_param();
 
   int64_t step = start_step;
   for (; step < t.train_steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
-    train_sampler.next_batch(gb, dpx.rank, dpx.size, batch.t);
+    train_sampler.next_batch(gb, rk.dp_rank, rk.dp_size, batch.t);
     model.params().zero_grads();
+    sync.reset_timer();
+    bubble_s = 0;
+    double comm_s = 0;
     StepLosses agg;
     agg.mtp.assign(static_cast<size_t>(m.mtp.depth), 0.0);
-    for (int64_t i = 0; i < nmicro; ++i) {
-      const Tensor mb = batch.t.rows(i * micro, (i + 1) * micro);
-      const StepLosses l = model.forward_backward(mb, 1.0f / static_cast<float>(nmicro * dpx.size));
-      agg.total += l.total / nmicro, agg.main += l.main / nmicro, agg.balance += l.balance / nmicro;
-      for (size_t k = 0; k < l.mtp.size(); ++k) agg.mtp[k] += l.mtp[k] / nmicro;
-      agg.dropped += l.dropped, agg.assignments += l.assignments;
-      for (const auto& [layer, c] : l.expert_load) {
-        auto& a = agg.expert_load[layer];
-        if (a.empty()) a.assign(c.size(), 0);
-        for (size_t e = 0; e < c.size(); ++e) a[e] += c[e];
+    std::vector<MicroBatchState> states(static_cast<size_t>(nmicro));
+    std::vector<CommRequest> fwd_sends(static_cast<size_t>(nmicro)), bwd_sends(static_cast<size_t>(nmicro));
+    const float grad_scale = 1.0f / static_cast<float>(nmicro * rk.dp_size);
+    bool tie_active = false;
+    // The tied embedding copies (first and last stage) sum their gradients once this micro-batch's
+    // backward has sent its activation gradient on; their bucket waits for that.
+    const int64_t embed_end =
+        rk.tie ? model.params().param(embed).offset + model.params().grad(embed).numel() : 0;
+    auto ready = [&](int64_t dense_from, int64_t expert_from) {
+      if (rk.tie && tie_active) dense_from = std::max(dense_from, embed_end);
+      sync.ready(dense_from, expert_from);
+    };
+    for (const auto& [forward, i] : schedule) {
+      MicroBatchState& st = states[static_cast<size_t>(i)];
+      if (forward) {
+        if (rk.pp && !rk.first()) timed_recv(recv_act, prev, tag(i, 0));
+        const Tensor mb = batch.t.rows(i * micro, (i + 1) * micro);
+        const StepLosses l = model.stage_forward(mb, rk.pp ? recv_act.t : Tensor(), st, true, grad_scale);
+        if (rk.pp && !rk.last()) fwd_sends[i] = rk.pp->isend(st.hs.back().t, next, tag(i, 0));
+        agg.total += l.total / nmicro, agg.main += l.main / nmicro, agg.balance += l.balance / nmicro;
+        for (size_t k = 0; k < l.mtp.size(); ++k) agg.mtp[k] += l.mtp[k] / nmicro;
+        agg.dropped += l.dropped, agg.assignments += l.assignments;
+        for (const auto& [layer, c] : l.expert_load) {
+          auto& a = agg.expert_load[layer];
+          if (a.empty()) a.assign(c.size(), 0);
+          for (size_t e = 0; e < c.size(); ++e) a[e] += c[e];
+        }
+      } else {
+        if (rk.pp && !rk.last()) timed_recv(recv_grad, next, tag(i, 1));
+        fwd_sends[i].wait();  // the stage output is freed by the backward
+        const bool last_micro = i == nmicro - 1;
+        tie_active = layout.zero_stage >= 2 || last_micro;
+        sync.begin_micro_batch(last_micro);
+        model.stage_backward(st, rk.pp ? recv_grad.t : Tensor(), ready);
+        if (rk.pp && !rk.first()) bwd_sends[i] = rk.pp->isend(st.d_input.t, prev, tag(i, 1));
+        if (rk.tie && tie_active) {
+          const auto c0 = std::chrono::steady_clock::now();
+          rk.tie->allreduce(model.params().grad(embed));
+          comm_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
+          sync.ready(0, 0);
+        }
+        sync.end_micro_batch();
       }
     }
-    double gnorm = 0, comm_s = 0;
-    const auto comm_t0 = std::chrono::steady_clock::now();
-    if (dpx.dp) {
-      // Losses and loads summed over the data-parallel ranks (means for the losses).
+    wait_all(bwd_sends);
+    sync.finish();
+    states.clear();
+
+    // Losses and loads: means over data parallelism, sums over the pipeline stages.
+    const auto red_t0 = std::chrono::steady_clock::now();
+    {
       std::vector<double> red = {agg.total, agg.main, agg.balance, double(agg.dropped),
                                  double(agg.assignments)};
       for (double v : agg.mtp) red.push_back(v);
-      for (const auto& [layer, c] : agg.expert_load)
-        for (int64_t v : c) red.push_back(double(v));
-      allreduce_sum(dpx, red.data(), static_cast<int64_t>(red.size()));
-      const double inv = 1.0 / double(dpx.size);
+      for (int64_t layer : moe_layers) {
+        const auto it = agg.expert_load.find(layer);
+        for (int64_t e = 0; e < E; ++e)
+          red.push_back(it == agg.expert_load.end() ? 0.0 : double(it->second[e]));
+      }
+      if (rk.dp) rk.dp->allreduce(red.data(), static_cast<int64_t>(red.size()));
+      if (rk.pp) rk.pp->allreduce(red.data(), static_cast<int64_t>(red.size()));
+      const double inv = 1.0 / double(rk.dp_size);
       agg.total = red[0] * inv, agg.main = red[1] * inv, agg.balance = red[2] * inv;
       agg.dropped = int64_t(red[3]), agg.assignments = int64_t(red[4]);
       size_t k = 5;
       for (double& v : agg.mtp) v = red[k++] * inv;
-      for (auto& [layer, c] : agg.expert_load)
-        for (int64_t& v : c) v = int64_t(red[k++]);
-      // Gradients: summed over DP (each rank already scaled by 1 / (micro-batches * DP)).
-      float* g = model.params().flat_grads().f32();
-      double sq = 0;
-      if (dpx.zero == 0) {
-        dpx.dp->allreduce(g, dpx.n);
-        sq = sum_of_squares(g, dpx.n);
-      } else {
-        dpx.dp->reduce_scatter(g, rs_buffer.data(), dpx.block);
-        std::copy(rs_buffer.begin(), rs_buffer.end(), g + dpx.begin);
-        const int64_t tail = dpx.size * dpx.block;
-        if (tail < dpx.n) dpx.dp->allreduce(g + tail, dpx.n - tail);
-        sq = sum_of_squares(g + dpx.begin, dpx.end - dpx.begin);
-        dpx.dp->allreduce(&sq, 1);
+      agg.expert_load.clear();
+      for (int64_t layer : moe_layers) {
+        auto& c = agg.expert_load[layer];
+        for (int64_t e = 0; e < E; ++e) c.push_back(int64_t(red[k++]));
       }
-      gnorm = std::sqrt(sq);
-      if (t.optimizer.grad_clip > 0 && std::isfinite(gnorm) && gnorm > t.optimizer.grad_clip) {
-        const float scale = static_cast<float>(t.optimizer.grad_clip / (gnorm + 1e-6));
-        for (int64_t i = dpx.begin; i < dpx.end; ++i) g[i] *= scale;
-      }
-      comm_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - comm_t0).count();
-    } else {
-      gnorm = clip_grad_norm(model.params(), t.optimizer.grad_clip);
     }
+    if (opt.after_gradients) opt.after_gradients(step + 1, model, sync.designated());
+    // Global gradient norm: each element counted once over the world.
+    const float* g = model.params().flat_grads().f32();
+    double sq = 0;
+    for (const auto& [b, e] : sync.designated()) sq += sum_of_squares(g + b, e - b);
+    if (rk.world) rk.world->allreduce(&sq, 1);
+    const double gnorm = std::sqrt(sq);
+    if (t.optimizer.grad_clip > 0 && std::isfinite(gnorm) && gnorm > t.optimizer.grad_clip) {
+      const float scale = static_cast<float>(t.optimizer.grad_clip / (gnorm + 1e-6));
+      float* gw = model.params().flat_grads().f32();
+      for (const auto& [b, e] : sync.owned())
+        for (int64_t i = b; i < e; ++i) gw[i] *= scale;
+    }
+    comm_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - red_t0).count();
     const double lr = learning_rate(t, step);
     const bool finite = std::isfinite(agg.total) && std::isfinite(gnorm);
     if (finite) {
       adam.step(lr);
-      if (dpx.dp && dpx.zero >= 1) {  // every rank gets the updated shards
-        const auto gather_t0 = std::chrono::steady_clock::now();
-        float* p = model.params().flat_values().f32();
-        dpx.dp->allgather(p + dpx.begin, p, dpx.block);
-        const int64_t tail = dpx.size * dpx.block;
-        if (tail < dpx.n) dpx.dp->broadcast(p + tail, dpx.n - tail, static_cast<int>(dpx.size - 1));
-        comm_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - gather_t0).count();
-      }
+      sync.gather_values();  // ZeRO >= 1: every rank gets the updated slices
       if (m.moe.aux_loss_free) model.update_router_bias(agg.expert_load);
       streak = 0;
       ++sum.steps;
@@ -314,7 +421,13 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
           << " (loss " << agg.total << ", grad norm " << gnorm << "), update skipped (" << streak
           << " in a row, limit " << t.max_nonfinite_steps << ")" << std::endl;
     }
+    comm_s += sync.comm_seconds();
+    // The slowest rank's view: the step ends when every rank is done.
+    double times[2] = {comm_s, bubble_s};
+    if (rk.world) rk.world->allreduce(times, 2, ReduceOp::Max);
+    comm_s = times[0], bubble_s = times[1];
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    comm_total += comm_s, bubble_total += bubble_s, time_total += dt;
     tokens_seen += gb * S;  // over all data-parallel ranks
     const double tps = double(gb * S) / dt;
     const double tflops = tps * flops_per_token / 1e12;
@@ -325,6 +438,8 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     const double rss = current_rss_bytes();
     if (step == start_step) sum.first_loss = agg.main;
     sum.last_loss = agg.main;
+    sum.losses.push_back(agg.total);
+    if (opt.record_loads) sum.loads.push_back(agg.expert_load);
     write_metrics({{"step", step + 1},
                    {"tokens", tokens_seen},
                    {"loss", agg.total},
@@ -341,6 +456,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
                    {"rss_bytes", rss},
                    {"step_time_s", dt},
                    {"comm_time_s", comm_s},
+                   {"bubble_time_s", bubble_s},
                    {"skipped", !finite}});
     if ((step + 1) % t.log_interval == 0 || step == 0 || step + 1 == t.train_steps) {
       sum.curve.emplace_back(step + 1, agg.main);
@@ -352,8 +468,10 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
            << fixed(gnorm, 3) << " | " << fixed(tps, 0) << " tok/s | " << fixed(tflops * 1e3, 1)
            << " GFLOP/s | MFU " << fixed(100 * tflops / peak, 1) << "% | imbalance " << fixed(imbalance, 2)
            << " | dropped " << fixed(100 * dropped, 1) << "% | mem " << human_bytes(rss);
-      if (dpx.dp)
+      if (rk.world && world > 1)
         line << " | comm " << fixed(1e3 * comm_s, 1) << " ms (" << fixed(100 * comm_s / dt, 1) << "%)";
+      if (rk.pp)
+        line << " | bubble " << fixed(1e3 * bubble_s, 1) << " ms (" << fixed(100 * bubble_s / dt, 1) << "%)";
       log << line.str() << std::endl;
     }
     if (streak >= t.max_nonfinite_steps) {
@@ -365,7 +483,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     if (t.eval_interval > 0 && (step + 1) % t.eval_interval == 0) run_validation(step + 1);
     if ((step + 1) % cfg.checkpoint.interval == 0) save(step + 1), last_saved = step + 1;
     int64_t stop = stop_requested() ? 1 : 0;
-    if (dpx.dp) dpx.dp->allreduce(&stop, 1, ReduceOp::Max);  // every rank stops after the same step
+    if (rk.world) rk.world->allreduce(&stop, 1, ReduceOp::Max);  // every rank stops after the same step
     if (stop) {
       log << "stopping after step " << step + 1 << " on a signal" << std::endl;
       sum.stopped_by_signal = true;
@@ -381,8 +499,11 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
   if (!sum.aborted_nonfinite && step > last_saved) save(step);
   if (!sum.aborted_nonfinite && step > start_step && (t.eval_interval == 0 || step % t.eval_interval != 0))
     run_validation(step);
+  if (opt.at_end) opt.at_end(model, sync.designated_values());
   sum.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
   sum.tokens_per_s = double(step - start_step) * gb * S / std::max(1e-9, sum.seconds);
+  sum.comm_fraction = time_total > 0 ? comm_total / time_total : 0;
+  sum.bubble_fraction = time_total > 0 ? bubble_total / time_total : 0;
   return sum;
 }
 

@@ -5,7 +5,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <iosfwd>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -18,6 +20,7 @@
 namespace dsv3 {
 
 struct CommGroups;
+using FlatRanges = std::vector<std::pair<int64_t, int64_t>>;
 
 struct TrainerOptions {
   // The process grid and its communicators (null: one process). Data parallelism with ZeRO-0/1
@@ -31,6 +34,15 @@ struct TrainerOptions {
   // already holds checkpoints is refused); otherwise a checkpoint file or run directory to resume.
   std::string resume = "auto";
   int64_t stop_after_steps = 0;  // > 0: stop (with a checkpoint) once this many steps are done
+  // Gradient bucket size in elements (data-parallel reduction, ZeRO slices).
+  int64_t bucket_elements = int64_t{1} << 20;
+  bool record_loads = false;  // keep every step's expert loads in TrainSummary::loads
+  // Test hooks (every rank): after the gradients of step `step` (1-based) are reduced, before
+  // clipping, with the flat ranges of gradient elements this rank is the designated holder of
+  // (GradSync::designated); and at the end with the flat ranges of parameter values it holds for the
+  // world (each element of the model exactly once over all ranks).
+  std::function<void(int64_t step, const Model& model, const FlatRanges& designated)> after_gradients;
+  std::function<void(const Model& model, const FlatRanges& designated)> at_end;
 };
 
 struct TrainSummary {
@@ -45,6 +57,10 @@ struct TrainSummary {
   int64_t resumed_from_step = -1;  // -1: fresh start
   std::string last_checkpoint;     // path of the last checkpoint written
   bool aborted_nonfinite = false;
+  std::vector<double> losses;                                  // total loss of every step run
+  std::vector<std::map<int64_t, std::vector<int64_t>>> loads;  // per step (record_loads)
+  double bubble_fraction = 0;  // measured pipeline wait / step time, mean over the run
+  double comm_fraction = 0;    // measured communication / step time, mean over the run
 };
 
 // Mean main-model loss over `batches` micro-batches of the (unshuffled) validation stream, restarted

@@ -66,9 +66,10 @@ void fill(const ParamStore& ps, AdamW* opt) {
   for (const auto& e : ps.params())
     for (int64_t i = 0; i < e.value.numel(); ++i) {
       const int64_t flat = e.offset + i;
-      if (flat < opt->begin() || flat >= opt->end()) continue;
-      opt->exp_avg()[size_t(flat - opt->begin())] = value_of(e.name, global_index(e.shard, i), 1);
-      opt->exp_avg_sq()[size_t(flat - opt->begin())] = value_of(e.name, global_index(e.shard, i), 2);
+      const int64_t mi = opt->moment_index(flat);
+      if (mi < 0) continue;
+      opt->exp_avg()[size_t(mi)] = value_of(e.name, global_index(e.shard, i), 1);
+      opt->exp_avg_sq()[size_t(mi)] = value_of(e.name, global_index(e.shard, i), 2);
     }
   opt->set_steps(42);
 }
@@ -86,9 +87,10 @@ void check(const ParamStore& ps, AdamW* opt, const std::string& what) {
   for (const auto& e : ps.params())
     for (int64_t i = 0; i < e.value.numel(); ++i) {
       const int64_t flat = e.offset + i;
-      if (flat < opt->begin() || flat >= opt->end()) continue;
-      if (opt->exp_avg()[size_t(flat - opt->begin())] != value_of(e.name, global_index(e.shard, i), 1) ||
-          opt->exp_avg_sq()[size_t(flat - opt->begin())] != value_of(e.name, global_index(e.shard, i), 2))
+      const int64_t mi = opt->moment_index(flat);
+      if (mi < 0) continue;
+      if (opt->exp_avg()[size_t(mi)] != value_of(e.name, global_index(e.shard, i), 1) ||
+          opt->exp_avg_sq()[size_t(mi)] != value_of(e.name, global_index(e.shard, i), 2))
         fail(what + ": moments of " + e.name + " element " + std::to_string(i));
     }
 }

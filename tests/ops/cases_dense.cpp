@@ -1,6 +1,7 @@
-// Op-registry cases of the dense ops (linear, add_inplace, scale, copy_columns, embedding, rmsnorm,
-// rope, attention, mla_assemble_kv, swiglu) against reference_dense.hpp, plus direct tests of the
-// error messages (shape mismatch, embedding id out of range, unsupported device) and of zero().
+// Op-registry cases of the dense ops (linear, add_inplace, scale, copy_columns, embedding,
+// embedding_shard, rmsnorm, rope, attention, mla_assemble_kv, swiglu) against reference_dense.hpp, plus
+// direct tests of the error messages (shape mismatch, embedding id out of range, shard outside the
+// vocabulary, unsupported device), of vocabulary shards summing to the full embedding and of zero().
 //
 // Overwrite / accumulate semantics are checked inside the backward functions: gradients that must be
 // overwritten are first filled with NaN; gradients that accumulate are first filled with a known
@@ -240,6 +241,49 @@ void embedding_cases(std::vector<OpCase>& out, std::mt19937_64& rng) {
   }
 }
 
+// embedding_shard: the table is rows [first, first + Vs) of a vocabulary of V; ids cover the whole
+// vocabulary, so some fall outside the shard (zero rows, no gradient). The first three ids are forced:
+// two equal ids inside the shard (a repeated row) and one outside it when the shard is not the whole
+// vocabulary.
+void embedding_shard_cases(std::vector<OpCase>& out, std::mt19937_64& rng) {
+  struct V {
+    const char* name;
+    int64_t T, V, D, first, Vs;
+  };
+  for (const V& v : {V{"start", 7, 20, 33, 0, 6}, V{"middle", 20, 9, 8, 3, 4}, V{"end", 9, 50, 16, 38, 12},
+                     V{"whole", 5, 4, 3, 0, 4}, V{"single_row", 12, 30, 5, 17, 1},
+                     V{"wide", 40, 300, 70, 101, 97}, V{"one_token", 1, 6, 7, 2, 3}}) {
+    const int64_t T = v.T, Vv = v.V, D = v.D, first = v.first, Vs = v.Vs;
+    OpCase c;
+    c.op = "embedding_shard";
+    c.variant =
+        std::string(v.name) + "_" + dims({{"T", T}, {"V", Vv}, {"D", D}, {"first", first}, {"Vs", Vs}});
+    RefTensor ids = dsv3::optest::ref_int("ids", {T});
+    dsv3::optest::fill_uniform_int(ids, rng, 0, static_cast<int32_t>(Vv - 1));
+    ids.i[0] = static_cast<int32_t>(first + Vs / 2);
+    if (T > 1) ids.i[1] = ids.i[0];
+    if (T > 2 && Vs < Vv) ids.i[2] = static_cast<int32_t>(first > 0 ? first - 1 : first + Vs);
+    c.inputs = {ids, randn("table", {Vs, D}, rng)};
+    c.differentiable = {false, true};
+    c.outputs = {output("out", {T, D})};
+    c.forward = [first, Vv](const std::vector<Tensor>& in, const std::vector<Tensor>& o) {
+      fill_nan(o[0]);  // every row is written, zero rows included
+      ops::embedding_shard_forward(in[0], in[1], first, Vv, o[0]);
+    };
+    c.reference = [T, D, first, Vs](const std::vector<RefTensor>& in, std::vector<RefTensor>& o) {
+      ref::embedding_shard(in[0].i.data(), T, in[1].f.data(), first, Vs, D, o[0].f.data());
+    };
+    c.backward = [first, Vv](const std::vector<Tensor>& in, const std::vector<Tensor>&,
+                             const std::vector<Tensor>& dout, const std::vector<Tensor>& din) {
+      fill_pattern(din[1]);
+      ops::embedding_shard_backward(in[0], dout[0], first, Vv, din[1]);
+      remove_pattern(din[1]);
+    };
+    c.fd_samples = 64;
+    out.push_back(std::move(c));
+  }
+}
+
 // rmsnorm: y and rstd; backward dx (overwrite or accumulate) and dw (accumulate).
 void rmsnorm_cases(std::vector<OpCase>& out, std::mt19937_64& rng) {
   struct V {
@@ -436,6 +480,7 @@ std::vector<OpCase> dense_cases(std::mt19937_64& rng) {
   scale_cases(out, rng);
   copy_columns_cases(out, rng);
   embedding_cases(out, rng);
+  embedding_shard_cases(out, rng);
   rmsnorm_cases(out, rng);
   rope_cases(out, rng);
   attention_cases(out, rng);
@@ -502,6 +547,84 @@ TEST(DenseOpErrors, EmbeddingIdOutOfRangeNamesPositionAndId) {
   ids.i32()[2] = -1;
   m = error_of([&] { ops::embedding_backward(ids, out, table); });
   EXPECT_NE(m.find("id -1"), std::string::npos) << m;
+}
+
+TEST(DenseOpErrors, EmbeddingShardChecksIdsAgainstTheFullVocabulary) {
+  // Shard rows [4, 8) of a vocabulary of 10: ids 0..9 are valid (outside the shard they give zero
+  // rows); 12 is not and names its position.
+  OwnedTensor ids(DType::I32, {4}, "ids"), table(DType::F32, {4, 3}, "table_shard"),
+      out(DType::F32, {4, 3}, "out");
+  ids.i32()[0] = 1, ids.i32()[1] = 9, ids.i32()[2] = 12, ids.i32()[3] = 5;
+  std::string m = error_of([&] { ops::embedding_shard_forward(ids, table, 4, 10, out); });
+  EXPECT_NE(m.find("embedding_shard_forward"), std::string::npos) << m;
+  EXPECT_NE(m.find("position 2"), std::string::npos) << m;
+  EXPECT_NE(m.find("id 12"), std::string::npos) << m;
+  EXPECT_NE(m.find("vocab = 10"), std::string::npos) << m;
+
+  ids.i32()[2] = -3;
+  m = error_of([&] { ops::embedding_shard_backward(ids, out, 4, 10, table); });
+  EXPECT_NE(m.find("embedding_shard_backward"), std::string::npos) << m;
+  EXPECT_NE(m.find("position 2"), std::string::npos) << m;
+  EXPECT_NE(m.find("id -3"), std::string::npos) << m;
+
+  // An id inside [V_shard, vocab) is fine even though it exceeds the shard's row count.
+  ids.i32()[2] = 8;
+  ops::embedding_shard_forward(ids, table, 4, 10, out);
+}
+
+TEST(DenseOpErrors, EmbeddingShardOutsideTheVocabularyIsRejected) {
+  OwnedTensor ids(DType::I32, {2}, "ids"), table(DType::F32, {4, 3}, "table_shard"),
+      out(DType::F32, {2, 3}, "out");
+  ids.i32()[0] = 0, ids.i32()[1] = 1;
+  // Rows [7, 11) of a vocabulary of 10.
+  std::string m = error_of([&] { ops::embedding_shard_forward(ids, table, 7, 10, out); });
+  EXPECT_NE(m.find("embedding_shard_forward"), std::string::npos) << m;
+  EXPECT_NE(m.find("'table_shard'"), std::string::npos) << m;
+  EXPECT_NE(m.find("[7, 11)"), std::string::npos) << m;
+  EXPECT_NE(m.find("[0, 10)"), std::string::npos) << m;
+  m = error_of([&] { ops::embedding_shard_backward(ids, out, 7, 10, table); });
+  EXPECT_NE(m.find("embedding_shard_backward"), std::string::npos) << m;
+  EXPECT_NE(m.find("[7, 11)"), std::string::npos) << m;
+  // A negative first, and a shard larger than the vocabulary.
+  m = error_of([&] { ops::embedding_shard_forward(ids, table, -1, 10, out); });
+  EXPECT_NE(m.find("[-1, 3)"), std::string::npos) << m;
+  m = error_of([&] { ops::embedding_shard_forward(ids, table, 0, 3, out); });
+  EXPECT_NE(m.find("[0, 3)"), std::string::npos) << m;
+  // Exactly at the end fits.
+  ops::embedding_shard_forward(ids, table, 6, 10, out);
+}
+
+TEST(DenseOps, EmbeddingShardsSumToTheFullEmbedding) {
+  // A vocabulary of 23 split into 3 uneven shards; every id of the vocabulary appears, some repeated.
+  const int64_t V = 23, D = 37, T = 41;
+  const int64_t bounds[4] = {0, 8, 15, 23};
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::uniform_int_distribution<int32_t> ud(0, static_cast<int32_t>(V - 1));
+  OwnedTensor ids(DType::I32, {T}, "ids"), table(DType::F32, {V, D}, "table"),
+      full(DType::F32, {T, D}, "out"), dout(DType::F32, {T, D}, "dout"), dtable(DType::F32, {V, D}, "dtable");
+  for (int64_t t = 0; t < T; ++t) ids.i32()[t] = t < V ? static_cast<int32_t>(t) : ud(rng);
+  for (int64_t j = 0; j < V * D; ++j) table.f32()[j] = nd(rng);
+  for (int64_t j = 0; j < T * D; ++j) dout.f32()[j] = nd(rng);
+  fill_pattern(dtable);
+  ops::embedding_forward(ids, table, full);
+  ops::embedding_backward(ids, dout, dtable);
+
+  std::vector<float> sum(static_cast<size_t>(T * D), 0.0f);
+  for (int s = 0; s < 3; ++s) {
+    const int64_t first = bounds[s], Vs = bounds[s + 1] - bounds[s];
+    // The shard is a view of the full table's rows; its gradient starts from the same pattern.
+    const Tensor shard(table.f32() + first * D, DType::F32, {Vs, D}, "table_shard");
+    OwnedTensor part(DType::F32, {T, D}, "out_shard"), dshard(DType::F32, {Vs, D}, "dtable_shard");
+    fill_nan(part);
+    ops::embedding_shard_forward(ids, shard, first, V, part);
+    for (int64_t j = 0; j < T * D; ++j) sum[j] += part.f32()[j];
+    for (int64_t j = 0; j < Vs * D; ++j) dshard.f32()[j] = pattern(first * D + j);
+    ops::embedding_shard_backward(ids, dout, first, V, dshard);
+    for (int64_t j = 0; j < Vs * D; ++j)
+      ASSERT_EQ(dshard.f32()[j], dtable.f32()[first * D + j]) << "shard " << s << " dtable element " << j;
+  }
+  for (int64_t j = 0; j < T * D; ++j) ASSERT_EQ(sum[j], full.f32()[j]) << "element " << j;
 }
 
 TEST(DenseOpErrors, NonHostDeviceThrows) {

@@ -1,7 +1,8 @@
 // Op-registry cases for the MoE and loss ops (router, dispatch, combine, cross_entropy,
-// seq_balance_loss) against reference_moe.hpp, plus plain tests of behaviour a random case cannot pin
-// down: group-limited routing, bias that moves the selection but not the weights, exact dispatch
-// placement, capacity drops, error messages.
+// cross_entropy_shard, seq_balance_loss) against reference_moe.hpp, plus plain tests of behaviour a
+// random case cannot pin down: group-limited routing, bias that moves the selection but not the
+// weights, exact dispatch placement, capacity drops, vocabulary shards combining to the full loss,
+// error messages.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -276,6 +277,118 @@ std::vector<OpCase> cross_entropy_cases(std::mt19937_64& rng) {
 DSV3_REGISTER_OP_CASES("moe", cross_entropy_cases);
 
 // ------------------------------------------------------------------------------------------------
+// cross_entropy_shard: the full logits [C, V] are given as up to three inputs, the columns before the
+// shard under test, the shard [first, first + Vs) and the columns after it (empty pieces are left
+// out), and each piece goes through cross_entropy_shard_forward as its own shard. The caller's
+// combination (lse = log sum exp of the shard lses, loss = lse - sum of target logits, 0 for ignored
+// rows) gives the differentiable losses [C]; the combined lse and every piece's shard_lse and
+// target_logit are compared with the reference. The backward runs cross_entropy_shard_backward on
+// every piece with the combined lse, so the finite differences check the gradient of all columns.
+struct ShardPiece {
+  std::string name;
+  int64_t first, width;
+};
+
+// Combines per-shard (lse, target logit) pairs of one row: returns the full lse.
+double combine_lse(const std::vector<double>& shard_lse) {
+  double m = shard_lse[0];
+  for (double x : shard_lse) m = std::max(m, x);
+  double z = 0;
+  for (double x : shard_lse) z += std::exp(x - m);
+  return m + std::log(z);
+}
+
+OpCase cross_entropy_shard_case(std::mt19937_64& rng, const std::string& name, int64_t C, int64_t V,
+                                int64_t first, int64_t Vs, double std, double offset,
+                                std::vector<int64_t> ignored) {
+  std::vector<ShardPiece> pieces;
+  if (first > 0) pieces.push_back({"before", 0, first});
+  pieces.push_back({"shard", first, Vs});
+  if (first + Vs < V) pieces.push_back({"after", first + Vs, V - first - Vs});
+  const int64_t P = static_cast<int64_t>(pieces.size());
+
+  OpCase c;
+  c.op = "cross_entropy_shard";
+  c.variant = name + "_" + dims({{"C", C}, {"V", V}, {"first", first}, {"Vs", Vs}});
+  RefTensor targets = ref_int("targets", {C});
+  fill_uniform_int(targets, rng, 0, static_cast<int32_t>(V - 1));
+  // Row 0's target inside the shard under test, row 1's outside it (when there is an outside).
+  targets.i[0] = static_cast<int32_t>(first + Vs / 2);
+  if (C > 1 && Vs < V) targets.i[1] = static_cast<int32_t>(first > 0 ? first - 1 : first + Vs);
+  for (int64_t r : ignored) targets.i[r] = r % 2 ? -1 : -100;
+  for (const ShardPiece& p : pieces) {
+    RefTensor l = ref_float("logits_" + p.name, {C, p.width});
+    fill_normal(l, rng, std);
+    for (auto& x : l.f) x += offset;
+    c.inputs.push_back(l);
+    c.differentiable.push_back(true);
+  }
+  c.inputs.push_back(targets);
+  c.differentiable.push_back(false);
+  c.outputs = {{"losses", {C}, false, true, true}, {"lse", {C}, false, false, true}};
+  for (const ShardPiece& p : pieces) {
+    c.outputs.push_back({"shard_lse_" + p.name, {C}, false, false, true});
+    c.outputs.push_back({"target_logit_" + p.name, {C}, false, false, true});
+  }
+  c.forward = [pieces, P, C, V](const std::vector<Tensor>& in, const std::vector<Tensor>& out) {
+    const Tensor& tg = in[P];
+    for (int64_t p = 0; p < P; ++p)
+      ops::cross_entropy_shard_forward(in[p], tg, pieces[p].first, V, out[2 + 2 * p], out[3 + 2 * p]);
+    for (int64_t r = 0; r < C; ++r) {
+      std::vector<double> ls;
+      double target = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        ls.push_back(out[2 + 2 * p].f32()[r]);
+        target += out[3 + 2 * p].f32()[r];
+      }
+      const double lse = combine_lse(ls);
+      out[1].f32()[r] = static_cast<float>(lse);
+      out[0].f32()[r] = tg.i32()[r] < 0 ? 0.0f : static_cast<float>(lse - target);
+    }
+  };
+  c.reference = [pieces, P, C](const std::vector<RefTensor>& in, std::vector<RefTensor>& out) {
+    const std::vector<int32_t>& tg = in[P].i;
+    for (int64_t p = 0; p < P; ++p)
+      ref::cross_entropy_shard<double>(C, pieces[p].width, pieces[p].first, in[p].f, tg, out[2 + 2 * p].f,
+                                       out[3 + 2 * p].f);
+    for (int64_t r = 0; r < C; ++r) {
+      std::vector<double> ls;
+      double target = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        ls.push_back(out[2 + 2 * p].f[r]);
+        target += out[3 + 2 * p].f[r];
+      }
+      out[1].f[r] = combine_lse(ls);
+      out[0].f[r] = tg[r] < 0 ? 0.0 : out[1].f[r] - target;
+    }
+  };
+  c.backward = [pieces, P, V](const std::vector<Tensor>& in, const std::vector<Tensor>& out,
+                              const std::vector<Tensor>& dout, const std::vector<Tensor>& din) {
+    for (int64_t p = 0; p < P; ++p) {
+      std::copy_n(in[p].f32(), in[p].numel(), din[p].f32());  // in place on a copy of the piece
+      ops::cross_entropy_shard_backward(din[p], in[P], pieces[p].first, V, out[1], dout[0]);
+    }
+  };
+  c.fd_samples = 40;
+  return c;
+}
+
+std::vector<OpCase> cross_entropy_shard_cases(std::mt19937_64& rng) {
+  std::vector<OpCase> v;
+  v.push_back(cross_entropy_shard_case(rng, "start", 7, 33, 0, 11, 1.0, 0.0, {}));
+  v.push_back(cross_entropy_shard_case(rng, "middle", 6, 17, 5, 7, 1.0, 0.0, {2, 5}));
+  v.push_back(cross_entropy_shard_case(rng, "end", 5, 40, 27, 13, 2.0, 0.0, {3}));
+  v.push_back(cross_entropy_shard_case(rng, "whole", 3, 9, 0, 9, 1.0, 0.0, {}));
+  v.push_back(cross_entropy_shard_case(rng, "single_column", 4, 12, 6, 1, 1.5, 0.0, {2}));
+  v.push_back(cross_entropy_shard_case(rng, "one_row", 1, 5, 2, 2, 2.0, 0.0, {}));
+  v.push_back(cross_entropy_shard_case(rng, "large_vocab", 4, 1000, 313, 389, 3.0, 0.0, {}));
+  // Logits far from zero: needs the max subtraction in every shard.
+  v.push_back(cross_entropy_shard_case(rng, "shifted", 5, 40, 13, 14, 2.0, 90.0, {2}));
+  return v;
+}
+DSV3_REGISTER_OP_CASES("moe", cross_entropy_shard_cases);
+
+// ------------------------------------------------------------------------------------------------
 // seq_balance_loss: inputs scores [B*S, E] (positive, like sigmoid scores), idx [B*S, K]; the scalar
 // loss is wrapped as a [1] output.
 OpCase balance_case(std::mt19937_64& rng, int64_t B, int64_t S, int64_t E, int64_t K, double alpha) {
@@ -517,6 +630,125 @@ TEST(MoeCrossEntropy, TargetOutsideVocabularyThrowsNamingRowAndTarget) {
   EXPECT_NE(m.find("cross_entropy_forward"), std::string::npos) << m;
   EXPECT_NE(m.find("row 2"), std::string::npos) << m;
   EXPECT_NE(m.find("target 7"), std::string::npos) << m;
+}
+
+TEST(MoeCrossEntropy, ShardTargetOutsideVocabularyOrShardOutsideVocabularyThrows) {
+  // Columns [4, 7) of a vocabulary of 10: targets up to 9 are valid, 10 names its row.
+  OwnedTensor logits(DType::F32, {3, 3}, "logits_shard"), shard_lse(DType::F32, {3}, "shard_lse"),
+      target_logit(DType::F32, {3}, "target_logit"), lse(DType::F32, {3}, "lse"),
+      dloss(DType::F32, {3}, "dloss");
+  OwnedTensor targets = i32_tensor("targets", {3}, {9, 10, 5});
+  std::string m =
+      error_of([&] { ops::cross_entropy_shard_forward(logits, targets, 4, 10, shard_lse, target_logit); });
+  EXPECT_NE(m.find("cross_entropy_shard_forward"), std::string::npos) << m;
+  EXPECT_NE(m.find("row 1"), std::string::npos) << m;
+  EXPECT_NE(m.find("target 10"), std::string::npos) << m;
+  m = error_of([&] { ops::cross_entropy_shard_backward(logits, targets, 4, 10, lse, dloss); });
+  EXPECT_NE(m.find("cross_entropy_shard_backward"), std::string::npos) << m;
+  EXPECT_NE(m.find("row 1"), std::string::npos) << m;
+
+  // Valid targets, but columns [8, 11) do not fit a vocabulary of 10; nor does a negative first.
+  OwnedTensor ok = i32_tensor("targets", {3}, {9, -1, 5});
+  m = error_of([&] { ops::cross_entropy_shard_forward(logits, ok, 8, 10, shard_lse, target_logit); });
+  EXPECT_NE(m.find("cross_entropy_shard_forward"), std::string::npos) << m;
+  EXPECT_NE(m.find("'logits_shard'"), std::string::npos) << m;
+  EXPECT_NE(m.find("[8, 11)"), std::string::npos) << m;
+  EXPECT_NE(m.find("[0, 10)"), std::string::npos) << m;
+  m = error_of([&] { ops::cross_entropy_shard_backward(logits, ok, 8, 10, lse, dloss); });
+  EXPECT_NE(m.find("cross_entropy_shard_backward"), std::string::npos) << m;
+  EXPECT_NE(m.find("[8, 11)"), std::string::npos) << m;
+  m = error_of([&] { ops::cross_entropy_shard_forward(logits, ok, -2, 10, shard_lse, target_logit); });
+  EXPECT_NE(m.find("[-2, 1)"), std::string::npos) << m;
+  // The last columns fit.
+  ops::cross_entropy_shard_forward(logits, ok, 7, 10, shard_lse, target_logit);
+}
+
+TEST(MoeCrossEntropy, ShardsCombineToTheFullLossAndGradient) {
+  // A vocabulary of 101 split into 3 uneven shards; targets in every shard and ignored rows.
+  const int64_t C = 9, V = 101;
+  const int64_t bounds[4] = {0, 30, 71, 101};
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> nd(0.0f, 2.0f);
+  std::vector<float> L(static_cast<size_t>(C * V)), dl(static_cast<size_t>(C));
+  for (auto& x : L) x = nd(rng);
+  for (auto& x : dl) x = 1.0f + 0.25f * nd(rng);
+  const std::vector<int32_t> tg = {0, 29, 30, 70, 71, 100, -1, 55, -100};
+  OwnedTensor targets = i32_tensor("targets", {C}, tg);
+  OwnedTensor logits = f32_tensor("logits", {C, V}, L), dloss = f32_tensor("dloss", {C}, dl);
+  OwnedTensor losses(DType::F32, {C}, "losses"), lse(DType::F32, {C}, "lse");
+  ops::cross_entropy_forward(logits, targets, losses, lse);
+  ops::cross_entropy_backward(logits, targets, lse, dloss);  // logits now hold the gradient
+
+  std::vector<OwnedTensor> shard_lse, target_logit;
+  for (int s = 0; s < 3; ++s) {
+    const int64_t first = bounds[s], Vs = bounds[s + 1] - first;
+    std::vector<float> part(static_cast<size_t>(C * Vs));
+    for (int64_t r = 0; r < C; ++r)
+      for (int64_t j = 0; j < Vs; ++j) part[r * Vs + j] = L[r * V + first + j];
+    OwnedTensor piece = f32_tensor("logits_shard", {C, Vs}, part);
+    shard_lse.emplace_back(DType::F32, std::vector<int64_t>{C}, "shard_lse");
+    target_logit.emplace_back(DType::F32, std::vector<int64_t>{C}, "target_logit");
+    ops::cross_entropy_shard_forward(piece, targets, first, V, shard_lse.back(), target_logit.back());
+  }
+  std::vector<float> comb_lse(static_cast<size_t>(C));
+  for (int64_t r = 0; r < C; ++r) {
+    double z = 0, target = 0;
+    for (int s = 0; s < 3; ++s) {
+      z += std::exp(static_cast<double>(shard_lse[s].f32()[r]));
+      target += target_logit[s].f32()[r];
+    }
+    comb_lse[r] = static_cast<float>(std::log(z));
+    if (tg[r] < 0) {
+      EXPECT_EQ(losses.f32()[r], 0.0f) << "row " << r;
+      EXPECT_EQ(target, 0.0) << "row " << r;
+      continue;
+    }
+    const double loss = std::log(z) - target, full = losses.f32()[r];
+    EXPECT_NEAR(loss, full, 1e-5 * std::fabs(full)) << "row " << r;
+  }
+
+  OwnedTensor combined = f32_tensor("lse", {C}, comb_lse);
+  double worst = 0;
+  for (int s = 0; s < 3; ++s) {
+    const int64_t first = bounds[s], Vs = bounds[s + 1] - first;
+    std::vector<float> part(static_cast<size_t>(C * Vs));
+    for (int64_t r = 0; r < C; ++r)
+      for (int64_t j = 0; j < Vs; ++j) part[r * Vs + j] = L[r * V + first + j];
+    OwnedTensor piece = f32_tensor("logits_shard", {C, Vs}, part);
+    ops::cross_entropy_shard_backward(piece, targets, first, V, combined, dloss);
+    for (int64_t r = 0; r < C; ++r)
+      for (int64_t j = 0; j < Vs; ++j) {
+        const float a = piece.f32()[r * Vs + j], b = logits.f32()[r * V + first + j];
+        worst = std::max(worst, std::fabs(double(a) - double(b)));
+        EXPECT_NEAR(a, b, 1e-6) << "shard " << s << " row " << r << " column " << first + j;
+        if (tg[r] < 0) {
+          EXPECT_EQ(a, 0.0f) << "ignored row " << r;
+        }
+      }
+  }
+  std::ostringstream w;
+  w << std::scientific << worst;
+  RecordProperty("worst_abs_grad_diff", w.str());
+}
+
+TEST(MoeCrossEntropy, ShardBackwardIsTheUnnormalisedFormula) {
+  // With an arbitrary lse (not the shard's own), the shard backward is exactly
+  // dloss * (exp(logits - lse) - onehot): no renormalisation over the shard.
+  const int64_t C = 5, Vs = 23, first = 40, V = 90;
+  std::mt19937_64 rng(9);
+  std::normal_distribution<double> nd(0.0, 1.5);
+  std::vector<double> L(static_cast<size_t>(C * Vs)), ls(static_cast<size_t>(C)), dl(static_cast<size_t>(C));
+  for (auto& x : L) x = static_cast<float>(nd(rng));
+  for (auto& x : ls) x = static_cast<float>(4.0 + nd(rng));
+  for (auto& x : dl) x = static_cast<float>(nd(rng));
+  const std::vector<int32_t> tg = {45, 3, -1, 62, 89};  // inside, before, ignored, inside (last), after
+  auto to_f = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+  OwnedTensor logits = f32_tensor("logits_shard", {C, Vs}, to_f(L)), lse = f32_tensor("lse", {C}, to_f(ls)),
+              dloss = f32_tensor("dloss", {C}, to_f(dl)), targets = i32_tensor("targets", {C}, tg);
+  ops::cross_entropy_shard_backward(logits, targets, first, V, lse, dloss);
+  const std::vector<double> want = ref::cross_entropy_shard_backward<double>(C, Vs, first, L, tg, ls, dl);
+  for (int64_t j = 0; j < C * Vs; ++j)
+    EXPECT_NEAR(logits.f32()[j], want[j], 1e-6 * (1.0 + std::fabs(want[j]))) << "element " << j;
 }
 
 TEST(MoeCrossEntropy, IgnoredRowsAndHugeLogits) {

@@ -1,7 +1,8 @@
 // Naive scalar references of the dense ops of kernels/ops.hpp (linear, element-wise, column copies,
-// embedding, RMSNorm, RoPE with YaRN, causal attention, MLA key/value assembly, SwiGLU). Written for
-// clarity, not speed: plain loops straight from the formulas, templated on the scalar type so the op
-// registry runs them in double. Arrays are contiguous row-major, shapes as in ops.hpp.
+// embedding and its vocabulary shard, RMSNorm, RoPE with YaRN, causal attention, MLA key/value
+// assembly, SwiGLU). Written for clarity, not speed: plain loops straight from the formulas,
+// templated on the scalar type so the op registry runs them in double. Arrays are contiguous
+// row-major, shapes as in ops.hpp.
 #pragma once
 
 #include <algorithm>
@@ -37,6 +38,18 @@ template <typename Real>
 void embedding(const int32_t* ids, int64_t T, const Real* table, int64_t D, Real* out) {
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < D; ++j) out[t * D + j] = table[static_cast<int64_t>(ids[t]) * D + j];
+}
+
+// Vocabulary shard of the embedding: table [Vs, D] holds rows [first, first + Vs) of the full table;
+// out[t, :] = table[ids[t] - first, :] for ids inside the shard, 0 otherwise.
+template <typename Real>
+void embedding_shard(const int32_t* ids, int64_t T, const Real* table, int64_t first, int64_t Vs, int64_t D,
+                     Real* out) {
+  for (int64_t t = 0; t < T; ++t) {
+    const bool inside = ids[t] >= first && ids[t] < first + Vs;
+    for (int64_t j = 0; j < D; ++j)
+      out[t * D + j] = inside ? table[(static_cast<int64_t>(ids[t]) - first) * D + j] : Real(0);
+  }
 }
 
 // y = x / sqrt(mean(x^2) + eps) * w over rows of x [T, D]; rstd [T].

@@ -1,8 +1,8 @@
 // Naive scalar references of the MoE and loss ops (router, dispatch plan, dispatch, combine,
-// cross-entropy, sequence-wise balance loss), written for clarity rather than speed and templated on
-// the scalar type so the op registry runs them in double. They follow kernels/ops.hpp and
-// src/model/MODEL.md literally (sorting where the backend scans, per-expert passes where the backend
-// counts), so that backend and reference share no code.
+// cross-entropy and its vocabulary shard, sequence-wise balance loss), written for clarity rather
+// than speed and templated on the scalar type so the op registry runs them in double. They follow
+// kernels/ops.hpp and src/model/MODEL.md literally (sorting where the backend scans, per-expert
+// passes where the backend counts), so that backend and reference share no code.
 #pragma once
 
 #include <algorithm>
@@ -129,6 +129,15 @@ std::vector<Real> combine(const Plan& plan, int64_t T, int64_t K, int64_t D, con
   return y;
 }
 
+// log(sum_v exp(l[v])) of one row of n logits, shifted by the row maximum.
+template <typename Real>
+Real row_lse(const Real* l, int64_t n) {
+  const Real m = *std::max_element(l, l + n);
+  Real z = 0;
+  for (int64_t v = 0; v < n; ++v) z += std::exp(l[v] - m);
+  return m + std::log(z);
+}
+
 // logits [C, V], targets [C] -> losses [C], lse [C]
 template <typename Real>
 void cross_entropy(int64_t C, int64_t V, const std::vector<Real>& logits, const std::vector<int32_t>& targets,
@@ -137,12 +146,43 @@ void cross_entropy(int64_t C, int64_t V, const std::vector<Real>& logits, const 
   lse.assign(static_cast<size_t>(C), Real(0));
   for (int64_t c = 0; c < C; ++c) {
     const Real* l = logits.data() + c * V;
-    const Real m = *std::max_element(l, l + V);
-    Real z = 0;
-    for (int64_t v = 0; v < V; ++v) z += std::exp(l[v] - m);
-    lse[c] = m + std::log(z);
+    lse[c] = row_lse(l, V);
     losses[c] = targets[c] < 0 ? Real(0) : lse[c] - l[targets[c]];
   }
+}
+
+// Vocabulary shard: logits [C, Vs] are columns [first, first + Vs) of the full logits. Per row the
+// shard's log-sum-exp and the target logit (0 when the target is outside the shard or ignored).
+template <typename Real>
+void cross_entropy_shard(int64_t C, int64_t Vs, int64_t first, const std::vector<Real>& logits,
+                         const std::vector<int32_t>& targets, std::vector<Real>& shard_lse,
+                         std::vector<Real>& target_logit) {
+  shard_lse.assign(static_cast<size_t>(C), Real(0));
+  target_logit.assign(static_cast<size_t>(C), Real(0));
+  for (int64_t c = 0; c < C; ++c) {
+    const Real* l = logits.data() + c * Vs;
+    shard_lse[c] = row_lse(l, Vs);
+    const int64_t j = static_cast<int64_t>(targets[c]) - first;
+    if (targets[c] >= 0 && j >= 0 && j < Vs) target_logit[c] = l[j];
+  }
+}
+
+// The shard backward written out: dlogits[c, v] = dloss[c] * (exp(logits[c, v] - lse[c]) - [v is the
+// target]) with lse the full-vocabulary log-sum-exp; ignored rows 0.
+template <typename Real>
+std::vector<Real> cross_entropy_shard_backward(int64_t C, int64_t Vs, int64_t first,
+                                               const std::vector<Real>& logits,
+                                               const std::vector<int32_t>& targets,
+                                               const std::vector<Real>& lse, const std::vector<Real>& dloss) {
+  std::vector<Real> d(static_cast<size_t>(C * Vs), Real(0));
+  for (int64_t c = 0; c < C; ++c) {
+    if (targets[c] < 0) continue;
+    for (int64_t v = 0; v < Vs; ++v) {
+      const Real onehot = static_cast<int64_t>(targets[c]) - first == v ? Real(1) : Real(0);
+      d[c * Vs + v] = dloss[c] * (std::exp(logits[c * Vs + v] - lse[c]) - onehot);
+    }
+  }
+  return d;
 }
 
 // scores [B*S, E], idx [B*S, K] -> alpha * mean_b sum_i f_i P_i
