@@ -16,13 +16,6 @@
 
 namespace dsv3 {
 
-namespace {
-// dst rows [d0, d0 + n) = src rows [s0, s0 + n)
-void copy_rows(const Tensor& src, int64_t s0, const Tensor& dst, int64_t d0, int64_t n) {
-  if (n > 0) ops::copy_columns(src.rows(s0, s0 + n), 0, dst.rows(d0, d0 + n));
-}
-}  // namespace
-
 MoE::MoE(const ModelConfig& m, ParamStore& ps, const std::string& p, const ModelParallel& mp)
     : mp_(mp),
       d_(m.d_model),
@@ -59,92 +52,6 @@ int64_t MoE::capacity(int64_t tokens) const {
   return static_cast<int64_t>(std::ceil(capacity_factor_ * static_cast<double>(tokens * K_) / E_));
 }
 
-void MoE::peer_counts(const Saved& s, std::vector<int64_t>& to_peer, std::vector<int64_t>& from_peer) const {
-  const int64_t P = mp_.ep_size;
-  to_peer.assign(static_cast<size_t>(P), 0), from_peer.assign(static_cast<size_t>(P), 0);
-  for (int64_t q = 0; q < P; ++q)
-    for (int64_t j = 0; j < El_; ++j) {
-      to_peer[q] += (s.hi[q * El_ + j] - s.lo[q * El_ + j]) * d_;
-      from_peer[q] += s.recv[q * El_ + j] * d_;
-    }
-}
-
-void MoE::exchange(Saved& s, const Tensor& rows, OwnedTensor& by_expert) const {
-  const int64_t P = mp_.ep_size;
-  int64_t sent = 0;
-  for (int64_t e = 0; e < E_; ++e) sent += s.hi[e] - s.lo[e];
-  OwnedTensor send = act_out({std::max<int64_t>(sent, 1), d_}, "moe.send_rows");
-  for (int64_t e = 0, r = 0; e < E_; ++e) {
-    copy_rows(rows, s.lo[e], send, r, s.hi[e] - s.lo[e]);
-    r += s.hi[e] - s.lo[e];
-  }
-  if (s.recv.empty()) {  // first exchange of this forward: tell the owners how many rows come
-    std::vector<int64_t> counts(static_cast<size_t>(E_));
-    for (int64_t e = 0; e < E_; ++e) counts[e] = s.hi[e] - s.lo[e];
-    s.recv.assign(static_cast<size_t>(P * El_), 0);
-    if (mp_.ep) {
-      mp_.ep->alltoallv(counts.data(), std::vector<int64_t>(P, El_), s.recv.data(),
-                        std::vector<int64_t>(P, El_));
-    } else {
-      s.recv = counts;
-    }
-    s.expert_offset.assign(static_cast<size_t>(El_ + 1), 0);
-    for (int64_t j = 0; j < El_; ++j) {
-      int64_t n = 0;
-      for (int64_t src = 0; src < P; ++src) n += s.recv[src * El_ + j];
-      s.expert_offset[j + 1] = s.expert_offset[j] + n;
-    }
-  }
-  const int64_t Rl = s.expert_offset[El_];
-  // Rows arrive grouped by source, then by local expert; regroup them by local expert.
-  OwnedTensor arrived;
-  Tensor in = send.t;
-  if (mp_.ep) {
-    std::vector<int64_t> scount, rcount;
-    peer_counts(s, scount, rcount);
-    arrived = act_out({std::max<int64_t>(Rl, 1), d_}, "moe.arrived_rows");
-    mp_.ep->alltoallv(send.t.f32(), scount, arrived.t.f32(), rcount);
-    in = arrived.t;
-  }
-  by_expert = act_out({std::max<int64_t>(Rl, 1), d_}, "moe.expert_rows");
-  std::vector<int64_t> fill(s.expert_offset.begin(), s.expert_offset.end() - 1);
-  for (int64_t src = 0, r = 0; src < P; ++src)
-    for (int64_t j = 0; j < El_; ++j) {
-      const int64_t n = s.recv[src * El_ + j];
-      copy_rows(in, r, by_expert, fill[j], n);
-      fill[j] += n, r += n;
-    }
-}
-
-void MoE::exchange_back(const Saved& s, const Tensor& by_expert, const Tensor& rows) const {
-  const int64_t P = mp_.ep_size;
-  const int64_t Rl = s.expert_offset[El_];
-  // Regroup by source, send back, and place each row at its plan position.
-  OwnedTensor out = act_out({std::max<int64_t>(Rl, 1), d_}, "moe.return_rows");
-  std::vector<int64_t> take(s.expert_offset.begin(), s.expert_offset.end() - 1);
-  for (int64_t src = 0, r = 0; src < P; ++src)
-    for (int64_t j = 0; j < El_; ++j) {
-      const int64_t n = s.recv[src * El_ + j];
-      copy_rows(by_expert, take[j], out, r, n);
-      take[j] += n, r += n;
-    }
-  int64_t sent = 0;
-  for (int64_t e = 0; e < E_; ++e) sent += s.hi[e] - s.lo[e];
-  OwnedTensor back;
-  Tensor in = out.t;
-  if (mp_.ep) {
-    std::vector<int64_t> scount, rcount;
-    peer_counts(s, rcount, scount);  // the reverse direction
-    back = act_out({std::max<int64_t>(sent, 1), d_}, "moe.returned_rows");
-    mp_.ep->alltoallv(out.t.f32(), scount, back.t.f32(), rcount);
-    in = back.t;
-  }
-  for (int64_t e = 0, r = 0; e < E_; ++e) {
-    copy_rows(in, r, rows, s.lo[e], s.hi[e] - s.lo[e]);
-    r += s.hi[e] - s.lo[e];
-  }
-}
-
 void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved& s,
                   const StepContext& ctx) const {
   const int64_t T = ctx.T();
@@ -165,20 +72,21 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
   ops::dispatch_forward(s.plan, x, s.xs);
   const int32_t* off = s.plan.offsets.i32();
   s.exchanged = mp_.ep != nullptr || mp_.tp != nullptr;
-  s.recv.clear();
   if (s.exchanged) {
+    // This rank's token slice: the rows of an expert are in token order, so a contiguous range.
     const int64_t a = mp_.owned_begin(T), b = mp_.owned_end(T);
     const int32_t* slot = s.plan.slot_of_row.i32();
-    s.lo.assign(static_cast<size_t>(E_), 0), s.hi.assign(static_cast<size_t>(E_), 0);
+    std::vector<int64_t> lo(static_cast<size_t>(E_)), hi(static_cast<size_t>(E_));
     for (int64_t e = 0; e < E_; ++e) {
-      auto token = [&](int64_t r) { return slot[r] / K_; };
-      int64_t lo = off[e], hi = off[e + 1];
-      while (lo < off[e + 1] && token(lo) < a) ++lo;
-      hi = lo;
-      while (hi < off[e + 1] && token(hi) < b) ++hi;
-      s.lo[e] = lo, s.hi[e] = hi;
+      int64_t r = off[e];
+      while (r < off[e + 1] && slot[r] / K_ < a) ++r;
+      lo[e] = r;
+      while (r < off[e + 1] && slot[r] / K_ < b) ++r;
+      hi[e] = r;
     }
-    exchange(s, s.xs, s.xe);
+    s.exchange = ExpertExchange(mp_, E_, d_, std::move(lo), std::move(hi));
+    s.xe = s.exchange.dispatch(s.xs);
+    s.expert_offset = s.exchange.expert_offset();
   } else {
     s.expert_offset.assign(off + e0_, off + e0_ + El_ + 1);
   }
@@ -205,7 +113,7 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
     ops::combine_forward(s.plan, s.ys.t.rows(0, R), s.weights, y, /*accumulate=*/true);
   } else {
     s.ys = act({std::max<int64_t>(R, 1), d_}, "moe.expert_out");  // zero outside the owned rows
-    exchange_back(s, ye, s.ys);
+    s.exchange.combine(ye, s.ys);
     if (!mp_.tp) {
       ops::combine_forward(s.plan, s.ys.t.rows(0, R), s.weights, y, /*accumulate=*/true);
     } else {
@@ -228,9 +136,8 @@ void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const
   const Tensor xin = s.exchanged ? s.xe.t : s.xs.t;
   OwnedTensor dye_owned;
   Tensor dye = dys.t;
-  if (s.exchanged) {
-    Saved& ms = const_cast<Saved&>(s);  // the counts are already known: exchange only moves rows
-    exchange(ms, dys.t, dye_owned);
+  if (s.exchanged) {  // the gradients travel like the rows did
+    dye_owned = s.exchange.dispatch(dys.t);
     dye = dye_owned.t;
   }
   const int64_t base = s.expert_offset[0];
@@ -256,7 +163,7 @@ void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const
     ops::dispatch_backward(s.plan, dxe.t.rows(0, R), dx);
   } else {
     OwnedTensor dxs = act({std::max<int64_t>(R, 1), d_}, "moe.d_dispatched");  // zero outside the owned rows
-    exchange_back(s, dxe, dxs);
+    s.exchange.combine(dxe, dxs);
     ops::dispatch_backward(s.plan, dxs.t.rows(0, R), dx);
     if (mp_.tp) {  // each TP rank holds the gradient of its own tokens: sum them
       tp_allreduce(mp_, dx);

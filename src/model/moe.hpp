@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "model/common.hpp"
+#include "model/expert_exchange.hpp"
 #include "model/mlp.hpp"
 #include "model/params.hpp"
 
@@ -25,9 +26,10 @@ class MoE {
     // Rows of this rank's experts, grouped by local expert (= xs when nothing is exchanged).
     OwnedTensor xe;       // [Rl, d] (empty when xs serves)
     OwnedTensor g, u, h;  // [Rl, F]
-    // The exchange: rows [lo[e], hi[e]) of the plan go to expert e's owner; recv[s * El + j] rows come
-    // from EP peer s for local expert j; local expert j's rows start at expert_offset[j].
-    std::vector<int64_t> lo, hi, recv, expert_offset;
+    // Rows [lo[e], hi[e]) of the plan go to expert e's owner (when `exchanged`); local expert j's
+    // rows start at expert_offset[j] of xe (or of xs).
+    ExpertExchange exchange;
+    std::vector<int64_t> expert_offset;
     bool exchanged = false;
     SwiGLU::Saved shared;
     double balance_loss = 0;
@@ -51,12 +53,6 @@ class MoE {
   int64_t local_experts() const { return El_; }
 
  private:
-  // Sends rows of `rows` [R, d] ([lo, hi) per expert) to the experts' owners; returns them grouped by
-  // local expert. `back` reverses it: rows grouped by local expert return into [lo, hi) of `rows`.
-  void exchange(Saved& s, const Tensor& rows, OwnedTensor& by_expert) const;
-  void exchange_back(const Saved& s, const Tensor& by_expert, const Tensor& rows) const;
-  // Elements this rank sends to / receives from each EP peer in the forward exchange.
-  void peer_counts(const Saved& s, std::vector<int64_t>& to_peer, std::vector<int64_t>& from_peer) const;
   ModelParallel mp_;
   int64_t d_, E_, K_, F_, El_, e0_;  // El_ experts on this rank, the first is e0_
   double capacity_factor_, alpha_;
