@@ -6,7 +6,8 @@
 namespace dsv3 {
 
 void Block::Saved::clear() {
-  xn = {}, xn_rstd = {}, attn = {}, h = {}, hn = {}, hn_rstd = {}, mlp = {}, moe = {};
+  xn = {}, xn_rstd = {}, xn_all = {}, hn_all = {}, attn = {}, h = {}, hn = {}, hn_rstd = {}, mlp = {},
+  moe = {};
   filled = false;
   trimmed = false;
 }
@@ -15,6 +16,7 @@ Block::Block(const ModelConfig& m, ParamStore& ps, int64_t layer, bool moe, cons
     : layer_(layer),
       d_(m.d_model),
       eps_(static_cast<float>(m.norm_eps)),
+      mp_(mp),
       norm_in_(ps.add_replicated("model.layers." + std::to_string(layer) + ".input_layernorm.weight",
                                  {m.d_model}, mp.tp_rank, ParamInit::Ones, ParamGroup::Dense, false)),
       norm_post_(
@@ -30,24 +32,25 @@ Block::Block(const ModelConfig& m, ParamStore& ps, int64_t layer, bool moe, cons
 
 void Block::forward(const ParamStore& ps, const Tensor& x, const Tensor& out, Saved& s,
                     const StepContext& ctx) const {
-  const int64_t T = ctx.T();
+  const int64_t rows = x.dim(0);
   s.x = x;
-  s.xn = act_out({T, d_}, "block.xn");
-  s.xn_rstd = act_out({T}, "block.xn_rstd");
+  s.xn = act_out({rows, d_}, "block.xn");
+  s.xn_rstd = act_out({rows}, "block.xn_rstd");
   ops::rmsnorm_forward(x, ps.value(norm_in_), eps_, s.xn, s.xn_rstd);
-  s.h = act_out({T, d_}, "block.h");
+  s.h = act_out({rows, d_}, "block.h");
   std::memcpy(s.h.t.data(), x.data(), x.bytes());  // residual
-  attn_.forward(ps, s.xn, s.h, s.attn, ctx);
-  s.hn = act_out({T, d_}, "block.hn");
-  s.hn_rstd = act_out({T}, "block.hn_rstd");
+  attn_.forward(ps, tp_gather_rows(mp_, s.xn, s.xn_all, "block.xn_all"), s.h, s.attn, ctx);
+  s.hn = act_out({rows, d_}, "block.hn");
+  s.hn_rstd = act_out({rows}, "block.hn_rstd");
   ops::rmsnorm_forward(s.h, ps.value(norm_post_), eps_, s.hn, s.hn_rstd);
   std::memcpy(out.data(), s.h.t.data(), out.bytes());  // residual
+  const Tensor hin = tp_gather_rows(mp_, s.hn, s.hn_all, "block.hn_all");
   if (moe_) {
-    moe_->forward(ps, s.hn, out, s.moe, ctx);
+    moe_->forward(ps, hin, out, s.moe, ctx);
     s.balance_loss = s.moe.balance_loss;
     s.expert_load = MoE::expert_load(s.moe);
   } else {
-    mlp_->forward(ps, s.hn, out, /*accumulate=*/true, s.mlp, ctx);
+    mlp_->forward(ps, hin, out, /*accumulate=*/true, s.mlp, ctx);
   }
   s.filled = true;
   if (!ctx.training || ctx.recompute == Recompute::Full) {
@@ -66,19 +69,20 @@ void Block::forward(const ParamStore& ps, const Tensor& x, const Tensor& out, Sa
 }
 
 void Block::restore_selective(const ParamStore& ps, Saved& s) const {
-  const int64_t T = s.x.dim(0);
-  s.xn = act_out({T, d_}, "block.xn");
+  const int64_t rows = s.x.dim(0);
+  s.xn = act_out({rows, d_}, "block.xn");
   ops::rmsnorm_forward(s.x, ps.value(norm_in_), eps_, s.xn, s.xn_rstd);
-  s.hn = act_out({T, d_}, "block.hn");
+  s.hn = act_out({rows, d_}, "block.hn");
   ops::rmsnorm_forward(s.h, ps.value(norm_post_), eps_, s.hn, s.hn_rstd);
-  s.attn.xn = s.xn;
+  s.attn.xn = tp_gather_rows(mp_, s.xn, s.xn_all, "block.xn_all");
   attn_.recompute(ps, s.attn);
+  const Tensor hin = tp_gather_rows(mp_, s.hn, s.hn_all, "block.hn_all");
   if (moe_) {
-    s.moe.input = s.hn;
-    s.moe.shared.input = s.hn;
+    s.moe.input = hin;
+    s.moe.shared.input = hin;
     moe_->recompute(s.moe);
   } else {
-    s.mlp.input = s.hn;
+    s.mlp.input = hin;
     SwiGLU::recompute(s.mlp);
   }
   s.trimmed = false;
@@ -86,9 +90,8 @@ void Block::restore_selective(const ParamStore& ps, Saved& s) const {
 
 void Block::backward(const ParamStore& ps, Saved& s, const Tensor& dout, const Tensor& dx,
                      const StepContext& ctx) const {
-  const int64_t T = ctx.T();
   if (!s.filled) {  // full recompute: rebuild the saved activations from the block input
-    OwnedTensor scratch = act_out({T, d_}, "block.recompute_out");
+    OwnedTensor scratch = act_out({s.x.dim(0), d_}, "block.recompute_out");
     StepContext again = ctx;
     again.recompute = Recompute::None;
     const std::vector<int64_t> load = s.expert_load;
@@ -96,21 +99,32 @@ void Block::backward(const ParamStore& ps, Saved& s, const Tensor& dout, const T
     s.expert_load = load;
   }
   if (s.trimmed) restore_selective(ps, s);
+  const int64_t rows = dout.dim(0);
   // FFN branch: dh = dout + norm_post^T(FFN^T(dout)).
-  OwnedTensor dhn = act_out({T, d_}, "block.dhn"), dh = act_out({T, d_}, "block.dh");
+  OwnedTensor dout_all;
+  const Tensor dout_in = tp_gather_rows(mp_, dout, dout_all, "block.dout_all");
+  OwnedTensor dhn = act_out({rows, d_}, "block.dhn"), dh = act_out({rows, d_}, "block.dh");
   if (moe_)
-    moe_->backward(ps, s.moe, dout, dhn, ctx);
+    moe_->backward(ps, s.moe, dout_in, dhn, ctx);
   else
-    mlp_->backward(ps, s.mlp, dout, dhn, /*accumulate=*/false);
+    mlp_->backward(ps, s.mlp, dout_in, dhn, /*accumulate=*/false);
   std::memcpy(dh.t.data(), dout.data(), dout.bytes());
-  ops::rmsnorm_backward(s.h, ps.value(norm_post_), s.hn_rstd, dhn, dh, ps.grad(norm_post_),
-                        /*accumulate_dx=*/true);
+  stream_rmsnorm_backward(mp_, s.h, ps.value(norm_post_), s.hn_rstd, dhn, dh, ps.grad(norm_post_),
+                          /*accumulate_dx=*/true);
   // Attention branch: dx = dh + norm_in^T(MLA^T(dh)).
-  OwnedTensor dxn = act_out({T, d_}, "block.dxn");
-  attn_.backward(ps, s.attn, dh, dxn, ctx);
+  OwnedTensor dh_all;
+  const Tensor dh_in = tp_gather_rows(mp_, dh, dh_all, "block.dh_all");
+  OwnedTensor dxn_all = act_out({ctx.T(), d_}, "block.dxn_all"), dxn;
+  attn_.backward(ps, s.attn, dh_in, dxn_all, ctx);
+  Tensor dxn_rows = dxn_all.t;
+  if (mp_.sp) {
+    dxn = act_out({rows, d_}, "block.dxn");
+    tp_slice_rows(mp_, dxn_all, dxn, /*accumulate=*/false);
+    dxn_rows = dxn.t;
+  }
   std::memcpy(dx.data(), dh.t.data(), dh.t.bytes());
-  ops::rmsnorm_backward(s.x, ps.value(norm_in_), s.xn_rstd, dxn, dx, ps.grad(norm_in_),
-                        /*accumulate_dx=*/true);
+  stream_rmsnorm_backward(mp_, s.x, ps.value(norm_in_), s.xn_rstd, dxn_rows, dx, ps.grad(norm_in_),
+                          /*accumulate_dx=*/true);
   s.clear();
 }
 

@@ -15,10 +15,11 @@ class Block {
  public:
   Block(const ModelConfig& m, ParamStore& ps, int64_t layer, bool moe, const ModelParallel& mp = {});
   struct Saved {
-    Tensor x;                 // [T, d] block input (owned by the model)
-    OwnedTensor xn, xn_rstd;  // [T, d], [T]
+    Tensor x;                    // [rows, d] block input (owned by the model); rows = stream rows
+    OwnedTensor xn, xn_rstd;     // [rows, d], [rows]
+    OwnedTensor xn_all, hn_all;  // sequence parallelism: the normed inputs gathered to all T rows
     MLA::Saved attn;
-    OwnedTensor h, hn, hn_rstd;  // [T, d], [T, d], [T]
+    OwnedTensor h, hn, hn_rstd;  // [rows, d], [rows, d], [rows]
     SwiGLU::Saved mlp;
     MoE::Saved moe;
     double balance_loss = 0;
@@ -27,7 +28,7 @@ class Block {
     bool trimmed = false;  // selective recompute dropped the cheap tensors
     void clear();          // frees everything (full recompute keeps only x)
   };
-  // out [T, d] = block(x); out must not alias x.
+  // out = block(x), both [rows, d] (the residual-stream rows of this rank); out must not alias x.
   void forward(const ParamStore& ps, const Tensor& x, const Tensor& out, Saved& s,
                const StepContext& ctx) const;
   // dx [T, d] overwritten from dout. Re-runs the forward first when s was cleared (full recompute).
@@ -42,6 +43,7 @@ class Block {
   void restore_selective(const ParamStore& ps, Saved& s) const;
   int64_t layer_, d_;
   float eps_;
+  ModelParallel mp_;
   size_t norm_in_, norm_post_;
   MLA attn_;
   std::unique_ptr<SwiGLU> mlp_;

@@ -42,4 +42,21 @@ inline OwnedTensor act_out(std::vector<int64_t> shape, const std::string& name) 
 // Sums t over the tensor-parallel group in place (nothing without TP).
 void tp_allreduce(const ModelParallel& mp, const Tensor& t);
 
+// The edges of a tensor-parallel region (Megatron's f/g operators), sequence-parallel aware. Inside a
+// region tensors have all T rows; outside, the residual stream has stream_rows(T) rows.
+// Entry (forward) and exit gradient (backward): the stream rows -> all rows. Under sequence
+// parallelism an all-gather into `holder`; otherwise `local` itself (holder untouched).
+Tensor tp_gather_rows(const ModelParallel& mp, const Tensor& local, OwnedTensor& holder, const char* name);
+// Exit (forward) and entry gradient (backward): y (= or +=) the sum over the TP group of `part` [T, d],
+// restricted to this rank's stream rows: reduce-scatter under sequence parallelism, all-reduce
+// otherwise. `part` is clobbered.
+void tp_reduce_rows(const ModelParallel& mp, const Tensor& part, const Tensor& y, bool accumulate);
+// A full gradient that every TP rank holds identically [T, d] -> this rank's stream rows of it.
+void tp_slice_rows(const ModelParallel& mp, const Tensor& full, const Tensor& y, bool accumulate);
+// RMSNorm backward on stream rows; under sequence parallelism the weight gradient, a partial sum over
+// the TP ranks' rows, is summed over the group before it accumulates into dw.
+void stream_rmsnorm_backward(const ModelParallel& mp, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                             const Tensor& dy, const Tensor& dx, const Tensor& dw,
+                             bool accumulate_dx = false);
+
 }  // namespace dsv3

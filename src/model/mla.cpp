@@ -101,8 +101,7 @@ void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved
   // Row-parallel o_proj: each rank's heads give a partial sum of the output.
   OwnedTensor part = act_out({T, d_}, "mla.o_proj_partial");
   ops::linear_forward(s.o.t.view({T, H_ * dv_}), ps.value(o_), part);
-  tp_allreduce(mp_, part);
-  ops::add_inplace(y, part);
+  tp_reduce_rows(mp_, part, y, /*accumulate=*/true);
 }
 
 void MLA::drop_recomputable(Saved& s) {

@@ -22,10 +22,11 @@ class MLA {
     OwnedTensor k, v;               // [B, S, H, n + R], [B, S, H, dv]
     OwnedTensor o, lse;             // [B, S, H, dv], [B, H, S]
   };
-  // y [T, d] += o_proj(attention(xn)).
+  // y += o_proj(attention(xn)); xn has all T rows, y the stream rows (ModelParallel::stream_rows).
   void forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved& s,
                const StepContext& ctx) const;
-  // dxn [T, d] overwritten from dy [T, d]; weight gradients accumulate.
+  // dxn [T, d] overwritten from dy [T, d] (all rows; dxn is the same on every TP rank); weight
+  // gradients accumulate.
   void backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dxn,
                 const StepContext& ctx) const;
   // Selective recompute: frees the latent norm outputs, and rebuilds them from the saved inputs.

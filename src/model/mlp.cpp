@@ -19,7 +19,7 @@ SwiGLU::SwiGLU(ParamStore& ps, const std::string& prefix, int64_t d, int64_t wid
 }
 
 void SwiGLU::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, bool accumulate, Saved& s,
-                     const StepContext& ctx) const {
+                     const StepContext& ctx, bool reduce) const {
   const int64_t T = x.dim(0);
   s.input = x;
   s.g = act_out({T, width_}, "mlp.g");
@@ -29,17 +29,13 @@ void SwiGLU::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, boo
   ops::linear_forward(x, ps.value(up_), s.u);
   ops::swiglu_forward(s.g, s.u, s.h);
   (void)ctx;
-  if (!mp_.tp) {
+  if (!mp_.tp || !reduce) {
     ops::linear_forward(s.h, ps.value(down_), y, accumulate);
     return;
   }
   OwnedTensor part = act_out({T, d_}, "mlp.down_partial");
   ops::linear_forward(s.h, ps.value(down_), part);
-  tp_allreduce(mp_, part);
-  if (accumulate)
-    ops::add_inplace(y, part);
-  else
-    ops::scale(y, part, 1.0f);
+  tp_reduce_rows(mp_, part, y, accumulate);
 }
 
 void SwiGLU::recompute(Saved& s) {
@@ -48,7 +44,7 @@ void SwiGLU::recompute(Saved& s) {
 }
 
 void SwiGLU::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dx,
-                      bool accumulate) const {
+                      bool accumulate, bool reduce) const {
   const int64_t T = dy.dim(0);
   OwnedTensor dh = act_out({T, width_}, "mlp.dh"), dg = act_out({T, width_}, "mlp.dg"),
               du = act_out({T, width_}, "mlp.du");
@@ -57,7 +53,7 @@ void SwiGLU::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, co
   ops::swiglu_backward(s.g, s.u, dh, dg, du);
   ops::linear_backward_weight(dg, s.input, ps.grad(gate_));
   ops::linear_backward_weight(du, s.input, ps.grad(up_));
-  if (!mp_.tp) {
+  if (!mp_.tp || !reduce) {
     ops::linear_backward_input(dg, ps.value(gate_), dx, accumulate);
     ops::linear_backward_input(du, ps.value(up_), dx, true);
     return;
@@ -65,11 +61,7 @@ void SwiGLU::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, co
   OwnedTensor part = act_out({T, d_}, "mlp.dx_partial");
   ops::linear_backward_input(dg, ps.value(gate_), part);
   ops::linear_backward_input(du, ps.value(up_), part, true);
-  tp_allreduce(mp_, part);
-  if (accumulate)
-    ops::add_inplace(dx, part);
-  else
-    ops::scale(dx, part, 1.0f);
+  tp_reduce_rows(mp_, part, dx, accumulate);
 }
 
 }  // namespace dsv3

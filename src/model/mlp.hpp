@@ -17,12 +17,13 @@ class SwiGLU {
     OwnedTensor g, u, h;  // [T, F]
     Tensor input;         // [T, d] (the caller owns it)
   };
-  // y [T, d] (= or +=) MLP(u [T, d]).
+  // y (= or +=) MLP(x); x has all T rows. Under TP the output is summed over the group onto y's
+  // stream rows (tp_reduce_rows), or, with reduce false, this rank's partial sum goes to y [T, d].
   void forward(const ParamStore& ps, const Tensor& x, const Tensor& y, bool accumulate, Saved& s,
-               const StepContext& ctx) const;
-  // dx [T, d] (= or +=) from dy [T, d]; weight gradients accumulate.
-  void backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dx,
-                bool accumulate) const;
+               const StepContext& ctx, bool reduce = true) const;
+  // dx (= or +=) from dy [T, d], reduced like the forward output; weight gradients accumulate.
+  void backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dx, bool accumulate,
+                bool reduce = true) const;
   // Selective recompute: h = silu(g) * u is freed after the forward and rebuilt before the backward.
   static void drop_recomputable(Saved& s) { s.h = {}; }
   static void recompute(Saved& s);

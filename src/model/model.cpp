@@ -63,8 +63,14 @@ void Model::embed(const Tensor& ids, const Tensor& out) const {
     return;
   }
   const int64_t first = m_.vocab_size / mp_.tp_size * mp_.tp_rank;
-  ops::embedding_shard_forward(ids, params_.value(embed_), first, m_.vocab_size, out);
-  tp_allreduce(mp_, out);
+  if (!mp_.sp) {
+    ops::embedding_shard_forward(ids, params_.value(embed_), first, m_.vocab_size, out);
+    tp_allreduce(mp_, out);
+    return;
+  }
+  OwnedTensor part = act_out({ids.dim(0), m_.d_model}, "embedding.partial");
+  ops::embedding_shard_forward(ids, params_.value(embed_), first, m_.vocab_size, part);
+  tp_reduce_rows(mp_, part, out, /*accumulate=*/false);
 }
 
 void Model::embed_backward(const Tensor& ids, const Tensor& dout) {
@@ -73,7 +79,9 @@ void Model::embed_backward(const Tensor& ids, const Tensor& dout) {
     return;
   }
   const int64_t first = m_.vocab_size / mp_.tp_size * mp_.tp_rank;
-  ops::embedding_shard_backward(ids, dout, first, m_.vocab_size, params_.grad(embed_));
+  OwnedTensor all;
+  ops::embedding_shard_backward(ids, tp_gather_rows(mp_, dout, all, "embedding.d_out_all"), first,
+                                m_.vocab_size, params_.grad(embed_));
 }
 
 void Model::initialize(uint64_t seed) { params_.initialize(seed, m_.init_method_std); }
@@ -106,11 +114,12 @@ void Model::check_tokens(const Tensor& tokens) const {
 double Model::head_loss(const Tensor& h, const Tensor& targets, size_t norm, float coef, const Tensor* dh,
                         OwnedTensor* logits_capture, const StepContext& ctx) {
   DSV3_PROFILE(Head);  // the head's norm, vocabulary GEMMs and cross-entropy
-  const int64_t T = h.dim(0), d = m_.d_model, V = m_.vocab_size, Vl = V / mp_.tp_size;
+  const int64_t rows = h.dim(0), T = targets.dim(0), d = m_.d_model, V = m_.vocab_size, Vl = V / mp_.tp_size;
   const int64_t first = Vl * mp_.tp_rank;
   DSV3_CHECK(!logits_capture || !mp_.tp, "logits capture needs the whole vocabulary on one rank (tp = 1)");
-  OwnedTensor hn = act_out({T, d}, "head.normed"), rstd = act_out({T}, "head.rstd");
-  ops::rmsnorm_forward(h, params_.value(norm), static_cast<float>(m_.norm_eps), hn, rstd);
+  OwnedTensor hn_rows = act_out({rows, d}, "head.normed"), rstd = act_out({rows}, "head.rstd"), hn_all;
+  ops::rmsnorm_forward(h, params_.value(norm), static_cast<float>(m_.norm_eps), hn_rows, rstd);
+  const Tensor hn = tp_gather_rows(mp_, hn_rows, hn_all, "head.normed_all");  // all T rows
   OwnedTensor dhn;
   if (dh) dhn = act_out({T, d}, "head.d_normed");
   if (logits_capture) *logits_capture = act({T, V}, "logits");
@@ -127,7 +136,7 @@ double Model::head_loss(const Tensor& h, const Tensor& targets, size_t norm, flo
   for (int64_t c0 = 0; c0 < T; c0 += chunk) {
     const int64_t C = std::min(chunk, T - c0);
     const Tensor lg = logits.t.rows(0, C), ls = losses.t.rows(0, C), ll = lse.t.rows(0, C);
-    const Tensor hc = hn.t.rows(c0, c0 + C), tc = targets.rows(c0, c0 + C);
+    const Tensor hc = hn.rows(c0, c0 + C), tc = targets.rows(c0, c0 + C);
     ops::linear_forward(hc, params_.value(head_), lg);
     if (logits_capture) std::memcpy(logits_capture->t.rows(c0, c0 + C).data(), lg.data(), lg.bytes());
     if (!mp_.tp) {
@@ -160,8 +169,14 @@ double Model::head_loss(const Tensor& h, const Tensor& targets, size_t norm, flo
     ops::linear_backward_weight(lg, hc, params_.grad(head_));
   }
   if (dh) {
-    tp_allreduce(mp_, dhn);  // each vocabulary shard contributes to the hidden gradient
-    ops::rmsnorm_backward(h, params_.value(norm), rstd, dhn, *dh, params_.grad(norm));
+    // Each vocabulary shard contributes to the hidden gradient: sum them onto the stream rows.
+    OwnedTensor dhn_rows;
+    if (mp_.tp) {
+      dhn_rows = act_out({rows, d}, "head.d_normed_rows");
+      tp_reduce_rows(mp_, dhn, dhn_rows, /*accumulate=*/false);
+    }
+    stream_rmsnorm_backward(mp_, h, params_.value(norm), rstd, mp_.tp ? dhn_rows.t : dhn.t, *dh,
+                            params_.grad(norm));
   }
   return valid ? sum / static_cast<double>(valid) : 0.0;
 }
@@ -187,6 +202,9 @@ StepLosses Model::stage_forward(const Tensor& tokens, const Tensor& input, Micro
   check_tokens(tokens);
   const int64_t D = m_.mtp.depth, B = tokens.dim(0), W = tokens.dim(1), S = W - D - 1, T = B * S,
                 d = m_.d_model;
+  DSV3_CHECK(!mp_.sp || T % mp_.tp_size == 0, "sequence parallelism: ", B, " x ", S, " = ", T,
+             " tokens per micro-batch do not split over tp = ", mp_.tp_size);
+  const int64_t rows = mp_.stream_rows(T);  // residual-stream rows on this rank
   StepContext& ctx = st.ctx;
   ctx.B = B, ctx.S = S;
   ctx.rope_cos = rope_cos(S);
@@ -212,19 +230,19 @@ StepLosses Model::stage_forward(const Tensor& tokens, const Tensor& input, Micro
   const int64_t L = layer_end_ - layer_begin_;
   st.hs.clear();
   st.hs.reserve(static_cast<size_t>(L + 1));
-  st.hs.push_back(act_out({T, d}, "hidden.in"));
+  st.hs.push_back(act_out({rows, d}, "hidden.in"));
   if (mp_.first_stage()) {
     st.ids = shifted(0, "input_ids");
     embed(st.ids, st.hs[0]);
   } else {
-    DSV3_CHECK(input.ndim() == 2 && input.dim(0) == T && input.dim(1) == d, "pipeline stage ", mp_.pp_rank,
-               ": input activation ", input.describe(), " should be [", T, ", ", d, "]");
+    DSV3_CHECK(input.ndim() == 2 && input.dim(0) == rows && input.dim(1) == d, "pipeline stage ", mp_.pp_rank,
+               ": input activation ", input.describe(), " should be [", rows, ", ", d, "]");
     std::memcpy(st.hs[0].t.data(), input.data(), input.bytes());
   }
   st.saved.clear();
   st.saved.resize(static_cast<size_t>(L));
   for (int64_t l = 0; l < L; ++l) {
-    st.hs.push_back(act_out({T, d}, "hidden." + std::to_string(layer_begin_ + l + 1)));
+    st.hs.push_back(act_out({rows, d}, "hidden." + std::to_string(layer_begin_ + l + 1)));
     blocks_[l]->forward(params_, st.hs[l], st.hs[l + 1], st.saved[l], ctx);
   }
 
@@ -255,11 +273,12 @@ StepLosses Model::stage_forward(const Tensor& tokens, const Tensor& input, Micro
 
   const Tensor& hL = st.hs[static_cast<size_t>(L)].t;
   if (capture) {
+    DSV3_CHECK(!mp_.sp, "hidden-state capture needs all rows on one rank (no sequence parallelism)");
     capture->hidden_final = act({T, d}, "hidden_final");
     std::memcpy(capture->hidden_final.t.data(), hL.data(), hL.bytes());
   }
   const OwnedTensor targets = shifted(1, "targets");
-  if (training) st.dh = act_out({T, d}, "d_hidden_final");
+  if (training) st.dh = act_out({rows, d}, "d_hidden_final");
   out.main = head_loss(hL, targets, final_norm_, 1.0f, training ? &st.dh.t : nullptr,
                        capture ? &capture->logits : nullptr, ctx);
 
@@ -272,12 +291,12 @@ StepLosses Model::stage_forward(const Tensor& tokens, const Tensor& input, Micro
   for (int64_t k = 1; k <= D; ++k) {
     st.mtp_ids.push_back(shifted(k, "mtp_input_ids"));
     const OwnedTensor tgt_k = shifted(k + 1, "mtp_targets");
-    st.mtp_e.push_back(act_out({T, d}, "mtp.embedding"));
+    st.mtp_e.push_back(act_out({rows, d}, "mtp.embedding"));
     embed(st.mtp_ids.back(), st.mtp_e.back());
     const Tensor& prev = k == 1 ? hL : st.mh.back().t;
-    st.mh.push_back(act_out({T, d}, "mtp_hidden." + std::to_string(k)));
+    st.mh.push_back(act_out({rows, d}, "mtp_hidden." + std::to_string(k)));
     mtp_[k - 1]->forward(params_, st.mtp_e.back(), prev, st.mh.back(), st.msaved[k - 1], ctx);
-    if (training) st.dmh.push_back(act_out({T, d}, "d_mtp_hidden." + std::to_string(k)));
+    if (training) st.dmh.push_back(act_out({rows, d}, "d_mtp_hidden." + std::to_string(k)));
     out.mtp.push_back(head_loss(st.mh.back(), tgt_k, mtp_[k - 1]->head_norm(), mtp_coef,
                                 training ? &st.dmh.back().t : nullptr,
                                 capture ? &capture->mtp_logits[k - 1] : nullptr, ctx));
@@ -295,7 +314,8 @@ void Model::stage_backward(MicroBatchState& st, const Tensor& d_output,
                            const std::function<void(int64_t, int64_t)>& ready) {
   DSV3_CHECK(st.training, "stage_backward after a forward without training");
   const StepContext& ctx = st.ctx;
-  const int64_t T = ctx.T(), d = m_.d_model, D = m_.mtp.depth, L = layer_end_ - layer_begin_;
+  const int64_t rows = mp_.stream_rows(ctx.T()), d = m_.d_model, D = m_.mtp.depth,
+                L = layer_end_ - layer_begin_;
   auto notify = [&](size_t first_param) {
     if (!ready) return;
     const auto [dense, expert] = ready_from(first_param);
@@ -304,7 +324,7 @@ void Model::stage_backward(MicroBatchState& st, const Tensor& d_output,
   OwnedTensor cur;
   if (mp_.last_stage()) {
     // MTP modules in reverse (module k's input gradient flows into module k-1's output).
-    OwnedTensor de = D > 0 ? act_out({T, d}, "mtp.d_embedding") : OwnedTensor();
+    OwnedTensor de = D > 0 ? act_out({rows, d}, "mtp.d_embedding") : OwnedTensor();
     for (int64_t k = D; k >= 1; --k) {
       const Tensor& dprev = k == 1 ? st.dh.t : st.dmh[k - 2].t;
       mtp_[k - 1]->backward(params_, st.msaved[k - 1], st.dmh[k - 1], dprev, de, ctx);
@@ -313,12 +333,12 @@ void Model::stage_backward(MicroBatchState& st, const Tensor& d_output,
     notify(tail_first_param_);
     cur = std::move(st.dh);
   } else {
-    DSV3_CHECK(d_output.ndim() == 2 && d_output.dim(0) == T && d_output.dim(1) == d, "pipeline stage ",
-               mp_.pp_rank, ": output gradient ", d_output.describe(), " should be [", T, ", ", d, "]");
-    cur = act_out({T, d}, "d_hidden_out");
+    DSV3_CHECK(d_output.ndim() == 2 && d_output.dim(0) == rows && d_output.dim(1) == d, "pipeline stage ",
+               mp_.pp_rank, ": output gradient ", d_output.describe(), " should be [", rows, ", ", d, "]");
+    cur = act_out({rows, d}, "d_hidden_out");
     std::memcpy(cur.t.data(), d_output.data(), d_output.bytes());
   }
-  OwnedTensor dx = act_out({T, d}, "d_hidden");
+  OwnedTensor dx = act_out({rows, d}, "d_hidden");
   for (int64_t l = L - 1; l >= 0; --l) {
     blocks_[l]->backward(params_, st.saved[l], cur, dx, ctx);
     std::swap(cur, dx);  // cur now holds the gradient of block l's input

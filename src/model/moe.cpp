@@ -114,14 +114,14 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
   } else {
     s.ys = act({std::max<int64_t>(R, 1), d_}, "moe.expert_out");  // zero outside the owned rows
     s.exchange.combine(ye, s.ys);
-    if (!mp_.tp) {
-      ops::combine_forward(s.plan, s.ys.t.rows(0, R), s.weights, y, /*accumulate=*/true);
-    } else {
-      OwnedTensor part = act_out({T, d_}, "moe.routed_partial");
+    if (mp_.tp) {  // this rank's tokens and shared-expert slice; one reduction for both
+      OwnedTensor part = act_out({T, d_}, "moe.partial");
       ops::combine_forward(s.plan, s.ys.t.rows(0, R), s.weights, part);
-      tp_allreduce(mp_, part);
-      ops::add_inplace(y, part);
+      if (shared_) shared_->forward(ps, x, part, /*accumulate=*/true, s.shared, ctx, /*reduce=*/false);
+      tp_reduce_rows(mp_, part, y, /*accumulate=*/true);
+      return;
     }
+    ops::combine_forward(s.plan, s.ys.t.rows(0, R), s.weights, y, /*accumulate=*/true);
   }
   if (shared_) shared_->forward(ps, x, y, /*accumulate=*/true, s.shared, ctx);
 }
@@ -159,18 +159,20 @@ void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const
     ops::linear_backward_weight(dge, xe, ps.grad(w_gate_[j]));
     ops::linear_backward_weight(due, xe, ps.grad(w_up_[j]));
   }
+  // Under TP, dxp collects this rank's partial input gradient (its tokens' routed rows, its slice of
+  // the shared experts, the router's rows of its tokens) and one reduction sums it.
+  OwnedTensor partial;
+  if (mp_.tp) partial = act_out({T, d_}, "moe.d_input_partial");
+  const Tensor dxp = mp_.tp ? partial.t : dx;
   if (!s.exchanged) {
-    ops::dispatch_backward(s.plan, dxe.t.rows(0, R), dx);
+    ops::dispatch_backward(s.plan, dxe.t.rows(0, R), dxp);
   } else {
     OwnedTensor dxs = act({std::max<int64_t>(R, 1), d_}, "moe.d_dispatched");  // zero outside the owned rows
     s.exchange.combine(dxe, dxs);
-    ops::dispatch_backward(s.plan, dxs.t.rows(0, R), dx);
-    if (mp_.tp) {  // each TP rank holds the gradient of its own tokens: sum them
-      tp_allreduce(mp_, dx);
-      tp_allreduce(mp_, dw);
-    }
+    ops::dispatch_backward(s.plan, dxs.t.rows(0, R), dxp);
+    tp_allreduce(mp_, dw);  // each TP rank has the weight gradients of its own tokens
   }
-  if (shared_) shared_->backward(ps, s.shared, dy, dx, /*accumulate=*/true);
+  if (shared_) shared_->backward(ps, s.shared, dy, dxp, /*accumulate=*/true, /*reduce=*/false);
 
   // Router: gradient through the gathered weights, plus the balance loss on the scores.
   OwnedTensor dscores;
@@ -180,8 +182,14 @@ void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const
   }
   OwnedTensor dlogits = act_out({T, E_}, "moe.d_router_logits");
   ops::router_backward(router_, s.logits, s.scores, s.idx, dw, alpha_ > 0 ? dscores.t : Tensor(), dlogits);
-  ops::linear_backward_input(dlogits, ps.value(gate_), dx, /*accumulate=*/true);
   ops::linear_backward_weight(dlogits, s.input, ps.grad(gate_));
+  if (!mp_.tp) {
+    ops::linear_backward_input(dlogits, ps.value(gate_), dx, /*accumulate=*/true);
+    return;
+  }
+  const int64_t a = mp_.owned_begin(T), b = mp_.owned_end(T);
+  ops::linear_backward_input(dlogits.t.rows(a, b), ps.value(gate_), dxp.rows(a, b), /*accumulate=*/true);
+  tp_reduce_rows(mp_, dxp, dx, /*accumulate=*/false);
 }
 
 void MoE::drop_recomputable(Saved& s) const {

@@ -34,10 +34,10 @@ class MoE {
     SwiGLU::Saved shared;
     double balance_loss = 0;
   };
-  // y [T, d] += MoE(x); returns nothing, the balance loss is in s.balance_loss.
+  // y += MoE(x) (x all T rows, y the stream rows); the balance loss is in s.balance_loss.
   void forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved& s,
                const StepContext& ctx) const;
-  // dx [T, d] overwritten; includes the balance-loss gradient (coefficient 1).
+  // dx (stream rows) overwritten from dy [T, d]; includes the balance-loss gradient (coefficient 1).
   void backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dx,
                 const StepContext& ctx) const;
 

@@ -16,7 +16,8 @@ class MTPModule {
     Tensor e;                 // [T, d] embedding of the tokens t_{i+k} (owned by the model)
     OwnedTensor e_n, e_rstd;  // [T, d] normed embedding, [T]
     OwnedTensor g_n, g_rstd;  // [T, d] normed h^{k-1}, [T]
-    OwnedTensor cat, hp;      // [T, 2d] = [e_n ; g_n], [T, d] eh_proj output
+    OwnedTensor cat, hp;      // [rows, 2d] = [e_n ; g_n], [rows, d] eh_proj output
+    OwnedTensor cat_all;      // sequence parallelism: cat gathered to all T rows
     Block::Saved block;
   };
   // out [T, d] = h^k from the embedding e [T, d] of t_{i+k} (the model embeds, sharing its table).
@@ -33,6 +34,7 @@ class MTPModule {
  private:
   int64_t d_;
   float eps_;
+  ModelParallel mp_;
   size_t enorm_, hnorm_, eh_proj_, head_norm_;
   Block block_;
 };

@@ -24,6 +24,50 @@ void tp_allreduce(const ModelParallel& mp, const Tensor& t) {
   if (mp.tp) mp.tp->allreduce(t);
 }
 
+Tensor tp_gather_rows(const ModelParallel& mp, const Tensor& local, OwnedTensor& holder, const char* name) {
+  if (!mp.sp) return local;
+  holder = act_out({local.dim(0) * mp.tp_size, local.dim(1)}, name);
+  mp.tp->allgather(local, holder.t);
+  return holder.t;
+}
+
+void tp_reduce_rows(const ModelParallel& mp, const Tensor& part, const Tensor& y, bool accumulate) {
+  const Tensor* src = &part;
+  OwnedTensor mine;
+  if (mp.sp) {
+    mine = act_out({part.dim(0) / mp.tp_size, part.dim(1)}, "tp.reduce_scattered");
+    mp.tp->reduce_scatter(part, mine.t);
+    src = &mine.t;
+  } else {
+    tp_allreduce(mp, part);
+  }
+  if (accumulate)
+    ops::add_inplace(y, *src);
+  else
+    ops::scale(y, *src, 1.0f);
+}
+
+void tp_slice_rows(const ModelParallel& mp, const Tensor& full, const Tensor& y, bool accumulate) {
+  const int64_t T = full.dim(0);
+  const Tensor src = mp.sp ? full.rows(mp.owned_begin(T), mp.owned_end(T)) : full;
+  if (accumulate)
+    ops::add_inplace(y, src);
+  else
+    ops::scale(y, src, 1.0f);
+}
+
+void stream_rmsnorm_backward(const ModelParallel& mp, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                             const Tensor& dy, const Tensor& dx, const Tensor& dw, bool accumulate_dx) {
+  if (!mp.sp) {
+    ops::rmsnorm_backward(x, w, rstd, dy, dx, dw, accumulate_dx);
+    return;
+  }
+  OwnedTensor part = act(dw.shape(), "tp.norm_weight_grad");
+  ops::rmsnorm_backward(x, w, rstd, dy, dx, part, accumulate_dx);
+  tp_allreduce(mp, part);
+  ops::add_inplace(dw, part);
+}
+
 StageLayers stage_layers(const ModelConfig& m, int64_t pp, int64_t stage) {
   StageLayers s;
   s.begin = first_layer_of_stage(m.num_layers, pp, stage);

@@ -19,6 +19,10 @@ struct ModelParallel {
   int64_t tp_size = 1, tp_rank = 0;
   int64_t ep_size = 1, ep_rank = 0;
   int64_t pp_size = 1, pp_rank = 0;
+  // Sequence parallelism (with tp > 1): between the tensor-parallel regions each TP rank holds only
+  // rows [owned_begin(T), owned_end(T)) of the residual stream; norms run on those rows, and the
+  // regions gather their input and reduce-scatter their output instead of all-reducing it.
+  bool sp = false;
   // Padding of the dense and expert regions of the flat buffers (16 x the DP / expert-DP size, so
   // that ZeRO slices split them evenly).
   int64_t dense_quantum = 16, expert_quantum = 16;
@@ -29,6 +33,8 @@ struct ModelParallel {
   // hold the same tokens and split them, so each token reaches its experts exactly once.
   int64_t owned_begin(int64_t T) const { return T * tp_rank / tp_size; }
   int64_t owned_end(int64_t T) const { return T * (tp_rank + 1) / tp_size; }
+  // Residual-stream rows this rank holds for a micro-batch of T tokens.
+  int64_t stream_rows(int64_t T) const { return sp ? T / tp_size : T; }
 };
 
 // The model-parallel view of a rank's communicators (tp and ep only when their size exceeds 1).

@@ -32,7 +32,8 @@ FlatRanges intersect(const FlatRanges& a, const FlatRanges& b) {
 }
 }  // namespace
 
-GradSync::GradSync(ParamStore& ps, const Comm* dp, const Comm* edp, int64_t zero_stage, int64_t bucket_elements)
+GradSync::GradSync(ParamStore& ps, const Comm* dp, const Comm* edp, int64_t zero_stage,
+                   int64_t bucket_elements)
     : ps_(ps), zero_(zero_stage) {
   DSV3_CHECK(zero_stage >= 0 && zero_stage <= 2, "ZeRO stage ", zero_stage, " is not 0, 1 or 2");
   const int64_t regions[2][2] = {{0, ps.dense_elements()}, {ps.dense_elements(), ps.num_elements()}};
@@ -45,8 +46,8 @@ GradSync::GradSync(ParamStore& ps, const Comm* dp, const Comm* edp, int64_t zero
     const Comm* c = comms[r];
     const int64_t P = c ? c->size() : 1, rank = c ? c->rank() : 0;
     const int64_t quantum = 16 * P;
-    DSV3_CHECK((b1 - b0) % quantum == 0, "gradient region [", b0, ", ", b1, ") is not padded to a multiple of ",
-               quantum);
+    DSV3_CHECK((b1 - b0) % quantum == 0, "gradient region [", b0, ", ", b1,
+               ") is not padded to a multiple of ", quantum);
     const int64_t len = std::max<int64_t>(quantum, bucket_elements / quantum * quantum);
     if (rank == 0) counted_values.emplace_back(b0, b1);
     for (int64_t s = b0; s < b1; s += len) {

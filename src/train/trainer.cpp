@@ -128,9 +128,12 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     layout = resolve_layout(cfg, g.grid.world());
     DSV3_CHECK(layout.expert_tp == 1, cfg.where("parallel.expert_tp"), " = ", layout.expert_tp,
                ": dsv3-train runs routed experts unsplit (expert_tp = 1); use ep to spread them");
-    DSV3_CHECK(!layout.sequence_parallel, cfg.where("parallel.sequence_parallel"),
-               ": sequence parallelism is not available in dsv3-train; set it to false");
     mp = model_parallel_of(g);
+    mp.sp = layout.sequence_parallel && mp.tp_size > 1;
+    DSV3_CHECK(!mp.sp || (cfg.training.micro_batch_size * cfg.training.seq_length) % mp.tp_size == 0,
+               cfg.where("parallel.sequence_parallel"),
+               ": micro_batch_size*seq_length = ", cfg.training.micro_batch_size, "*",
+               cfg.training.seq_length, " tokens do not split over tp=", mp.tp_size);
     rk.world = &g.get(GroupKind::World);
     rk.dp = if_many(g.get(GroupKind::Dp));
     rk.edp = if_many(g.get(GroupKind::Edp));
@@ -258,8 +261,9 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
   const int prev = static_cast<int>(rk.pp_rank - 1), next = static_cast<int>(rk.pp_rank + 1);
   auto tag = [](int64_t i, int dir) { return static_cast<int>((2 * i + dir) % Comm::kMaxTag); };
   OwnedTensor recv_act, recv_grad;
-  if (rk.pp) recv_act = act_out({T, m.d_model}, "pipeline.recv_activation");
-  if (rk.pp) recv_grad = act_out({T, m.d_model}, "pipeline.recv_gradient");
+  const int64_t stream_rows = mp.stream_rows(T);  // rows of the activations between stages
+  if (rk.pp) recv_act = act_out({stream_rows, m.d_model}, "pipeline.recv_activation");
+  if (rk.pp) recv_grad = act_out({stream_rows, m.d_model}, "pipeline.recv_gradient");
   double bubble_s = 0;
   auto timed_recv = [&](const Tensor& buf, int peer, int tg) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -274,7 +278,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     const int64_t rows = std::min<int64_t>(micro, valid.windows_per_epoch());
     OwnedTensor tok(DType::I32, {rows, W}, "valid_tokens");
     OwnedTensor in;
-    if (rk.pp) in = act_out({rows * S, m.d_model}, "pipeline.valid_activation");
+    if (rk.pp) in = act_out({mp.stream_rows(rows * S), m.d_model}, "pipeline.valid_activation");
     const int64_t n = std::max<int64_t>(1, std::min<int64_t>(t.eval_iters, valid.windows_per_epoch() / rows));
     double total = 0;
     for (int64_t i = 0; i < n; ++i) {

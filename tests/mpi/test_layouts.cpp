@@ -1,4 +1,5 @@
-// Every parallel layout trains the same model as one rank does (tiny config, under mpirun at 2, 4 and 8
+// Every parallel layout (sequence parallelism and recompute included) trains the same model as one
+// rank does (tiny config, under mpirun at 2, 4 and 8
 // ranks; the gtest filter picks the layouts of the launched size).
 //
 // Rank 0 first trains the single-rank reference on its own (a one-rank grid over MPI_COMM_SELF) and
@@ -301,6 +302,9 @@ TEST(LayoutNp2, Dp2Zero2) {
 TEST(LayoutNp2, Tp2) {
   if (world_is(2)) run_layout("tp2", {"parallel.tp=2"});
 }
+TEST(LayoutNp2, Tp2SequenceParallel) {
+  if (world_is(2)) run_layout("tp2_sp", {"parallel.tp=2", "parallel.sequence_parallel=true"});
+}
 TEST(LayoutNp2, Pp2) {
   if (world_is(2)) run_layout("pp2", {"parallel.pp=2"});
 }
@@ -325,6 +329,11 @@ TEST(LayoutNp4, Pp2Ep2Dp2) {
 TEST(LayoutNp4, Tp2Ep2Dp2) {
   if (world_is(4)) run_layout("tp2_ep2_dp2", {"parallel.tp=2", "parallel.ep=2"});
 }
+TEST(LayoutNp4, Tp2Pp2SequenceParallelSelectiveRecompute) {
+  if (world_is(4))
+    run_layout("tp2_pp2_sp_selective", {"parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
+                                        "training.recompute=selective"});
+}
 TEST(LayoutNp4, Ep4WithCapacityDropping) {
   // Capacity per expert is computed on each rank's micro-batch, as on one rank.
   if (world_is(4))
@@ -337,6 +346,11 @@ TEST(LayoutNp8, Tp2Pp2Dp2) {
 }
 TEST(LayoutNp8, Tp2Ep2Pp2Dp2) {
   if (world_is(8)) run_layout("tp2_ep2_pp2_dp2", {"parallel.tp=2", "parallel.ep=2", "parallel.pp=2"});
+}
+TEST(LayoutNp8, Tp2Ep2Pp2Dp2SequenceParallelFullRecompute) {
+  if (world_is(8))
+    run_layout("tp2_ep2_pp2_dp2_sp_full", {"parallel.tp=2", "parallel.ep=2", "parallel.pp=2",
+                                           "parallel.sequence_parallel=true", "training.recompute=full"});
 }
 TEST(LayoutNp8, Tp2Ep2Pp2Dp2RunsTwiceToTheSameBits) {
   if (!world_is(8)) return;
