@@ -98,6 +98,9 @@ bench: $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j $(JOBS) --target dsv3-bench
 	$(BUILD)/bin/dsv3-bench $(BENCH_ARGS)
 
-# Data-parallel scaling of the tiny config on 1, 2 and 4 MPI ranks (tokens/s, communication share).
+# Scaling of the tiny config over parallel layouts (dp, tp, pp, ep and their mixes) on 1, 2 and 4 MPI
+# ranks: tokens/s, speed-up, communication / pipeline-bubble / compute shares, predicted bubble.
+# BENCH_DP_ARGS passes options through, e.g. make bench-dp BENCH_DP_ARGS="--layouts single pp2 --steps 10".
+BENCH_DP_ARGS ?=
 bench-dp: build
-	/usr/bin/python3 tools/bench/dp_scaling.py --bin $(BUILD)/bin
+	/usr/bin/python3 tools/bench/dp_scaling.py --bin $(BUILD)/bin $(BENCH_DP_ARGS)

@@ -76,7 +76,13 @@ int main(int argc, char** argv) {
     // The process grid: every rank checks the layout; rank 0 alone reports a bad one.
     dsv3::MpiComm world(MPI_COMM_WORLD, "world", /*owned=*/false);
     dsv3::Layout layout;
-    dsv3::check_layout_collectively([&] { layout = dsv3::resolve_layout(cfg, mpi->world_size()); }, world);
+    dsv3::check_layout_collectively(
+        [&] {
+          layout = dsv3::resolve_layout(cfg, mpi->world_size());
+          DSV3_CHECK(layout.expert_tp == 1, cfg.where("parallel.expert_tp"), " = ", layout.expert_tp,
+                     ": dsv3-train keeps each routed expert whole (expert_tp = 1); spread experts with ep");
+        },
+        world);
     const dsv3::RankGrid grid(layout, cfg.parallel.order, mpi->world_size());
     const dsv3::CommGroups comms = dsv3::make_comm_groups(grid);
     if (mpi->world_size() > 1) opt.comms = &comms;

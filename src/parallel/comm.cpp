@@ -4,6 +4,7 @@
 #include "parallel/comm.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <exception>
 #include <numeric>
 #include <utility>
@@ -209,6 +210,19 @@ std::vector<int64_t> packed_displacements(const std::vector<int64_t>& counts) {
 // ---------------------------------------------------------------------------------------------------
 // Comm: checks, then the implementation hook
 
+// Adds the duration of a blocking call to its communicator's blocking_seconds().
+class BlockingTimer {
+ public:
+  BlockingTimer(const Comm& c, bool async) : c_(async ? nullptr : &c) {}
+  ~BlockingTimer() {
+    if (c_) c_->busy_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+  }
+
+ private:
+  const Comm* c_;
+  std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
+};
+
 #define DSV3_COMM_CHECK(cond, op_name, ...)                                                   \
   DSV3_CHECK(cond, op_name, " on communicator '", name(), "' (rank ", rank(), " of ", size(), \
              "): ", __VA_ARGS__)
@@ -219,6 +233,7 @@ CommRequest Comm::allreduce_checked(const char* op_name, void* data, int64_t cou
   DSV3_COMM_CHECK(count == 0 || data, op_name, "null buffer for ", count, " elements");
   DSV3_COMM_CHECK(comm_type_reducible(type), op_name, "cannot ", reduce_op_name(op), "-reduce ",
                   comm_type_name(type), " elements (reduce in f32, f64, i32 or i64)");
+  const BlockingTimer timer(*this, async);
   return do_allreduce(data, count, type, op, async);
 }
 
@@ -232,6 +247,7 @@ CommRequest Comm::reduce_scatter_checked(const char* op_name, const void* send, 
   const size_t block = static_cast<size_t>(recv_count) * comm_type_size(type);
   DSV3_COMM_CHECK(!overlap(send, block * static_cast<size_t>(size()), recv, block), op_name,
                   "send and receive buffers overlap");
+  const BlockingTimer timer(*this, async);
   return do_reduce_scatter(send, recv, recv_count, type, op, async);
 }
 
@@ -244,6 +260,7 @@ CommRequest Comm::allgather_checked(const char* op_name, const void* send, void*
   const bool in_place = send == static_cast<const char*>(recv) + block * static_cast<size_t>(rank());
   DSV3_COMM_CHECK(in_place || !overlap(send, block, recv, block * static_cast<size_t>(size())), op_name,
                   "send and receive buffers overlap (in place means send = recv + rank * count)");
+  const BlockingTimer timer(*this, async);
   return do_allgather(send, recv, send_count, type, async);
 }
 
@@ -273,6 +290,7 @@ CommRequest Comm::alltoallv_checked(const char* op_name, const void* send,
   DSV3_COMM_CHECK(
       !overlap(send, static_cast<size_t>(send_end) * es, recv, static_cast<size_t>(recv_end) * es), op_name,
       "send and receive buffers overlap");
+  const BlockingTimer timer(*this, async);
   return do_alltoallv(send, send_counts, send_displs, recv, recv_counts, recv_displs, type, async);
 }
 
@@ -282,6 +300,7 @@ CommRequest Comm::send_checked(const char* op_name, const void* data, int64_t co
   DSV3_COMM_CHECK(count == 0 || data, op_name, "null buffer for ", count, " elements");
   DSV3_COMM_CHECK(peer >= 0 && peer < size(), op_name, "peer ", peer, " outside [0, ", size(), ")");
   DSV3_COMM_CHECK(tag >= 0 && tag <= kMaxTag, op_name, "tag ", tag, " outside [0, ", kMaxTag, "]");
+  const BlockingTimer timer(*this, async);
   return do_send(data, count, type, peer, tag, async);
 }
 
@@ -291,6 +310,7 @@ CommRequest Comm::recv_checked(const char* op_name, void* data, int64_t count, C
   DSV3_COMM_CHECK(count == 0 || data, op_name, "null buffer for ", count, " elements");
   DSV3_COMM_CHECK(peer >= 0 && peer < size(), op_name, "peer ", peer, " outside [0, ", size(), ")");
   DSV3_COMM_CHECK(tag >= 0 && tag <= kMaxTag, op_name, "tag ", tag, " outside [0, ", kMaxTag, "]");
+  const BlockingTimer timer(*this, async);
   return do_recv(data, count, type, peer, tag, async);
 }
 
@@ -299,6 +319,7 @@ CommRequest Comm::broadcast_checked(const char* op_name, void* data, int64_t cou
   DSV3_COMM_CHECK(count >= 0, op_name, "negative count ", count);
   DSV3_COMM_CHECK(count == 0 || data, op_name, "null buffer for ", count, " elements");
   DSV3_COMM_CHECK(root >= 0 && root < size(), op_name, "root ", root, " outside [0, ", size(), ")");
+  const BlockingTimer timer(*this, async);
   return do_broadcast(data, count, type, root, async);
 }
 
@@ -447,7 +468,10 @@ CommRequest Comm::ibroadcast(const Tensor& t, int root) const {
   return broadcast_checked("ibroadcast", t.data(), t.numel(), tensor_type("ibroadcast", t), root, true);
 }
 
-void Comm::barrier() const { do_barrier(false); }
+void Comm::barrier() const {
+  const BlockingTimer timer(*this, false);
+  do_barrier(false);
+}
 CommRequest Comm::ibarrier() const { return do_barrier(true); }
 
 #undef DSV3_COMM_CHECK

@@ -264,6 +264,11 @@ class Comm {
   void barrier() const;
   CommRequest ibarrier() const;
 
+  // Seconds spent inside this communicator's blocking calls since the last reset (for the per-step
+  // communication time that training reports; non-blocking calls are timed by whoever waits).
+  double blocking_seconds() const { return busy_s_; }
+  void reset_blocking_seconds() const { busy_s_ = 0; }
+
  protected:
   // Implementation hooks, called with checked arguments. With async false the operation is complete
   // on return (return an empty request); with async true it may still be in flight.
@@ -305,6 +310,8 @@ class Comm {
   CommRequest broadcast_checked(const char* op_name, void* data, int64_t count, CommType type, int root,
                                 bool async) const;
   CommType tensor_type(const char* op_name, const Tensor& t) const;
+  friend class BlockingTimer;
+  mutable double busy_s_ = 0;
 };
 
 // Comm over an MPI communicator (host buffers).

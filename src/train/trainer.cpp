@@ -105,6 +105,8 @@ struct Ranks {
   const Comm* edp = nullptr;  // expert data parallel
   const Comm* pp = nullptr;
   const Comm* tie = nullptr;  // first and last stage: the embedding copies (pp > 1 with MTP)
+  const Comm* tp = nullptr;   // tensor and expert parallel: used inside the model
+  const Comm* ep = nullptr;
   int64_t dp_size = 1, dp_rank = 0, edp_size = 1, pp_size = 1, pp_rank = 0;
   bool root() const { return world == nullptr || world->rank() == 0; }
   bool first() const { return pp_rank == 0; }
@@ -138,6 +140,8 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     rk.dp = if_many(g.get(GroupKind::Dp));
     rk.edp = if_many(g.get(GroupKind::Edp));
     rk.pp = if_many(g.get(GroupKind::Pp));
+    rk.tp = if_many(g.get(GroupKind::Tp));
+    rk.ep = if_many(g.get(GroupKind::Ep));
     rk.dp_size = g.get(GroupKind::Dp).size(), rk.dp_rank = g.get(GroupKind::Dp).rank();
     rk.edp_size = g.get(GroupKind::Edp).size();
     rk.pp_size = g.get(GroupKind::Pp).size(), rk.pp_rank = g.get(GroupKind::Pp).rank();
@@ -320,6 +324,8 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     train_sampler.next_batch(gb, rk.dp_rank, rk.dp_size, batch.t);
     model.params().zero_grads();
     sync.reset_timer();
+    for (const Comm* c : {rk.tp, rk.ep})
+      if (c) c->reset_blocking_seconds();
     bubble_s = 0;
     double comm_s = 0;
     StepLosses agg;
@@ -426,10 +432,12 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
           << " in a row, limit " << t.max_nonfinite_steps << ")" << std::endl;
     }
     comm_s += sync.comm_seconds();
-    // The slowest rank's view: the step ends when every rank is done.
+    for (const Comm* c : {rk.tp, rk.ep})  // the model's own collectives
+      if (c) comm_s += c->blocking_seconds();
+    // Means over the ranks, so that communication, bubble and the rest of a rank's step add up.
     double times[2] = {comm_s, bubble_s};
-    if (rk.world) rk.world->allreduce(times, 2, ReduceOp::Max);
-    comm_s = times[0], bubble_s = times[1];
+    if (rk.world) rk.world->allreduce(times, 2);
+    comm_s = times[0] / double(world), bubble_s = times[1] / double(world);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     comm_total += comm_s, bubble_total += bubble_s, time_total += dt;
     tokens_seen += gb * S;  // over all data-parallel ranks
