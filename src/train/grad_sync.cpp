@@ -92,6 +92,11 @@ void GradSync::wait(Bucket& b) {
   b.req.wait();
 }
 
+void GradSync::hold(int64_t begin, int64_t end) {
+  for (auto& b : buckets_)
+    if (b.begin < end && begin < b.end) b.held = true;
+}
+
 void GradSync::begin_micro_batch(bool last) {
   active_ = zero_ >= 2 || last;
   for (auto& b : buckets_) b.launched = false;
@@ -102,7 +107,7 @@ void GradSync::ready(int64_t dense_from, int64_t expert_from) {
   const int64_t nd = ps_.dense_elements();
   for (size_t i = buckets_.size(); i-- > 0;) {
     Bucket& b = buckets_[i];
-    if (b.launched) continue;
+    if (b.launched || b.held) continue;
     const int64_t from = b.begin < nd ? dense_from : expert_from;
     if (b.begin >= from) launch(b);
   }
@@ -114,7 +119,7 @@ void GradSync::end_micro_batch() {
   if (zero_ < 2) return;
   float* g = ps_.flat_grads().f32();
   for (auto& b : buckets_) {
-    if (!b.comm) continue;  // no peers: the gradients keep accumulating in place
+    if (!b.comm || b.held) continue;  // no peers, or held: the gradients keep accumulating in place
     wait(b);
     float* a = acc_.data() + b.acc;
     const float* r = recv_.data() + b.acc;
@@ -126,6 +131,13 @@ void GradSync::end_micro_batch() {
 void GradSync::finish() {
   float* g = ps_.flat_grads().f32();
   if (zero_ >= 2) {
+    for (auto& b : buckets_) {
+      if (!b.comm || !b.held) continue;  // held buckets: one reduction of the whole step's sum
+      wait(b);
+      float* a = acc_.data() + b.acc;
+      const float* r = recv_.data() + b.acc;
+      for (int64_t i = 0; i < b.shard; ++i) a[i] += r[i];
+    }
     for (auto& b : buckets_) {
       if (!b.comm) continue;
       std::memcpy(g + b.begin + b.rank * b.shard, acc_.data() + b.acc, static_cast<size_t>(b.shard) * 4);

@@ -39,6 +39,10 @@ class GradSync {
   // rank 0 is designated).
   const FlatRanges& designated_values() const { return designated_values_; }
 
+  // Keeps the buckets overlapping [begin, end) out of the reductions during the backward: their
+  // gradients accumulate in place until finish() (for gradients that must first be combined with
+  // another rank's, like the tied embedding copies of the first and last pipeline stage).
+  void hold(int64_t begin, int64_t end);
   // Before the backward of a micro-batch: whether buckets are reduced during it (always under
   // ZeRO-2, else on the last micro-batch of the step only).
   void begin_micro_batch(bool last);
@@ -65,6 +69,7 @@ class GradSync {
     int64_t rank;        // this rank's slice index
     int64_t acc;         // offset of this bucket's slice in acc_
     bool launched = false;
+    bool held = false;
     CommRequest req;
   };
   void launch(Bucket& b);

@@ -317,6 +317,9 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
   };
   const auto schedule = one_f_one_b(rk.pp_size, rk.pp_rank, nmicro);
   const size_t embed = model.embedding_param();
+  if (rk.tie)  // its buckets wait for the sum of the two copies at the end of the step
+    sync.hold(model.params().param(embed).offset,
+              model.params().param(embed).offset + model.params().grad(embed).numel());
 
   int64_t step = start_step;
   for (; step < t.train_steps; ++step) {
@@ -333,15 +336,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     std::vector<MicroBatchState> states(static_cast<size_t>(nmicro));
     std::vector<CommRequest> fwd_sends(static_cast<size_t>(nmicro)), bwd_sends(static_cast<size_t>(nmicro));
     const float grad_scale = 1.0f / static_cast<float>(nmicro * rk.dp_size);
-    bool tie_active = false;
-    // The tied embedding copies (first and last stage) sum their gradients once this micro-batch's
-    // backward has sent its activation gradient on; their bucket waits for that.
-    const int64_t embed_end =
-        rk.tie ? model.params().param(embed).offset + model.params().grad(embed).numel() : 0;
-    auto ready = [&](int64_t dense_from, int64_t expert_from) {
-      if (rk.tie && tie_active) dense_from = std::max(dense_from, embed_end);
-      sync.ready(dense_from, expert_from);
-    };
+    auto ready = [&](int64_t dense_from, int64_t expert_from) { sync.ready(dense_from, expert_from); };
     for (const auto& [forward, i] : schedule) {
       MicroBatchState& st = states[static_cast<size_t>(i)];
       if (forward) {
@@ -360,21 +355,18 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
       } else {
         if (rk.pp && !rk.last()) timed_recv(recv_grad, next, tag(i, 1));
         fwd_sends[i].wait();  // the stage output is freed by the backward
-        const bool last_micro = i == nmicro - 1;
-        tie_active = layout.zero_stage >= 2 || last_micro;
-        sync.begin_micro_batch(last_micro);
+        sync.begin_micro_batch(i == nmicro - 1);
         model.stage_backward(st, rk.pp ? recv_grad.t : Tensor(), ready);
         if (rk.pp && !rk.first()) bwd_sends[i] = rk.pp->isend(st.d_input.t, prev, tag(i, 1));
-        if (rk.tie && tie_active) {
-          const auto c0 = std::chrono::steady_clock::now();
-          rk.tie->allreduce(model.params().grad(embed));
-          comm_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
-          sync.ready(0, 0);
-        }
         sync.end_micro_batch();
       }
     }
     wait_all(bwd_sends);
+    if (rk.tie) {  // the tied embedding copies of the first and last stage: sum their gradients
+      const auto c0 = std::chrono::steady_clock::now();
+      rk.tie->allreduce(model.params().grad(embed));
+      comm_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
+    }
     sync.finish();
     states.clear();
 
