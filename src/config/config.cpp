@@ -285,6 +285,7 @@ void bind_all(Visitor& b, C& c) {
   b.optional("parallel.expert_tp", p.expert_tp);
   b.optional("parallel.zero_stage", p.zero_stage);
   b.optional("parallel.sequence_parallel", p.sequence_parallel);
+  b.optional("parallel.virtual_stages", p.virtual_stages);
   b.optional("parallel.order", p.order);
 
   auto& h = c.hardware;
@@ -469,6 +470,7 @@ void validate(const Config& c) {
   positive("parallel.ep", p.ep);
   non_negative("parallel.dp", p.dp);
   positive("parallel.expert_tp", p.expert_tp);
+  positive("parallel.virtual_stages", p.virtual_stages);
   DSV3_CHECK(p.zero_stage >= 0 && p.zero_stage <= 2, c.where("parallel.zero_stage"),
              " must be 0, 1 or 2, got ", p.zero_stage);
   {
@@ -508,7 +510,7 @@ void validate(const Config& c) {
   // The configured layout must divide the model even before the world size is known.
   Layout l;
   l.tp = p.tp, l.pp = p.pp, l.ep = p.ep, l.dp = p.dp > 0 ? p.dp : 0, l.expert_tp = p.expert_tp;
-  l.zero_stage = p.zero_stage, l.sequence_parallel = p.sequence_parallel;
+  l.zero_stage = p.zero_stage, l.sequence_parallel = p.sequence_parallel, l.virtual_stages = p.virtual_stages;
   check_layout(c, l);
 }
 
@@ -523,6 +525,13 @@ void check_layout(const Config& c, const Layout& l) {
     DSV3_CHECK(m.ffn_dim % l.tp == 0, f, ": layout tp=", l.tp, " does not divide model.ffn_dim=", m.ffn_dim);
   DSV3_CHECK(m.num_layers >= l.pp, f, ": layout pp=", l.pp, " exceeds model.num_layers=", m.num_layers,
              " (every pipeline stage needs a layer)");
+  if (l.virtual_stages > 1) {
+    DSV3_CHECK(l.pp > 1, f, ": parallel.virtual_stages=", l.virtual_stages,
+               " needs pipeline stages (pp > 1)");
+    DSV3_CHECK(m.num_layers >= l.pp * l.virtual_stages, f, ": pp*virtual_stages=", l.pp, "*",
+               l.virtual_stages, " exceeds model.num_layers=", m.num_layers,
+               " (every model chunk needs a layer)");
+  }
   if (m.num_moe_layers() > 0) {
     DSV3_CHECK(m.moe.num_experts % l.ep == 0, f, ": layout ep=", l.ep,
                " does not divide model.moe.num_experts=", m.moe.num_experts);
@@ -540,6 +549,11 @@ void check_layout(const Config& c, const Layout& l) {
     DSV3_CHECK(t.global_batch_size % (t.micro_batch_size * l.dp) == 0, f,
                ": training.global_batch_size=", t.global_batch_size,
                " is not a multiple of micro_batch_size*dp=", t.micro_batch_size, "*", l.dp);
+    if (l.virtual_stages > 1)
+      DSV3_CHECK(t.global_batch_size / (t.micro_batch_size * l.dp) % l.pp == 0, f,
+                 ": the interleaved schedule needs the micro-batches per pipeline (global_batch_size / "
+                 "(micro_batch_size*dp) = ",
+                 t.global_batch_size / (t.micro_batch_size * l.dp), ") to be a multiple of pp=", l.pp);
   }
 }
 
@@ -548,6 +562,7 @@ Layout resolve_layout(const Config& c, int64_t world) {
   Layout l;
   l.tp = p.tp, l.pp = p.pp, l.ep = p.ep, l.expert_tp = p.expert_tp, l.zero_stage = p.zero_stage;
   l.sequence_parallel = p.sequence_parallel;
+  l.virtual_stages = p.virtual_stages;
   if (world <= 0) {
     l.dp = p.dp > 0 ? p.dp : 1;
   } else {

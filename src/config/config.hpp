@@ -116,6 +116,7 @@ struct ParallelConfig {
   int64_t expert_tp = 1;   // tensor parallelism inside an expert
   int64_t zero_stage = 1;  // 0 | 1 | 2
   bool sequence_parallel = false;
+  int64_t virtual_stages = 1;  // pipeline model chunks per rank (interleaved 1F1B when > 1)
   std::string order = "tp-ep-dp-pp";
 };
 
@@ -165,6 +166,7 @@ struct Config {
 struct Layout {
   int64_t tp = 1, pp = 1, ep = 1, dp = 1, expert_tp = 1, zero_stage = 0;
   bool sequence_parallel = false;
+  int64_t virtual_stages = 1;
   int64_t world() const { return tp * pp * dp; }
   int64_t expert_dp() const { return tp * dp / (expert_tp * ep); }
 };

@@ -13,8 +13,6 @@ namespace dsv3 {
 
 Model::Model(const Config& cfg, const ModelParallel& mp)
     : m_(cfg.model), mp_(mp), recompute_(parse_recompute(cfg.training.recompute)) {
-  const StageLayers st = stage_layers(m_, mp_.pp_size, mp_.pp_rank);
-  layer_begin_ = st.begin, layer_end_ = st.end;
   const bool last = mp_.last_stage(), first = mp_.first_stage();
   // The embedding on the first stage; the last stage keeps a tied copy for the MTP modules (replica 1:
   // its gradient is summed with the first stage's, and only the first stage writes it).
@@ -22,9 +20,15 @@ Model::Model(const Config& cfg, const ModelParallel& mp)
   if (has_embed_)
     embed_ = params_.add_split("model.embed_tokens.weight", {m_.vocab_size, m_.d_model}, 0, mp_.tp_size,
                                mp_.tp_rank, ParamInit::Normal, ParamGroup::Dense, true, first ? 0 : 1);
-  for (int64_t l = layer_begin_; l < layer_end_; ++l) {
-    block_first_param_.push_back(params_.params().size());
-    blocks_.push_back(std::make_unique<Block>(m_, params_, l, /*moe=*/l >= m_.num_dense_layers, mp_));
+  chunks_.resize(static_cast<size_t>(mp_.vp));
+  for (int64_t c = 0; c < mp_.vp; ++c) {
+    Chunk& ch = chunks_[static_cast<size_t>(c)];
+    const StageLayers st = stage_layers(m_, mp_.pp_size * mp_.vp, c * mp_.pp_size + mp_.pp_rank);
+    ch.layer_begin = st.begin, ch.layer_end = st.end;
+    for (int64_t l = st.begin; l < st.end; ++l) {
+      ch.first_param.push_back(params_.params().size());
+      ch.blocks.push_back(std::make_unique<Block>(m_, params_, l, /*moe=*/l >= m_.num_dense_layers, mp_));
+    }
   }
   if (last) {
     tail_first_param_ = params_.params().size();
@@ -198,7 +202,10 @@ StepLosses Model::forward(const Tensor& tokens, ModelCapture* capture) {
 }
 
 StepLosses Model::stage_forward(const Tensor& tokens, const Tensor& input, MicroBatchState& st, bool training,
-                                float grad_scale, ModelCapture* capture) {
+                                float grad_scale, ModelCapture* capture, int64_t chunk) {
+  DSV3_CHECK(chunk >= 0 && chunk < chunks(), "model chunk ", chunk, " outside [0, ", chunks(), ")");
+  const Chunk& ch = chunks_[static_cast<size_t>(chunk)];
+  st.chunk = chunk;
   check_tokens(tokens);
   const int64_t D = m_.mtp.depth, B = tokens.dim(0), W = tokens.dim(1), S = W - D - 1, T = B * S,
                 d = m_.d_model;
@@ -227,11 +234,11 @@ StepLosses Model::stage_forward(const Tensor& tokens, const Tensor& input, Micro
   };
 
   // The local blocks, from the embedding (first stage) or the previous stage's output.
-  const int64_t L = layer_end_ - layer_begin_;
+  const int64_t L = ch.layer_end - ch.layer_begin;
   st.hs.clear();
   st.hs.reserve(static_cast<size_t>(L + 1));
   st.hs.push_back(act_out({rows, d}, "hidden.in"));
-  if (mp_.first_stage()) {
+  if (chunk_is_first(chunk)) {
     st.ids = shifted(0, "input_ids");
     embed(st.ids, st.hs[0]);
   } else {
@@ -242,8 +249,8 @@ StepLosses Model::stage_forward(const Tensor& tokens, const Tensor& input, Micro
   st.saved.clear();
   st.saved.resize(static_cast<size_t>(L));
   for (int64_t l = 0; l < L; ++l) {
-    st.hs.push_back(act_out({rows, d}, "hidden." + std::to_string(layer_begin_ + l + 1)));
-    blocks_[l]->forward(params_, st.hs[l], st.hs[l + 1], st.saved[l], ctx);
+    st.hs.push_back(act_out({rows, d}, "hidden." + std::to_string(ch.layer_begin + l + 1)));
+    ch.blocks[l]->forward(params_, st.hs[l], st.hs[l + 1], st.saved[l], ctx);
   }
 
   StepLosses out;
@@ -265,8 +272,8 @@ StepLosses Model::stage_forward(const Tensor& tokens, const Tensor& input, Micro
     std::memcpy(w.t.data(), s.moe.weights.t.data(), w.t.bytes());
     capture->router[blk.layer()] = {std::move(idx), std::move(w)};
   };
-  for (int64_t l = 0; l < L; ++l) collect(*blocks_[l], st.saved[l]), grab(*blocks_[l], st.saved[l]);
-  if (!mp_.last_stage()) {
+  for (int64_t l = 0; l < L; ++l) collect(*ch.blocks[l], st.saved[l]), grab(*ch.blocks[l], st.saved[l]);
+  if (!chunk_is_last(chunk)) {
     out.total = out.balance;
     return out;
   }
@@ -314,15 +321,16 @@ void Model::stage_backward(MicroBatchState& st, const Tensor& d_output,
                            const std::function<void(int64_t, int64_t)>& ready) {
   DSV3_CHECK(st.training, "stage_backward after a forward without training");
   const StepContext& ctx = st.ctx;
+  const Chunk& ch = chunks_[static_cast<size_t>(st.chunk)];
   const int64_t rows = mp_.stream_rows(ctx.T()), d = m_.d_model, D = m_.mtp.depth,
-                L = layer_end_ - layer_begin_;
+                L = ch.layer_end - ch.layer_begin;
   auto notify = [&](size_t first_param) {
     if (!ready) return;
     const auto [dense, expert] = ready_from(first_param);
     ready(dense, expert);
   };
   OwnedTensor cur;
-  if (mp_.last_stage()) {
+  if (chunk_is_last(st.chunk)) {
     // MTP modules in reverse (module k's input gradient flows into module k-1's output).
     OwnedTensor de = D > 0 ? act_out({rows, d}, "mtp.d_embedding") : OwnedTensor();
     for (int64_t k = D; k >= 1; --k) {
@@ -340,16 +348,15 @@ void Model::stage_backward(MicroBatchState& st, const Tensor& d_output,
   }
   OwnedTensor dx = act_out({rows, d}, "d_hidden");
   for (int64_t l = L - 1; l >= 0; --l) {
-    blocks_[l]->backward(params_, st.saved[l], cur, dx, ctx);
+    ch.blocks[l]->backward(params_, st.saved[l], cur, dx, ctx);
     std::swap(cur, dx);  // cur now holds the gradient of block l's input
-    notify(block_first_param_[l]);
+    notify(ch.first_param[l]);
   }
-  if (mp_.first_stage()) {
+  if (chunk_is_first(st.chunk)) {
     embed_backward(st.ids, cur);
     notify(0);
   } else {
-    st.d_input = std::move(cur);
-    if (ready) ready(0, 0);
+    st.d_input = std::move(cur);  // this chunk's parameters were reported with its first block
   }
   st.saved.clear(), st.msaved.clear(), st.hs.clear(), st.mh.clear(), st.dmh.clear(), st.mtp_e.clear();
 }

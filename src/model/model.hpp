@@ -46,6 +46,7 @@ struct MicroBatchState {
   OwnedTensor dh;       // last stage: gradient of the trunk output
   OwnedTensor d_input;  // gradient of the stage input (stages after the first)
   bool training = false;
+  int64_t chunk = 0;  // the model chunk (virtual pipeline stage) it ran on
 };
 
 class Model {
@@ -75,7 +76,7 @@ class Model {
   // with the head gradients already taken on the last stage when training. The stage output for the
   // next stage is st.hs.back().
   StepLosses stage_forward(const Tensor& tokens, const Tensor& input, MicroBatchState& st, bool training,
-                           float grad_scale = 1.0f, ModelCapture* capture = nullptr);
+                           float grad_scale = 1.0f, ModelCapture* capture = nullptr, int64_t chunk = 0);
   // Backward of one micro-batch: `d_output` [T, d] from the next stage (ignored on the last stage).
   // The gradient of the stage input lands in st.d_input (stages after the first). `ready(dense_from,
   // expert_from)` is called whenever the gradients of every parameter at or after those flat offsets
@@ -95,6 +96,11 @@ class Model {
   void set_recompute(Recompute r) { recompute_ = r; }
   int64_t mtp_depth() const { return m_.mtp.depth; }
   bool has_embedding() const { return has_embed_; }
+  // Model chunks on this rank (ModelParallel::vp); the first chunk of the first stage embeds, the last
+  // chunk of the last stage holds the head and MTP.
+  int64_t chunks() const { return static_cast<int64_t>(chunks_.size()); }
+  bool chunk_is_first(int64_t c) const { return mp_.first_stage() && c == 0; }
+  bool chunk_is_last(int64_t c) const { return mp_.last_stage() && c == chunks() - 1; }
   // Index of the embedding table in params() (first stage, and the last stage's copy for MTP).
   size_t embedding_param() const { return embed_; }
 
@@ -114,12 +120,16 @@ class Model {
   ModelParallel mp_;
   ParamStore params_;
   Recompute recompute_ = Recompute::None;
-  int64_t layer_begin_ = 0, layer_end_ = 0;
+  // This rank's model chunks (one per virtual pipeline stage), in layer order.
+  struct Chunk {
+    int64_t layer_begin = 0, layer_end = 0;
+    std::vector<std::unique_ptr<Block>> blocks;  // layers [layer_begin, layer_end)
+    std::vector<size_t> first_param;             // index of each block's first parameter
+  };
+  std::vector<Chunk> chunks_;
   bool has_embed_ = false;
   size_t embed_ = 0, final_norm_ = 0, head_ = 0;
-  std::vector<std::unique_ptr<Block>> blocks_;  // layers [layer_begin_, layer_end_)
-  std::vector<size_t> block_first_param_;       // index of each local block's first parameter
-  size_t tail_first_param_ = 0;                 // last stage: index of model.norm.weight
+  size_t tail_first_param_ = 0;  // last stage: index of model.norm.weight
   std::vector<std::unique_ptr<MTPModule>> mtp_;
   int64_t rope_S_ = -1;
   OwnedTensor cos_, sin_;

@@ -23,6 +23,8 @@ struct ModelParallel {
   // rows [owned_begin(T), owned_end(T)) of the residual stream; norms run on those rows, and the
   // regions gather their input and reduce-scatter their output instead of all-reducing it.
   bool sp = false;
+  // Model chunks per rank (virtual pipeline stages): chunk c of stage p is virtual stage c * pp + p.
+  int64_t vp = 1;
   // Padding of the dense and expert regions of the flat buffers (16 x the DP / expert-DP size, so
   // that ZeRO slices split them evenly).
   int64_t dense_quantum = 16, expert_quantum = 16;

@@ -99,7 +99,6 @@ void GradSync::hold(int64_t begin, int64_t end) {
 
 void GradSync::begin_micro_batch(bool last) {
   active_ = zero_ >= 2 || last;
-  for (auto& b : buckets_) b.launched = false;
 }
 
 void GradSync::ready(int64_t dense_from, int64_t expert_from) {
@@ -125,6 +124,7 @@ void GradSync::end_micro_batch() {
     const float* r = recv_.data() + b.acc;
     for (int64_t i = 0; i < b.shard; ++i) a[i] += r[i];
     std::memset(g + b.begin, 0, static_cast<size_t>(b.end - b.begin) * 4);
+    b.launched = false;  // again for the next micro-batch
   }
 }
 
@@ -143,13 +143,14 @@ void GradSync::finish() {
       std::memcpy(g + b.begin + b.rank * b.shard, acc_.data() + b.acc, static_cast<size_t>(b.shard) * 4);
     }
     std::fill(acc_.begin(), acc_.end(), 0.0f);
-    return;
+  } else {
+    for (auto& b : buckets_) {
+      wait(b);
+      if (zero_ >= 1 && b.comm)
+        std::memcpy(g + b.begin + b.rank * b.shard, recv_.data() + b.acc, static_cast<size_t>(b.shard) * 4);
+    }
   }
-  for (auto& b : buckets_) {
-    wait(b);
-    if (zero_ >= 1 && b.comm)
-      std::memcpy(g + b.begin + b.rank * b.shard, recv_.data() + b.acc, static_cast<size_t>(b.shard) * 4);
-  }
+  for (auto& b : buckets_) b.launched = false;  // the next step starts over
 }
 
 void GradSync::gather_values() {

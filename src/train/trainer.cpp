@@ -77,22 +77,40 @@ double evaluate(Model& model, WindowSampler& valid, int64_t micro_batch, int64_t
 }
 
 namespace {
-// The 1F1B order of one pipeline stage: (is_forward, micro-batch) pairs. Stage s runs pp - s - 1
-// warm-up forwards, then alternates one forward and one backward, then drains the backwards.
-std::vector<std::pair<bool, int64_t>> one_f_one_b(int64_t pp, int64_t stage, int64_t micro) {
-  std::vector<std::pair<bool, int64_t>> ops;
-  const int64_t warm = std::min(pp - stage - 1, micro);
-  for (int64_t i = 0; i < warm; ++i) ops.emplace_back(true, i);
-  for (int64_t i = 0; i < micro - warm; ++i) ops.emplace_back(true, warm + i), ops.emplace_back(false, i);
-  for (int64_t i = micro - warm; i < micro; ++i) ops.emplace_back(false, i);
+// One step of a pipeline stage's schedule: the forward or backward of a micro-batch on a model chunk.
+struct PipeOp {
+  bool forward;
+  int64_t micro, chunk;
+};
+
+// The order of one pipeline stage. With one chunk per rank, 1F1B: stage s runs pp - s - 1 warm-up
+// forwards, then alternates one forward and one backward, then drains the backwards. With v chunks,
+// the interleaved 1F1B of Megatron-LM (Narayanan et al. 2021): micro-batches go through the chunks in
+// groups of pp, warm-up (pp - s - 1) * 2 + (v - 1) * pp forwards, backwards visit the chunks in
+// reverse (needs micro % pp == 0).
+std::vector<PipeOp> pipeline_schedule(int64_t pp, int64_t stage, int64_t micro, int64_t v) {
+  const int64_t total = micro * v;
+  const int64_t warm =
+      v == 1 ? std::min(pp - stage - 1, micro) : std::min((pp - stage - 1) * 2 + (v - 1) * pp, total);
+  auto op = [&](bool fwd, int64_t k) {
+    const int64_t group = (k / pp) % v;
+    return PipeOp{fwd, (k / (pp * v)) * pp + k % pp, fwd ? group : v - 1 - group};
+  };
+  std::vector<PipeOp> ops;
+  for (int64_t k = 0; k < warm; ++k) ops.push_back(op(true, k));
+  for (int64_t k = 0; k < total - warm; ++k) ops.push_back(op(true, warm + k)), ops.push_back(op(false, k));
+  for (int64_t k = total - warm; k < total; ++k) ops.push_back(op(false, k));
   return ops;
 }
 
-std::string schedule_text(int64_t pp, int64_t micro) {
+std::string schedule_text(int64_t pp, int64_t micro, int64_t v) {
   std::ostringstream o;
   for (int64_t s = 0; s < pp; ++s) {
     o << "    stage " << s << ":";
-    for (const auto& [fwd, i] : one_f_one_b(pp, s, micro)) o << " " << (fwd ? "F" : "B") << i;
+    for (const PipeOp& x : pipeline_schedule(pp, s, micro, v)) {
+      o << " " << (x.forward ? "F" : "B") << x.micro;
+      if (v > 1) o << "." << x.chunk;
+    }
     o << "\n";
   }
   return o.str();
@@ -132,6 +150,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
                ": dsv3-train runs routed experts unsplit (expert_tp = 1); use ep to spread them");
     mp = model_parallel_of(g);
     mp.sp = layout.sequence_parallel && mp.tp_size > 1;
+    mp.vp = layout.virtual_stages;
     DSV3_CHECK(!mp.sp || (cfg.training.micro_batch_size * cfg.training.seq_length) % mp.tp_size == 0,
                cfg.where("parallel.sequence_parallel"),
                ": micro_batch_size*seq_length = ", cfg.training.micro_batch_size, "*",
@@ -255,15 +274,24 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
       << opt.bucket_elements << " elements on this rank\n  peak " << fixed(peak, 3) << " TFLOP/s ("
       << (opt.peak_tflops > 0 ? "given" : "measured sgemm") << " per rank x " << world << "), "
       << human_flops(flops_per_token) << " per token; run dir " << run_dir << std::endl;
+  const int64_t vp = mp.vp, vstages = rk.pp_size * vp;
   if (rk.pp_size > 1)
-    log << "  pipeline: " << rk.pp_size << " stages, 1F1B over " << nmicro
-        << " micro-batches, predicted bubble (pp-1)/(m+pp-1) = "
-        << fixed(100.0 * double(rk.pp_size - 1) / double(nmicro + rk.pp_size - 1), 1) << "%\n"
-        << schedule_text(rk.pp_size, nmicro) << std::flush;
+    log << "  pipeline: " << rk.pp_size << " stages" << (vp > 1 ? " x " + std::to_string(vp) + " chunks" : "")
+        << ", " << (vp > 1 ? "interleaved " : "") << "1F1B over " << nmicro
+        << " micro-batches, predicted bubble (pp-1)/(v*m+pp-1) = "
+        << fixed(100.0 * double(rk.pp_size - 1) / double(vp * nmicro + rk.pp_size - 1), 1) << "%"
+        << (vp > 1 ? " (F3.1: forward of micro-batch 3 on chunk 1)" : "") << "\n"
+        << schedule_text(rk.pp_size, nmicro, vp) << std::flush;
 
-  // Pipeline transport: activations forward (tag 2i), gradients backward (tag 2i + 1).
-  const int prev = static_cast<int>(rk.pp_rank - 1), next = static_cast<int>(rk.pp_rank + 1);
-  auto tag = [](int64_t i, int dir) { return static_cast<int>((2 * i + dir) % Comm::kMaxTag); };
+  // Pipeline transport around the ring of stages: chunk c of stage p is virtual stage c * pp + p.
+  // Activations go to the next virtual stage, gradients to the previous; the tag names the micro-batch,
+  // the receiving virtual stage and the direction.
+  const int prev = static_cast<int>((rk.pp_rank + rk.pp_size - 1) % rk.pp_size),
+            next = static_cast<int>((rk.pp_rank + 1) % rk.pp_size);
+  auto vstage = [&](int64_t chunk) { return chunk * rk.pp_size + rk.pp_rank; };
+  auto tag = [&](int64_t micro_batch, int64_t receiver, int dir) {
+    return static_cast<int>(((micro_batch * vstages + receiver) * 2 + dir) % Comm::kMaxTag);
+  };
   OwnedTensor recv_act, recv_grad;
   const int64_t stream_rows = mp.stream_rows(T);  // rows of the activations between stages
   if (rk.pp) recv_act = act_out({stream_rows, m.d_model}, "pipeline.recv_activation");
@@ -287,11 +315,13 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     double total = 0;
     for (int64_t i = 0; i < n; ++i) {
       valid.next_batch(rows, 0, 1, tok.t);
-      if (rk.pp && !rk.first()) rk.pp->recv(in.t, prev, tag(i, 0));
-      MicroBatchState st;
-      const StepLosses l = model.stage_forward(tok, rk.pp ? in.t : Tensor(), st, false);
-      if (rk.pp && !rk.last()) rk.pp->send(st.hs.back().t, next, tag(i, 0));
-      total += l.main;
+      for (int64_t c = 0; c < vp; ++c) {
+        if (rk.pp && !model.chunk_is_first(c)) rk.pp->recv(in.t, prev, tag(i, vstage(c), 0));
+        MicroBatchState st;
+        const StepLosses l = model.stage_forward(tok, rk.pp ? in.t : Tensor(), st, false, 1.0f, nullptr, c);
+        if (rk.pp && !model.chunk_is_last(c)) rk.pp->send(st.hs.back().t, next, tag(i, vstage(c) + 1, 0));
+        total += l.main;
+      }
     }
     if (rk.pp) rk.pp->allreduce(&total, 1);  // the last stage's sum
     return total / static_cast<double>(n);
@@ -315,7 +345,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     log << "step " << step << " | validation loss " << fixed(v, 4) << " (perplexity " << fixed(std::exp(v), 2)
         << ")" << std::endl;
   };
-  const auto schedule = one_f_one_b(rk.pp_size, rk.pp_rank, nmicro);
+  const auto schedule = pipeline_schedule(rk.pp_size, rk.pp_rank, nmicro, vp);
   const size_t embed = model.embedding_param();
   if (rk.tie)  // its buckets wait for the sum of the two copies at the end of the step
     sync.hold(model.params().param(embed).offset,
@@ -333,17 +363,21 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     double comm_s = 0;
     StepLosses agg;
     agg.mtp.assign(static_cast<size_t>(m.mtp.depth), 0.0);
-    std::vector<MicroBatchState> states(static_cast<size_t>(nmicro));
-    std::vector<CommRequest> fwd_sends(static_cast<size_t>(nmicro)), bwd_sends(static_cast<size_t>(nmicro));
+    std::vector<MicroBatchState> states(static_cast<size_t>(nmicro * vp));  // per (micro-batch, chunk)
+    std::vector<CommRequest> fwd_sends(states.size()), bwd_sends(states.size());
     const float grad_scale = 1.0f / static_cast<float>(nmicro * rk.dp_size);
     auto ready = [&](int64_t dense_from, int64_t expert_from) { sync.ready(dense_from, expert_from); };
-    for (const auto& [forward, i] : schedule) {
-      MicroBatchState& st = states[static_cast<size_t>(i)];
-      if (forward) {
-        if (rk.pp && !rk.first()) timed_recv(recv_act, prev, tag(i, 0));
+    for (const PipeOp& op : schedule) {
+      const int64_t i = op.micro, c = op.chunk;
+      const size_t at = static_cast<size_t>(i * vp + c);
+      MicroBatchState& st = states[at];
+      if (op.forward) {
+        if (rk.pp && !model.chunk_is_first(c)) timed_recv(recv_act, prev, tag(i, vstage(c), 0));
         const Tensor mb = batch.t.rows(i * micro, (i + 1) * micro);
-        const StepLosses l = model.stage_forward(mb, rk.pp ? recv_act.t : Tensor(), st, true, grad_scale);
-        if (rk.pp && !rk.last()) fwd_sends[i] = rk.pp->isend(st.hs.back().t, next, tag(i, 0));
+        const StepLosses l =
+            model.stage_forward(mb, rk.pp ? recv_act.t : Tensor(), st, true, grad_scale, nullptr, c);
+        if (rk.pp && !model.chunk_is_last(c))
+          fwd_sends[at] = rk.pp->isend(st.hs.back().t, next, tag(i, vstage(c) + 1, 0));
         agg.total += l.total / nmicro, agg.main += l.main / nmicro, agg.balance += l.balance / nmicro;
         for (size_t k = 0; k < l.mtp.size(); ++k) agg.mtp[k] += l.mtp[k] / nmicro;
         agg.dropped += l.dropped, agg.assignments += l.assignments;
@@ -353,11 +387,12 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
           for (size_t e = 0; e < c.size(); ++e) a[e] += c[e];
         }
       } else {
-        if (rk.pp && !rk.last()) timed_recv(recv_grad, next, tag(i, 1));
-        fwd_sends[i].wait();  // the stage output is freed by the backward
+        if (rk.pp && !model.chunk_is_last(c)) timed_recv(recv_grad, next, tag(i, vstage(c), 1));
+        fwd_sends[at].wait();  // the stage output is freed by the backward
         sync.begin_micro_batch(i == nmicro - 1);
         model.stage_backward(st, rk.pp ? recv_grad.t : Tensor(), ready);
-        if (rk.pp && !rk.first()) bwd_sends[i] = rk.pp->isend(st.d_input.t, prev, tag(i, 1));
+        if (rk.pp && !model.chunk_is_first(c))
+          bwd_sends[at] = rk.pp->isend(st.d_input.t, prev, tag(i, vstage(c) - 1, 1));
         sync.end_micro_batch();
       }
     }

@@ -1,5 +1,5 @@
-// Every parallel layout (sequence parallelism and recompute included) trains the same model as one
-// rank does (tiny config, under mpirun at 2, 4 and 8
+// Every parallel layout (sequence parallelism, interleaved pipeline stages and recompute included)
+// trains the same model as one rank does (tiny config, under mpirun at 2, 4 and 8
 // ranks; the gtest filter picks the layouts of the launched size).
 //
 // Rank 0 first trains the single-rank reference on its own (a one-rank grid over MPI_COMM_SELF) and
@@ -308,6 +308,9 @@ TEST(LayoutNp2, Tp2SequenceParallel) {
 TEST(LayoutNp2, Pp2) {
   if (world_is(2)) run_layout("pp2", {"parallel.pp=2"});
 }
+TEST(LayoutNp2, Pp2Interleaved) {
+  if (world_is(2)) run_layout("pp2_v2", {"parallel.pp=2", "parallel.virtual_stages=2"});
+}
 TEST(LayoutNp2, Ep2Dp2) {
   if (world_is(2)) run_layout("ep2_dp2", {"parallel.ep=2"});
 }
@@ -334,6 +337,15 @@ TEST(LayoutNp4, Tp2Pp2SequenceParallelSelectiveRecompute) {
     run_layout("tp2_pp2_sp_selective", {"parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
                                         "training.recompute=selective"});
 }
+TEST(LayoutNp4, Pp2InterleavedDp2Zero0) {
+  if (world_is(4))
+    run_layout("pp2_v2_dp2", {"parallel.pp=2", "parallel.virtual_stages=2", "parallel.zero_stage=0"});
+}
+TEST(LayoutNp4, Tp2Pp2InterleavedSequenceParallel) {
+  if (world_is(4))
+    run_layout("tp2_pp2_v2_sp", {"parallel.tp=2", "parallel.pp=2", "parallel.virtual_stages=2",
+                                 "parallel.sequence_parallel=true"});
+}
 TEST(LayoutNp4, Ep4WithCapacityDropping) {
   // Capacity per expert is computed on each rank's micro-batch, as on one rank.
   if (world_is(4))
@@ -351,6 +363,11 @@ TEST(LayoutNp8, Tp2Ep2Pp2Dp2SequenceParallelFullRecompute) {
   if (world_is(8))
     run_layout("tp2_ep2_pp2_dp2_sp_full", {"parallel.tp=2", "parallel.ep=2", "parallel.pp=2",
                                            "parallel.sequence_parallel=true", "training.recompute=full"});
+}
+TEST(LayoutNp8, Tp2Ep2Pp2Dp2Interleaved) {
+  if (world_is(8))
+    run_layout("tp2_ep2_pp2_dp2_v2",
+               {"parallel.tp=2", "parallel.ep=2", "parallel.pp=2", "parallel.virtual_stages=2"});
 }
 TEST(LayoutNp8, Tp2Ep2Pp2Dp2RunsTwiceToTheSameBits) {
   if (!world_is(8)) return;

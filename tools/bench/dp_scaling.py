@@ -26,12 +26,13 @@ import subprocess
 import sys
 import tempfile
 
-# (name, ranks, tp, pp, ep); dp = ranks / (tp * pp), and ep divides dp * tp.
+# (name, ranks, tp, pp, ep[, virtual stages]); dp = ranks / (tp * pp), and ep divides dp * tp.
 LAYOUTS = [
     ("single", 1, 1, 1, 1),
     ("dp2", 2, 1, 1, 1),
     ("tp2", 2, 2, 1, 1),
     ("pp2", 2, 1, 2, 1),
+    ("pp2v2", 2, 1, 2, 1, 2),
     ("ep2+dp2", 2, 1, 1, 2),
     ("dp4", 4, 1, 1, 1),
     ("tp2+dp2", 4, 2, 1, 1),
@@ -43,7 +44,7 @@ LAYOUTS = [
 GLOBAL_BATCH, SEQ = 16, 128  # the tiny config's batch, set explicitly so every layout trains the same one
 
 
-def run_layout(args, config, data, work, name, n, tp, pp, ep, env):
+def run_layout(args, config, data, work, name, n, tp, pp, ep, env, vp=1):
     run = os.path.join(work, "run_" + name)
     cmd = ["mpirun", "--oversubscribe", "--allow-run-as-root", "-np", str(n),
            os.path.join(args.bin, "dsv3-train"), "--config", config, "--data", data,
@@ -54,7 +55,7 @@ def run_layout(args, config, data, work, name, n, tp, pp, ep, env):
            "--set", "training.seq_length=%d" % SEQ,
            "--set", "training.micro_batch_size=%d" % args.micro_batch,
            "--set", "parallel.tp=%d" % tp, "--set", "parallel.pp=%d" % pp,
-           "--set", "parallel.ep=%d" % ep, "--set", "parallel.dp=0"]
+           "--set", "parallel.ep=%d" % ep, "--set", "parallel.dp=0", "--set", "parallel.virtual_stages=%d" % vp]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         tail = (p.stdout + p.stderr)[-3000:]
@@ -73,13 +74,13 @@ def run_layout(args, config, data, work, name, n, tp, pp, ep, env):
         "bubble": sum(r.get("bubble_time_s", 0.0) for r in recs) / total,
         "predicted": None,
     }
-    # The trainer's own prediction, e.g. "1F1B over 8 micro-batches, predicted bubble (pp-1)/(m+pp-1) = 11.1%".
-    m = re.search(r"1F1B over (\d+) micro-batches, predicted bubble \(pp-1\)/\(m\+pp-1\) = ([\d.]+)%", p.stdout)
+    # The trainer's own prediction, e.g. "1F1B over 8 micro-batches, predicted bubble (pp-1)/(v*m+pp-1) = 11.1%".
+    m = re.search(r"1F1B over (\d+) micro-batches, predicted bubble \(pp-1\)/\(v\*m\+pp-1\) = ([\d.]+)%", p.stdout)
     if m:
         row["predicted"] = (int(m.group(1)), float(m.group(2)) / 100)
     elif pp > 1:
         micro = GLOBAL_BATCH // (n // (tp * pp)) // args.micro_batch
-        row["predicted"] = (micro, (pp - 1) / (micro + pp - 1))
+        row["predicted"] = (micro, (pp - 1) / (vp * micro + pp - 1))
     return row
 
 
@@ -108,9 +109,10 @@ def main(argv=None):
                         os.path.join(work, "c"), "--valid-fraction", "0"], check=True, capture_output=True)
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
         rows = []
-        for name, n, tp, pp, ep in layouts:
+        for name, n, tp, pp, ep, *rest in layouts:
             print("running %s on %d rank%s ..." % (name, n, "" if n == 1 else "s"), file=sys.stderr, flush=True)
-            rows.append((name, n, pp, run_layout(args, config, os.path.join(work, "c"), work, name, n, tp, pp, ep, env)))
+            rows.append((name, n, pp, run_layout(args, config, os.path.join(work, "c"), work, name, n, tp, pp, ep, env,
+                                                  rest[0] if rest else 1)))
         base = next((r["tps"] for name, n, pp, r in rows if n == 1 and r), None)
         cores = os.cpu_count() or 1
         print("tiny config, global batch %d x %d tokens in micro-batches of %d, %d steps after %d warm-up, "
@@ -121,7 +123,7 @@ def main(argv=None):
                   "contention as much as scaling" % (" and ".join(map(str, over)), "" if over == [1] else "s",
                                                      cores, "is" if len(over) == 1 else "are"))
         print("comm and bubble: comm_time_s and bubble_time_s of metrics.jsonl (each the mean over the ranks), "
-              "compute: the rest of the step; predicted bubble (pp-1)/(m+pp-1), m micro-batches per pipeline")
+              "compute: the rest of the step; predicted bubble (pp-1)/(v*m+pp-1), m micro-batches per pipeline, v chunks per rank")
         print("%5s  %-12s %10s %9s %11s %7s %8s %8s  %s" % ("ranks", "layout", "tokens/s", "speed-up", "step (med)",
                                                           "comm", "bubble", "compute", "bubble predicted (m)"))
         failed = False
