@@ -157,6 +157,24 @@ TEST(Config, WorldSizeLayout) {
   EXPECT_EQ(dsv3::resolve_layout(ep2, 2).dp, 2);
 }
 
+TEST(Config, VirtualPipelineStages) {
+  EXPECT_TRUE(Mentions(error_of({"parallel.virtual_stages=0"}), {"parallel.virtual_stages", "0"}));
+  EXPECT_TRUE(Mentions(error_of({"parallel.virtual_stages=2"}), {"virtual_stages=2", "pp > 1"}));
+  EXPECT_TRUE(Mentions(error_of({"parallel.pp=2", "parallel.virtual_stages=3"}),
+                       {"pp*virtual_stages=2*3", "num_layers=4"}));
+  // The interleaved schedule needs the micro-batches per pipeline to be a multiple of pp: 12 / 2 = 6
+  // micro-batches on one pipeline (world 2) are fine, 3 per pipeline with dp = 2 (world 4) are not.
+  const Config c = load_config_from_string(
+      kMinimal, "t.yaml", {"parallel.pp=2", "parallel.virtual_stages=2", "training.global_batch_size=12"});
+  EXPECT_EQ(dsv3::resolve_layout(c, 2).virtual_stages, 2);
+  try {
+    dsv3::resolve_layout(c, 4);
+    FAIL() << "3 micro-batches per pipeline accepted with pp=2 interleaving";
+  } catch (const dsv3::Error& e) {
+    EXPECT_TRUE(Mentions(e.what(), {"interleaved", "= 3)", "multiple of pp=2"}));
+  }
+}
+
 TEST(Config, SetOverrides) {
   const Config c = load_config_from_string(
       kMinimal, "t.yaml",
