@@ -247,8 +247,8 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
     if (s == l.pp - 1) {
       dense += d + V * d / l.tp;  // final norm, head
       if (m.mtp.depth > 0) {
-        // enorm, hnorm, eh_proj (/ tp), one MoE block, shared_head.norm.
-        dense += m.mtp.depth * (3 * d + 2 * d * d / l.tp + block_dense(true));
+        // enorm, hnorm, eh_proj (replicated over TP), one MoE block, shared_head.norm.
+        dense += m.mtp.depth * (3 * d + 2 * d * d + block_dense(true));
         expert += m.mtp.depth * experts_on_rank;
         if (l.pp > 1) dense += V * d / l.tp;  // the MTP modules' copy of the embedding
         // Per module: its block, plus ids, embedding, the two normed halves, their concatenation,
