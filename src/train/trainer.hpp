@@ -1,7 +1,8 @@
-// The single-process training loop: data windows -> micro-batches with gradient accumulation ->
-// global-norm clipping -> AdamW with the LR schedule -> router bias update; metrics per step to the
-// log and <run-dir>/metrics.jsonl, periodic validation, clean stop on SIGINT/SIGTERM, and skipped
-// updates on non-finite losses or gradients.
+// The training loop, on one process or on every rank of the TP x PP x EP x DP grid: data windows ->
+// micro-batches through the pipeline schedule (1F1B, interleaved with virtual stages) -> bucketed
+// gradient reduction with ZeRO 0/1/2 -> global-norm clipping -> AdamW with the LR schedule -> router
+// bias update; metrics per step to the log and <run-dir>/metrics.jsonl, periodic validation, clean
+// stop on SIGINT/SIGTERM, and skipped updates on non-finite losses or gradients.
 #pragma once
 
 #include <cstdint>
@@ -23,8 +24,8 @@ struct CommGroups;
 using FlatRanges = std::vector<std::pair<int64_t, int64_t>>;
 
 struct TrainerOptions {
-  // The process grid and its communicators (null: one process). Data parallelism with ZeRO-0/1
-  // runs over comms->dp; every rank calls train() with the same config.
+  // The process grid and its communicators (null: one process, which needs tp = pp = ep = 1). Every
+  // rank calls train() with the same config; the layout comes from its parallel section.
   const CommGroups* comms = nullptr;
   std::string run_dir;          // default: checkpoint.dir or checkpoints/<config name>
   std::string data;             // overrides data.path
