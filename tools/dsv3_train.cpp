@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -72,17 +73,27 @@ int main(int argc, char** argv) {
         dsv3::raise("unknown argument '", a, "' (see --help)");
     }
     DSV3_CHECK(!config.empty(), "--config is required (see --help)");
-    const dsv3::Config cfg = dsv3::load_config(dsv3::resolve_config_path(config), overrides);
-    // The process grid: every rank checks the layout; rank 0 alone reports a bad one.
+    // The config and the process grid: every rank checks them; rank 0 alone reports a bad one.
     dsv3::MpiComm world(MPI_COMM_WORLD, "world", /*owned=*/false);
+    std::optional<dsv3::Config> loaded;
     dsv3::Layout layout;
-    dsv3::check_layout_collectively(
-        [&] {
-          layout = dsv3::resolve_layout(cfg, mpi->world_size());
-          DSV3_CHECK(layout.expert_tp == 1, cfg.where("parallel.expert_tp"), " = ", layout.expert_tp,
-                     ": dsv3-train keeps each routed expert whole (expert_tp = 1); spread experts with ep");
-        },
-        world);
+    try {
+      dsv3::check_layout_collectively(
+          [&] {
+            loaded = dsv3::load_config(dsv3::resolve_config_path(config), overrides);
+            const dsv3::Config& cfg = *loaded;
+            layout = dsv3::resolve_layout(cfg, mpi->world_size());
+            DSV3_CHECK(layout.expert_tp == 1, cfg.where("parallel.expert_tp"), " = ", layout.expert_tp,
+                       ": dsv3-train keeps each routed expert whole (expert_tp = 1); spread experts with ep");
+          },
+          world);
+    } catch (const dsv3::QuietExit&) {
+      return 2;
+    } catch (const std::exception& e) {  // every rank knows it failed: they all finalize, no abort
+      std::cerr << "dsv3-train: error: " << e.what() << std::endl;
+      return 2;
+    }
+    const dsv3::Config& cfg = *loaded;
     const dsv3::RankGrid grid(layout, cfg.parallel.order, mpi->world_size());
     const dsv3::CommGroups comms = dsv3::make_comm_groups(grid);
     if (mpi->world_size() > 1) opt.comms = &comms;

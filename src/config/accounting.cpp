@@ -113,12 +113,16 @@ MemoryOptions MemoryOptions::from(const Config& c) {
   return o;
 }
 
-int64_t layers_in_stage(int64_t num_layers, int64_t pp, int64_t stage) {
+int64_t layers_in_stage(int64_t num_layers, int64_t pp, int64_t stage, int64_t last_layers) {
+  if (last_layers > 0 && pp > 1) {
+    if (stage == pp - 1) return last_layers;
+    num_layers -= last_layers, pp -= 1;
+  }
   return num_layers / pp + (stage < num_layers % pp ? 1 : 0);
 }
-int64_t first_layer_of_stage(int64_t num_layers, int64_t pp, int64_t stage) {
+int64_t first_layer_of_stage(int64_t num_layers, int64_t pp, int64_t stage, int64_t last_layers) {
   int64_t first = 0;
-  for (int64_t s = 0; s < stage; ++s) first += layers_in_stage(num_layers, pp, s);
+  for (int64_t s = 0; s < stage; ++s) first += layers_in_stage(num_layers, pp, s, last_layers);
   return first;
 }
 
@@ -224,8 +228,8 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
   for (int64_t s = 0; s < l.pp; ++s) {
     // Parameters on this stage, split into the DP-sharded dense part and the expert part.
     double dense = 0, expert = 0;
-    const int64_t first = first_layer_of_stage(m.num_layers, l.pp, s);
-    const int64_t n = layers_in_stage(m.num_layers, l.pp, s);
+    const int64_t first = first_layer_of_stage(m.num_layers, l.pp, s, l.last_stage_layers);
+    const int64_t n = layers_in_stage(m.num_layers, l.pp, s, l.last_stage_layers);
     double act = 0;
     // Per-rank weights of one block outside the routed experts: norms, MLA (down-projections whole,
     // head-split parts / tp), and the dense FFN or the router + shared experts (/ tp).

@@ -77,8 +77,9 @@ double activation_bytes_per_token_moe_layer(const ModelConfig& m, const Layout& 
 double activation_workspace_bytes_per_token(const ModelConfig& m, const Layout& l,
                                             const std::string& recompute, double elem_bytes);
 
-// Layers held by pipeline stage `stage` of `pp` (earlier stages take the remainder).
-int64_t layers_in_stage(int64_t num_layers, int64_t pp, int64_t stage);
-int64_t first_layer_of_stage(int64_t num_layers, int64_t pp, int64_t stage);
+// Layers held by pipeline stage `stage` of `pp` (earlier stages take the remainder). With
+// last_layers > 0 the last stage holds that many and the others split the rest.
+int64_t layers_in_stage(int64_t num_layers, int64_t pp, int64_t stage, int64_t last_layers = 0);
+int64_t first_layer_of_stage(int64_t num_layers, int64_t pp, int64_t stage, int64_t last_layers = 0);
 
 }  // namespace dsv3

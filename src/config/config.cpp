@@ -286,6 +286,7 @@ void bind_all(Visitor& b, C& c) {
   b.optional("parallel.zero_stage", p.zero_stage);
   b.optional("parallel.sequence_parallel", p.sequence_parallel);
   b.optional("parallel.virtual_stages", p.virtual_stages);
+  b.optional("parallel.last_stage_layers", p.last_stage_layers);
   b.optional("parallel.order", p.order);
 
   auto& h = c.hardware;
@@ -471,6 +472,7 @@ void validate(const Config& c) {
   non_negative("parallel.dp", p.dp);
   positive("parallel.expert_tp", p.expert_tp);
   positive("parallel.virtual_stages", p.virtual_stages);
+  non_negative("parallel.last_stage_layers", p.last_stage_layers);
   DSV3_CHECK(p.zero_stage >= 0 && p.zero_stage <= 2, c.where("parallel.zero_stage"),
              " must be 0, 1 or 2, got ", p.zero_stage);
   {
@@ -511,6 +513,7 @@ void validate(const Config& c) {
   Layout l;
   l.tp = p.tp, l.pp = p.pp, l.ep = p.ep, l.dp = p.dp > 0 ? p.dp : 0, l.expert_tp = p.expert_tp;
   l.zero_stage = p.zero_stage, l.sequence_parallel = p.sequence_parallel, l.virtual_stages = p.virtual_stages;
+  l.last_stage_layers = p.last_stage_layers;
   check_layout(c, l);
 }
 
@@ -525,6 +528,15 @@ void check_layout(const Config& c, const Layout& l) {
     DSV3_CHECK(m.ffn_dim % l.tp == 0, f, ": layout tp=", l.tp, " does not divide model.ffn_dim=", m.ffn_dim);
   DSV3_CHECK(m.num_layers >= l.pp, f, ": layout pp=", l.pp, " exceeds model.num_layers=", m.num_layers,
              " (every pipeline stage needs a layer)");
+  if (l.last_stage_layers > 0) {
+    const int64_t stages = l.pp * l.virtual_stages;
+    DSV3_CHECK(stages > 1, f, ": parallel.last_stage_layers=", l.last_stage_layers,
+               " needs pipeline stages (pp > 1)");
+    DSV3_CHECK(m.num_layers - l.last_stage_layers >= stages - 1, f,
+               ": parallel.last_stage_layers=", l.last_stage_layers, " leaves ",
+               m.num_layers - l.last_stage_layers, " of model.num_layers=", m.num_layers, " for the other ",
+               stages - 1, " pipeline stages (each needs a layer)");
+  }
   if (l.virtual_stages > 1) {
     DSV3_CHECK(l.pp > 1, f, ": parallel.virtual_stages=", l.virtual_stages,
                " needs pipeline stages (pp > 1)");
@@ -563,6 +575,7 @@ Layout resolve_layout(const Config& c, int64_t world) {
   l.tp = p.tp, l.pp = p.pp, l.ep = p.ep, l.expert_tp = p.expert_tp, l.zero_stage = p.zero_stage;
   l.sequence_parallel = p.sequence_parallel;
   l.virtual_stages = p.virtual_stages;
+  l.last_stage_layers = p.last_stage_layers;
   if (world <= 0) {
     l.dp = p.dp > 0 ? p.dp : 1;
   } else {

@@ -117,6 +117,9 @@ struct ParallelConfig {
   int64_t zero_stage = 1;  // 0 | 1 | 2
   bool sequence_parallel = false;
   int64_t virtual_stages = 1;  // pipeline model chunks per rank (interleaved 1F1B when > 1)
+  // Layers of the last (virtual) pipeline stage, which also runs the head and the MTP modules; the
+  // others split the rest evenly. 0: every stage gets an even share.
+  int64_t last_stage_layers = 0;
   std::string order = "tp-ep-dp-pp";
 };
 
@@ -167,6 +170,7 @@ struct Layout {
   int64_t tp = 1, pp = 1, ep = 1, dp = 1, expert_tp = 1, zero_stage = 0;
   bool sequence_parallel = false;
   int64_t virtual_stages = 1;
+  int64_t last_stage_layers = 0;
   int64_t world() const { return tp * pp * dp; }
   int64_t expert_dp() const { return tp * dp / (expert_tp * ep); }
 };

@@ -23,7 +23,8 @@ Model::Model(const Config& cfg, const ModelParallel& mp)
   chunks_.resize(static_cast<size_t>(mp_.vp));
   for (int64_t c = 0; c < mp_.vp; ++c) {
     Chunk& ch = chunks_[static_cast<size_t>(c)];
-    const StageLayers st = stage_layers(m_, mp_.pp_size * mp_.vp, c * mp_.pp_size + mp_.pp_rank);
+    const StageLayers st =
+        stage_layers(m_, mp_.pp_size * mp_.vp, c * mp_.pp_size + mp_.pp_rank, mp_.last_stage_layers);
     ch.layer_begin = st.begin, ch.layer_end = st.end;
     for (int64_t l = st.begin; l < st.end; ++l) {
       ch.first_param.push_back(params_.params().size());

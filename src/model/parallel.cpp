@@ -68,10 +68,10 @@ void stream_rmsnorm_backward(const ModelParallel& mp, const Tensor& x, const Ten
   ops::add_inplace(dw, part);
 }
 
-StageLayers stage_layers(const ModelConfig& m, int64_t pp, int64_t stage) {
+StageLayers stage_layers(const ModelConfig& m, int64_t pp, int64_t stage, int64_t last_layers) {
   StageLayers s;
-  s.begin = first_layer_of_stage(m.num_layers, pp, stage);
-  s.end = s.begin + layers_in_stage(m.num_layers, pp, stage);
+  s.begin = first_layer_of_stage(m.num_layers, pp, stage, last_layers);
+  s.end = s.begin + layers_in_stage(m.num_layers, pp, stage, last_layers);
   return s;
 }
 

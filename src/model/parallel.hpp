@@ -25,6 +25,7 @@ struct ModelParallel {
   bool sp = false;
   // Model chunks per rank (virtual pipeline stages): chunk c of stage p is virtual stage c * pp + p.
   int64_t vp = 1;
+  int64_t last_stage_layers = 0;  // layers of the last virtual stage (0: an even share)
   // Padding of the dense and expert regions of the flat buffers (16 x the DP / expert-DP size, so
   // that ZeRO slices split them evenly).
   int64_t dense_quantum = 16, expert_quantum = 16;
@@ -43,10 +44,11 @@ struct ModelParallel {
 ModelParallel model_parallel_of(const CommGroups& groups);
 
 // Layers [begin, end) of the main trunk on pipeline stage `stage` of `pp` (the accounting's split:
-// the first num_layers % pp stages take one layer more).
+// the first num_layers % pp stages take one layer more; with last_layers > 0 the last stage holds
+// that many and the others split the rest).
 struct StageLayers {
   int64_t begin = 0, end = 0;
 };
-StageLayers stage_layers(const ModelConfig& m, int64_t pp, int64_t stage);
+StageLayers stage_layers(const ModelConfig& m, int64_t pp, int64_t stage, int64_t last_layers = 0);
 
 }  // namespace dsv3

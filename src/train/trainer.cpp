@@ -116,6 +116,22 @@ std::string schedule_text(int64_t pp, int64_t micro, int64_t v) {
   return o.str();
 }
 
+// "    layers: stage 0: 0-2 | stage 1: 3 + head, MTP" (chunks of a stage joined by ",").
+std::string layers_text(const ModelConfig& m, int64_t pp, int64_t v, int64_t last_layers) {
+  std::ostringstream o;
+  o << "    layers:";
+  for (int64_t s = 0; s < pp; ++s) {
+    o << (s ? " | stage " : " stage ") << s << ":";
+    for (int64_t c = 0; c < v; ++c) {
+      const StageLayers l = stage_layers(m, pp * v, c * pp + s, last_layers);
+      o << (c ? ", " : " ") << l.begin;
+      if (l.end - l.begin > 1) o << "-" << l.end - 1;
+    }
+  }
+  o << " + head" << (m.mtp.depth > 0 ? ", MTP" : "") << "\n";
+  return o.str();
+}
+
 // Where this rank sits, and the communicators the loop uses (null where the group has one rank).
 struct Ranks {
   const Comm* world = nullptr;
@@ -151,6 +167,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     mp = model_parallel_of(g);
     mp.sp = layout.sequence_parallel && mp.tp_size > 1;
     mp.vp = layout.virtual_stages;
+    mp.last_stage_layers = layout.last_stage_layers;
     DSV3_CHECK(!mp.sp || (cfg.training.micro_batch_size * cfg.training.seq_length) % mp.tp_size == 0,
                cfg.where("parallel.sequence_parallel"),
                ": micro_batch_size*seq_length = ", cfg.training.micro_batch_size, "*",
@@ -281,7 +298,8 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
         << " micro-batches, predicted bubble (pp-1)/(v*m+pp-1) = "
         << fixed(100.0 * double(rk.pp_size - 1) / double(vp * nmicro + rk.pp_size - 1), 1) << "%"
         << (vp > 1 ? " (F3.1: forward of micro-batch 3 on chunk 1)" : "") << "\n"
-        << schedule_text(rk.pp_size, nmicro, vp) << std::flush;
+        << schedule_text(rk.pp_size, nmicro, vp) << layers_text(m, rk.pp_size, vp, mp.last_stage_layers)
+        << std::flush;
 
   // Pipeline transport around the ring of stages: chunk c of stage p is virtual stage c * pp + p.
   // Activations go to the next virtual stage, gradients to the previous; the tag names the micro-batch,

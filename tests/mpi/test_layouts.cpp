@@ -311,6 +311,9 @@ TEST(LayoutNp2, Pp2) {
 TEST(LayoutNp2, Pp2Interleaved) {
   if (world_is(2)) run_layout("pp2_v2", {"parallel.pp=2", "parallel.virtual_stages=2"});
 }
+TEST(LayoutNp2, Pp2ShortLastStage) {
+  if (world_is(2)) run_layout("pp2_last1", {"parallel.pp=2", "parallel.last_stage_layers=1"});
+}
 TEST(LayoutNp2, Ep2Dp2) {
   if (world_is(2)) run_layout("ep2_dp2", {"parallel.ep=2"});
 }

@@ -91,16 +91,23 @@ TEST(Accounting, FlopsPerTokenByHand) {
 
 TEST(Accounting, StagesPartitionLayers) {
   for (int64_t L : {4, 16, 61})
-    for (int64_t pp : {1, 2, 3, 4, 8}) {
-      if (pp > L) continue;
-      int64_t sum = 0;
-      for (int64_t s = 0; s < pp; ++s) {
-        EXPECT_EQ(first_layer_of_stage(L, pp, s), sum);
-        sum += layers_in_stage(L, pp, s);
-        EXPECT_GE(layers_in_stage(L, pp, s), 1);
+    for (int64_t pp : {1, 2, 3, 4, 8})
+      for (int64_t last : {0, 1, 3}) {
+        if (pp > L || (last > 0 && (pp == 1 || L - last < pp - 1))) continue;
+        int64_t sum = 0;
+        for (int64_t s = 0; s < pp; ++s) {
+          EXPECT_EQ(first_layer_of_stage(L, pp, s, last), sum);
+          sum += layers_in_stage(L, pp, s, last);
+          EXPECT_GE(layers_in_stage(L, pp, s, last), 1);
+        }
+        EXPECT_EQ(sum, L);
+        if (last > 0) {
+          EXPECT_EQ(layers_in_stage(L, pp, pp - 1, last), last);
+        }
       }
-      EXPECT_EQ(sum, L);
-    }
+  // 61 layers, last stage 1, 16 stages: the other 15 stages split 60 layers, 4 each.
+  EXPECT_EQ(layers_in_stage(61, 16, 0, 1), 4);
+  EXPECT_EQ(first_layer_of_stage(61, 16, 15, 1), 60);
 }
 
 TEST(Accounting, MemoryMonotonicInZeroStageAndDP) {

@@ -175,6 +175,15 @@ TEST(Config, VirtualPipelineStages) {
   }
 }
 
+TEST(Config, LastStageLayers) {
+  EXPECT_TRUE(Mentions(error_of({"parallel.last_stage_layers=1"}), {"last_stage_layers=1", "pp > 1"}));
+  EXPECT_TRUE(Mentions(error_of({"parallel.pp=2", "parallel.last_stage_layers=4"}),
+                       {"last_stage_layers=4", "leaves 0", "num_layers=4", "other 1 pipeline stages"}));
+  const Config c =
+      load_config_from_string(kMinimal, "t.yaml", {"parallel.pp=2", "parallel.last_stage_layers=1"});
+  EXPECT_EQ(dsv3::resolve_layout(c, 2).last_stage_layers, 1);
+}
+
 TEST(Config, SetOverrides) {
   const Config c = load_config_from_string(
       kMinimal, "t.yaml",

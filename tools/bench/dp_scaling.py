@@ -5,7 +5,7 @@ Trains the tiny config for a few steps in each layout of the TP x PP x EP x DP g
 ranks (one BLAS thread each, same global batch 16 x 128 tokens, same micro-batch) and prints per layout
 tokens/s, the speed-up over one rank, and the share of the step time that dsv3-train reports as
 communication (comm_time_s in metrics.jsonl), as pipeline bubble (bubble_time_s: stages waiting on
-receives) and the rest ("compute"); for pipeline layouts also the 1F1B bubble fraction (pp-1)/(m+pp-1)
+receives) and the rest ("compute"); for pipeline layouts also the 1F1B bubble fraction (pp-1)/(v*m+pp-1)
 that dsv3-train predicts. Runs with more ranks than os.cpu_count() cores are oversubscribed.
 
 tokens/s and the step time are medians over the measured steps (after the warm-up steps); the shares are
@@ -26,13 +26,15 @@ import subprocess
 import sys
 import tempfile
 
-# (name, ranks, tp, pp, ep[, virtual stages]); dp = ranks / (tp * pp), and ep divides dp * tp.
+# (name, ranks, tp, pp, ep[, virtual stages[, last-stage layers]]); dp = ranks / (tp * pp), and ep
+# divides dp * tp.
 LAYOUTS = [
     ("single", 1, 1, 1, 1),
     ("dp2", 2, 1, 1, 1),
     ("tp2", 2, 2, 1, 1),
     ("pp2", 2, 1, 2, 1),
     ("pp2v2", 2, 1, 2, 1, 2),
+    ("pp2last1", 2, 1, 2, 1, 1, 1),
     ("ep2+dp2", 2, 1, 1, 2),
     ("dp4", 4, 1, 1, 1),
     ("tp2+dp2", 4, 2, 1, 1),
@@ -44,7 +46,7 @@ LAYOUTS = [
 GLOBAL_BATCH, SEQ = 16, 128  # the tiny config's batch, set explicitly so every layout trains the same one
 
 
-def run_layout(args, config, data, work, name, n, tp, pp, ep, env, vp=1):
+def run_layout(args, config, data, work, name, n, tp, pp, ep, env, vp=1, last=0):
     run = os.path.join(work, "run_" + name)
     cmd = ["mpirun", "--oversubscribe", "--allow-run-as-root", "-np", str(n),
            os.path.join(args.bin, "dsv3-train"), "--config", config, "--data", data,
@@ -55,7 +57,8 @@ def run_layout(args, config, data, work, name, n, tp, pp, ep, env, vp=1):
            "--set", "training.seq_length=%d" % SEQ,
            "--set", "training.micro_batch_size=%d" % args.micro_batch,
            "--set", "parallel.tp=%d" % tp, "--set", "parallel.pp=%d" % pp,
-           "--set", "parallel.ep=%d" % ep, "--set", "parallel.dp=0", "--set", "parallel.virtual_stages=%d" % vp]
+           "--set", "parallel.ep=%d" % ep, "--set", "parallel.dp=0", "--set", "parallel.virtual_stages=%d" % vp,
+           "--set", "parallel.last_stage_layers=%d" % last]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         tail = (p.stdout + p.stderr)[-3000:]
@@ -112,7 +115,7 @@ def main(argv=None):
         for name, n, tp, pp, ep, *rest in layouts:
             print("running %s on %d rank%s ..." % (name, n, "" if n == 1 else "s"), file=sys.stderr, flush=True)
             rows.append((name, n, pp, run_layout(args, config, os.path.join(work, "c"), work, name, n, tp, pp, ep, env,
-                                                  rest[0] if rest else 1)))
+                                                  *rest)))
         base = next((r["tps"] for name, n, pp, r in rows if n == 1 and r), None)
         cores = os.cpu_count() or 1
         print("tiny config, global batch %d x %d tokens in micro-batches of %d, %d steps after %d warm-up, "
