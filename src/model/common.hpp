@@ -16,7 +16,8 @@ enum class Recompute { None, Selective, Full };
 Recompute parse_recompute(const std::string& s);
 
 struct StepContext {
-  int64_t B = 0, S = 0;  // sequences and tokens per sequence; T = B * S rows in every activation
+  int64_t B = 0, S = 0;  // sequences and tokens per sequence; T = B * S token rows (the residual
+                         // stream has ModelParallel::stream_rows(T) of them on this rank)
   int64_t T() const { return B * S; }
   Tensor rope_cos, rope_sin;  // [S, R/2]
   float attn_scale = 1.0f;

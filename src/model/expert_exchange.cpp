@@ -63,16 +63,13 @@ OwnedTensor ExpertExchange::dispatch(const Tensor& rows) const {
     copy_rows(rows, lo_[e], send, r, hi_[e] - lo_[e]);
     r += hi_[e] - lo_[e];
   }
+  if (!mp_.ep) return send;  // one source: already grouped by expert
   // Rows arrive grouped by source, then by local expert; regroup them by local expert.
-  OwnedTensor arrived;
-  Tensor in = send.t;
-  if (mp_.ep) {
-    std::vector<int64_t> to_peer, from_peer;
-    peer_counts(to_peer, from_peer);
-    arrived = act_out({std::max<int64_t>(local_rows(), 1), d_}, "expert_exchange.arrived");
-    mp_.ep->alltoallv(send.t.f32(), to_peer, arrived.t.f32(), from_peer);
-    in = arrived.t;
-  }
+  std::vector<int64_t> to_peer, from_peer;
+  peer_counts(to_peer, from_peer);
+  OwnedTensor arrived = act_out({std::max<int64_t>(local_rows(), 1), d_}, "expert_exchange.arrived");
+  mp_.ep->alltoallv(send.t.f32(), to_peer, arrived.t.f32(), from_peer);
+  const Tensor in = arrived.t;
   OwnedTensor by_expert = act_out({std::max<int64_t>(local_rows(), 1), d_}, "expert_exchange.by_expert");
   std::vector<int64_t> fill(offset_.begin(), offset_.end() - 1);
   for (int64_t s = 0, r = 0; s < P_; ++s)
@@ -85,6 +82,16 @@ OwnedTensor ExpertExchange::dispatch(const Tensor& rows) const {
 }
 
 void ExpertExchange::combine(const Tensor& by_expert, const Tensor& rows) const {
+  auto place = [&](const Tensor& in) {  // in: rows in send order -> their positions
+    for (int64_t e = 0, r = 0; e < E_; ++e) {
+      copy_rows(in, r, rows, lo_[e], hi_[e] - lo_[e]);
+      r += hi_[e] - lo_[e];
+    }
+  };
+  if (!mp_.ep) {  // one source: send order is expert order
+    place(by_expert);
+    return;
+  }
   // Regroup by source, send back, and place each row at its position.
   OwnedTensor out = act_out({std::max<int64_t>(local_rows(), 1), d_}, "expert_exchange.return");
   std::vector<int64_t> take(offset_.begin(), offset_.end() - 1);
@@ -94,19 +101,11 @@ void ExpertExchange::combine(const Tensor& by_expert, const Tensor& rows) const 
       copy_rows(by_expert, take[j], out, r, n);
       take[j] += n, r += n;
     }
-  OwnedTensor back;
-  Tensor in = out.t;
-  if (mp_.ep) {
-    std::vector<int64_t> to_peer, from_peer;
-    peer_counts(to_peer, from_peer);
-    back = act_out({std::max<int64_t>(sent_, 1), d_}, "expert_exchange.returned");
-    mp_.ep->alltoallv(out.t.f32(), from_peer, back.t.f32(), to_peer);  // the reverse direction
-    in = back.t;
-  }
-  for (int64_t e = 0, r = 0; e < E_; ++e) {
-    copy_rows(in, r, rows, lo_[e], hi_[e] - lo_[e]);
-    r += hi_[e] - lo_[e];
-  }
+  std::vector<int64_t> to_peer, from_peer;
+  peer_counts(to_peer, from_peer);
+  OwnedTensor back = act_out({std::max<int64_t>(sent_, 1), d_}, "expert_exchange.returned");
+  mp_.ep->alltoallv(out.t.f32(), from_peer, back.t.f32(), to_peer);  // the reverse direction
+  place(back);
 }
 
 }  // namespace dsv3

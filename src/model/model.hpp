@@ -60,7 +60,6 @@ class Model {
   ParamStore& params() { return params_; }
   const ParamStore& params() const { return params_; }
   const ModelConfig& config() const { return m_; }
-  const ModelParallel& parallel() const { return mp_; }
 
   // tokens [B, S + D + 1] i32 (D = MTP depth). Runs forward and backward; gradients ACCUMULATE into
   // params().grad (scaled by grad_scale). Throws dsv3::Error naming the tensor for bad input.
@@ -95,7 +94,6 @@ class Model {
   Recompute recompute() const { return recompute_; }
   void set_recompute(Recompute r) { recompute_ = r; }
   int64_t mtp_depth() const { return m_.mtp.depth; }
-  bool has_embedding() const { return has_embed_; }
   // Model chunks on this rank (ModelParallel::vp); the first chunk of the first stage embeds, the last
   // chunk of the last stage holds the head and MTP.
   int64_t chunks() const { return static_cast<int64_t>(chunks_.size()); }

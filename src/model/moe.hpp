@@ -50,7 +50,6 @@ class MoE {
   bool has_bias() const { return router_.use_bias; }
   const ops::RouterParams& router() const { return router_; }
   int64_t capacity(int64_t tokens) const;
-  int64_t local_experts() const { return El_; }
 
  private:
   ModelParallel mp_;

@@ -352,7 +352,6 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
   install_stop_handlers();
   OwnedTensor batch(DType::I32, {gb / rk.dp_size, W}, "tokens");
   int64_t streak = 0, last_saved = start_step;
-  double comm_total = 0, bubble_total = 0, time_total = 0;
   const auto run_start = std::chrono::steady_clock::now();
   auto run_validation = [&](int64_t step) {
     if (!valid_sampler) return;
@@ -369,6 +368,10 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     sync.hold(model.params().param(embed).offset,
               model.params().param(embed).offset + model.params().grad(embed).numel());
 
+  const std::function<void(int64_t, int64_t)> ready = [&](int64_t dense_from, int64_t expert_from) {
+    sync.ready(dense_from, expert_from);
+  };
+
   int64_t step = start_step;
   for (; step < t.train_steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -384,7 +387,6 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     std::vector<MicroBatchState> states(static_cast<size_t>(nmicro * vp));  // per (micro-batch, chunk)
     std::vector<CommRequest> fwd_sends(states.size()), bwd_sends(states.size());
     const float grad_scale = 1.0f / static_cast<float>(nmicro * rk.dp_size);
-    auto ready = [&](int64_t dense_from, int64_t expert_from) { sync.ready(dense_from, expert_from); };
     for (const PipeOp& op : schedule) {
       const int64_t i = op.micro, c = op.chunk;
       const size_t at = static_cast<size_t>(i * vp + c);
@@ -484,7 +486,6 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     if (rk.world) rk.world->allreduce(times, 2);
     comm_s = times[0] / double(world), bubble_s = times[1] / double(world);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    comm_total += comm_s, bubble_total += bubble_s, time_total += dt;
     tokens_seen += gb * S;  // over all data-parallel ranks
     const double tps = double(gb * S) / dt;
     const double tflops = tps * flops_per_token / 1e12;
@@ -559,8 +560,6 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
   if (opt.at_end) opt.at_end(model, sync.designated_values());
   sum.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
   sum.tokens_per_s = double(step - start_step) * gb * S / std::max(1e-9, sum.seconds);
-  sum.comm_fraction = time_total > 0 ? comm_total / time_total : 0;
-  sum.bubble_fraction = time_total > 0 ? bubble_total / time_total : 0;
   return sum;
 }
 

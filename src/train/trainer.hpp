@@ -60,8 +60,6 @@ struct TrainSummary {
   bool aborted_nonfinite = false;
   std::vector<double> losses;                                  // total loss of every step run
   std::vector<std::map<int64_t, std::vector<int64_t>>> loads;  // per step (record_loads)
-  double bubble_fraction = 0;  // measured pipeline wait / step time, mean over the run
-  double comm_fraction = 0;    // measured communication / step time, mean over the run
 };
 
 // Mean main-model loss over `batches` micro-batches of the (unshuffled) validation stream, restarted

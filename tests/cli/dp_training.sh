@@ -6,17 +6,9 @@
 # reported once, by rank 0, with the numbers.
 # usage: dp_training.sh <bin-dir> <mpiexec>
 set -u
-bin=$1
+bin=$(cd "$1" && pwd) || exit 1
 mpiexec=$2
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-fail() { echo "FAIL: $*"; exit 1; }
-export OPENBLAS_NUM_THREADS=1
-cd "$work"
-for i in $(seq 1 400); do echo "fortune $i: a penny saved is a penny earned, said the $i-th sage."; done > corpus.txt
-"$bin/dsv3-data" --input corpus.txt --output-prefix c --valid-fraction 0 >/dev/null 2>&1 || fail "dsv3-data"
-common=(--config tiny --data c --peak-tflops 1 --set training.train_steps=20 --set training.seq_length=32
-        --set training.log_interval=10 --set training.global_batch_size=8 --set training.micro_batch_size=2)
+source "$(dirname "${BASH_SOURCE[0]}")/training_setup.sh"
 one() { "$bin/dsv3-train" "${common[@]}" "$@" >"$work/log" 2>&1 || { cat "$work/log"; fail "1 rank: $*"; }; }
 two() { "$mpiexec" --oversubscribe --allow-run-as-root -np 2 "$bin/dsv3-train" "${common[@]}" "$@" >"$work/log" 2>&1 ||
           { cat "$work/log"; fail "2 ranks: $*"; }; }
