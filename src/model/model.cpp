@@ -222,8 +222,6 @@ StepLosses Model::stage_forward(const Tensor& tokens, const Tensor& input, Micro
   ctx.training = training;
   ctx.grad_scale = grad_scale;
   st.training = training;
-  st.tokens = OwnedTensor(DType::I32, {B, W}, "tokens");
-  std::memcpy(st.tokens.t.data(), tokens.data(), tokens.bytes());
 
   // Token windows shifted by `shift`: [T] i32 of tokens[b, shift + s].
   auto shifted = [&](int64_t shift, const char* name) {

@@ -37,7 +37,6 @@ struct ModelCapture {
 // What one micro-batch leaves on a pipeline stage between its forward and its backward.
 struct MicroBatchState {
   StepContext ctx;
-  OwnedTensor tokens;                                // [B, S + D + 1]
   OwnedTensor ids;                                   // [T] input ids (first stage)
   std::vector<OwnedTensor> hs;                       // inputs of the local blocks, then the stage output
   std::vector<Block::Saved> saved;                   // per local block
