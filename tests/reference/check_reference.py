@@ -51,6 +51,21 @@ def c_hex(x: float) -> str:
     return "%s%sp%s" % (sign, mant, exp)
 
 
+def rel_change(a, b) -> float:
+    """max |a - b| / max |a|: how much a tensor moved, relative to its scale."""
+    scale = a.abs().max().item()
+    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+# Causality checks change a token and compare outputs that must not depend on it. The change can
+# re-route the token, so an expert's GEMM sees another row count and the BLAS another kernel path:
+# the unaffected outputs then agree to rounding, not to the bit. "Unchanged" means within
+# UNCHANGED_REL of their scale; the output that does depend on the token must move by more than
+# CHANGED_REL, a million times further.
+UNCHANGED_REL = 1e-12
+CHANGED_REL = 1e-6
+
+
 def f32_bits(x: float) -> int:
     return struct.unpack("<I", struct.pack("<f", x))[0]
 
@@ -233,11 +248,14 @@ def check_rope(config):
         S = 40
         cos, sin = ref.rope_tables(cfg, S)
         check(cos.dtype == np.float32 and sin.dtype == np.float32, "rope tables must be float32")
+        # numpy's vectorised cos/sin (a CPU-dependent SIMD path) and the C library's may differ in the
+        # last bit of a double, which can move the float32 rounding by one step: allow one float32 ulp.
         for p in (0, 1, 7, S - 1):
             for i in range(R // 2):
                 a = p * want[i]
-                check(cos[p, i] == np.float32(math.cos(a)) and sin[p, i] == np.float32(math.sin(a)),
-                      "rope %s: table at p=%d i=%d" % (label, p, i))
+                wc, ws = np.float32(math.cos(a)), np.float32(math.sin(a))
+                check(abs(cos[p, i] - wc) <= np.spacing(abs(wc)) and abs(sin[p, i] - ws) <= np.spacing(abs(ws)),
+                      "rope %s: table at p=%d i=%d: %r, %r vs libm %r, %r" % (label, p, i, cos[p, i], sin[p, i], wc, ws))
 
         scale = ref.softmax_scale(cfg)
         want_scale = (cfg.qk_nope_head_dim + R) ** -0.5
@@ -401,18 +419,31 @@ def check_mtp_shift(config):
 
         # Module k embeds tokens[:, k + s] at position s: changing token k + s0 leaves the rows < s0
         # of logits_k unchanged and changes row s0 (main logits: rows < k + s0 unchanged).
+        # Unchanged means within UNCHANGED_REL (the token may be re-routed, see above).
         s0 = 3
+        worst_unchanged, least_changed = 0.0, math.inf
         for k in range(1, D + 1):
             j = k + s0
             t3 = tok.clone()
             t3[0, j] = (t3[0, j] + 5) % V
             o3 = model(t3)
             a, b = out["mtp_logits"][k - 1][0], o3["mtp_logits"][k - 1][0]
-            check(torch.equal(a[:s0], b[:s0]), "mtp %d: rows before %d changed by token %d" % (k, s0, j))
-            check(not torch.allclose(a[s0], b[s0], atol=1e-12, rtol=0), "mtp %d: row %d ignores token %d" % (k, s0, j))
+            before, at = rel_change(a[:s0], b[:s0]), rel_change(a[s0], b[s0])
+            check(before <= UNCHANGED_REL, "mtp %d: rows before %d changed by token %d (relative change %.3g > %g)"
+                  % (k, s0, j, before, UNCHANGED_REL))
+            check(at > CHANGED_REL, "mtp %d: row %d ignores token %d (relative change %.3g <= %g)"
+                  % (k, s0, j, at, CHANGED_REL))
+            unchanged = [before]
             if j < S:
-                check(torch.equal(out["logits"][0, :j], o3["logits"][0, :j]), "main logits are not causal")
-            check(torch.equal(out["logits"][1], o3["logits"][1]), "sequences are not independent")
+                main_before = rel_change(out["logits"][0, :j], o3["logits"][0, :j])
+                check(main_before <= UNCHANGED_REL, "main logits are not causal: rows before %d changed by %.3g"
+                      % (j, main_before))
+                unchanged.append(main_before)
+            other = rel_change(out["logits"][1], o3["logits"][1])
+            check(other <= UNCHANGED_REL, "sequences are not independent: sequence 1 changed by %.3g" % other)
+            unchanged.append(other)
+            worst_unchanged = max([worst_unchanged] + unchanged)
+            least_changed = min(least_changed, at)
         # Module 1's embedding half of eh_proj really reads tokens[:, 1:S+1] (embedding half first).
         layer = model.model.layers[L]
         e = layer.enorm(model.model.embed_tokens(tok[:, 1:S + 1]))
@@ -422,7 +453,8 @@ def check_mtp_shift(config):
         h1, _ = layer(hp, cos, sin)
         l1 = model.lm_head(layer.shared_head.norm(h1))
         check(torch.allclose(l1, out["mtp_logits"][0], atol=1e-12, rtol=0), "mtp 1: eh_proj halves / shift")
-    print("  (e) MTP: module k embeds tokens[:, k:k+S] (embedding half first) and predicts tokens[:, k+1:k+1+S] ok")
+    print("  (e) MTP: module k embeds tokens[:, k:k+S] (embedding half first) and predicts tokens[:, k+1:k+1+S] ok; "
+          "causality: unaffected rows moved <= %.2g, affected rows >= %.2g (relative)" % (worst_unchanged, least_changed))
 
 
 # --------------------------------------------------------------------------------------------------
