@@ -10,9 +10,11 @@ CMAKE_FLAGS ?=
 DEB_PACKAGES := build-essential cmake pkg-config git \
   libopenmpi-dev openmpi-bin libtrilinos-kokkos-dev libyaml-cpp-dev \
   libhdf5-openmpi-dev hdf5-tools libopenblas-dev libgtest-dev googletest nlohmann-json3-dev \
-  python3 python3-torch python3-h5py python3-yaml python3-numpy fortunes clang-format
+  python3 python3-torch python3-h5py python3-yaml python3-numpy python3-matplotlib fortunes clang-format \
+  slurmctld slurmd slurm-client munge
 
-.PHONY: all deps build debug cuda test test-release test-debug golden demo format check-format clean help bench bench-dp
+.PHONY: all deps build debug cuda test test-release test-debug golden demo format check-format clean help bench bench-dp \
+  sbatch scaling-demo
 
 all: build
 
@@ -23,6 +25,8 @@ help:
 	@echo "make test     all tests: unit tests under ASan/UBSan, the rest in Release, CUDA compile check"
 	@echo "make golden   regenerate tests/golden/tiny_golden.h5 with the PyTorch reference"
 	@echo "make format   clang-format every C++ source"
+	@echo "make sbatch   regenerate slurm/<config>.sbatch from the configs and the planner"
+	@echo "make scaling-demo  strong and weak scaling sweeps through a local Slurm (needs root), report and plot"
 
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
@@ -104,3 +108,16 @@ bench: $(BUILD)/CMakeCache.txt
 BENCH_DP_ARGS ?=
 bench-dp: build
 	/usr/bin/python3 tools/bench/dp_scaling.py --bin $(BUILD)/bin $(BENCH_DP_ARGS)
+
+# The Slurm templates, generated from each config by the planner (tests/slurm/check_templates.py
+# checks that the committed files are what this prints).
+SBATCH_GPU_CONFIGS := 1b 5b 10b 15b 20b 671b
+sbatch: build
+	DSV3_CONFIG_DIR=configs $(BUILD)/bin/dsv3-config --sbatch tiny --gpus-per-node 4 > slurm/tiny.sbatch
+	for n in $(SBATCH_GPU_CONFIGS); do DSV3_CONFIG_DIR=configs $(BUILD)/bin/dsv3-config --sbatch $$n > slurm/$$n.sbatch || exit 1; done
+
+# Strong and weak scaling of the tiny config at 1, 2, 4 and 8 ranks, run by slurm/scaling/*.sbatch on
+# a local Slurm cluster (started and stopped here; needs root), reported by tools/scaling_report
+# (markdown table + PNG plot in $(BUILD)/scaling-demo). FAMILY=tp|pp|ep|4d picks other layouts.
+scaling-demo: deps build
+	bash tools/bench/scaling_demo.sh $(BUILD) $(BUILD)/scaling-demo

@@ -1,15 +1,21 @@
 // dsv3-bench: CPU training throughput of the model against the PyTorch reference, MFU against the
 // measured sgemm peak, and a per-category profile of one training step.
 #include <cblas.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <map>
 #include <random>
+#include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -17,13 +23,16 @@
 #include "backend_info.hpp"
 #include "config/accounting.hpp"
 #include "config/config.hpp"
+#include "core/cli.hpp"
 #include "core/error.hpp"
 #include "core/format.hpp"
 #include "host/host_common.hpp"
 #include "model/model.hpp"
 #include "profile.hpp"
+#include "train/launch.hpp"
 #include "train/metrics.hpp"
 #include "train/optimizer.hpp"
+#include "train/trainer.hpp"
 
 extern "C" int openblas_get_num_threads(void);
 
@@ -32,6 +41,7 @@ namespace {
 using namespace dsv3;
 using Clock = std::chrono::steady_clock;
 using nlohmann::json;
+namespace fs = std::filesystem;
 
 struct Options {
   int64_t steps = 5, warmup = 2, profile_steps = 2;
@@ -41,6 +51,17 @@ struct Options {
 
 const char* kUsage =
     "usage: dsv3-bench [--steps N] [--warmup W] [--profile-steps P] [--config PATH] [--no-torch] [--json]\n"
+    "       dsv3-bench --grid --data PREFIX [--config NAME] [--family dp|tp|pp|ep|4d] [--scaling "
+    "strong|weak]\n"
+    "                  [--batch B] [--micro-batch M] [--steps N] [--warmup W] [--peak-tflops X]\n"
+    "                  [--set key=value ...] [--json] [--json-out FILE] [--verbose]\n"
+    "  --grid: under mpirun/srun, trains the config (default tiny) on the grid of all ranks through the\n"
+    "  trainer and reports tokens/s, MFU and the step time split into compute, communication and\n"
+    "  pipeline bubble (medians and shares over the N steps after W warm-up steps). The layout comes from\n"
+    "  the family and the rank count n: dp (dp=n), tp (tp=n), pp (pp=n), ep (ep=dp=n), 4d (tp 2, then\n"
+    "  pp 2, then dp with ep=dp); or from --set parallel.* with --family config. Global batch: B\n"
+    "  sequences (strong scaling, default 16) or B x n (weak scaling, B per rank, default 2).\n"
+    "\n"
     "  Trains each config for W untimed and N timed steps (forward_backward + AdamW on random tokens,\n"
     "  micro_batch_size x seq_length tokens per step), then P profiled steps; runs the PyTorch reference\n"
     "  (tests/reference/bench_torch.py) on the same shapes with the same thread count.\n"
@@ -107,9 +128,9 @@ int kokkos_threads() {
 json run_torch(const std::string& config, const Options& o, int threads) {
   const std::string cmd = "OPENBLAS_NUM_THREADS=" + std::to_string(threads) +
                           " OMP_NUM_THREADS=" + std::to_string(threads) + " /usr/bin/python3 '" +
-                          std::string(DSV3_SOURCE_DIR) + "/tests/reference/bench_torch.py' --config '" + config +
-                          "' --steps " + std::to_string(o.steps) + " --warmup " + std::to_string(o.warmup) +
-                          " --threads " + std::to_string(threads);
+                          std::string(DSV3_SOURCE_DIR) + "/tests/reference/bench_torch.py' --config '" +
+                          config + "' --steps " + std::to_string(o.steps) + " --warmup " +
+                          std::to_string(o.warmup) + " --threads " + std::to_string(threads);
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return nullptr;
   std::string out;
@@ -220,12 +241,14 @@ json bench_config(const std::string& path, const Options& o, double peak_tflops,
 }
 
 void print_text(const json& r, double peak, int kthreads, int bthreads) {
-  std::printf("\n== %s (%s) ==\n", r["config"].get<std::string>().c_str(), r["path"].get<std::string>().c_str());
-  std::printf("  %s parameters (%s active), batch %lld x %lld tokens, %s per token, %lld steps after %lld warm-up\n",
-              human_count(r["parameters"].get<double>()).c_str(),
-              human_count(r["active_parameters"].get<double>()).c_str(), r["batch"].get<long long>(),
-              r["seq"].get<long long>(), human_flops(r["flops_per_token"].get<double>()).c_str(),
-              r["steps"].get<long long>(), r["warmup"].get<long long>());
+  std::printf("\n== %s (%s) ==\n", r["config"].get<std::string>().c_str(),
+              r["path"].get<std::string>().c_str());
+  std::printf(
+      "  %s parameters (%s active), batch %lld x %lld tokens, %s per token, %lld steps after %lld warm-up\n",
+      human_count(r["parameters"].get<double>()).c_str(),
+      human_count(r["active_parameters"].get<double>()).c_str(), r["batch"].get<long long>(),
+      r["seq"].get<long long>(), human_flops(r["flops_per_token"].get<double>()).c_str(),
+      r["steps"].get<long long>(), r["warmup"].get<long long>());
   const double tps = r["tokens_per_s"].get<double>();
   std::printf("  %-10s %12s %12s %10s %8s  %s\n", "", "tokens/s", "step (med)", "GFLOP/s", "MFU", "threads");
   std::printf("  %-10s %12.1f %11.3fs %10.1f %7.1f%%  Kokkos %d + OpenBLAS %d\n", "dsv3", tps,
@@ -256,9 +279,240 @@ void print_text(const json& r, double peak, int kthreads, int bthreads) {
   }
 }
 
+// ---- --grid: throughput of the trainer on the TP x PP x EP x DP grid of MPI ranks ---------------------
+
+struct GridOptions {
+  std::string config = "tiny", family = "dp", scaling = "strong", data, json_out;
+  std::vector<std::string> overrides;
+  int64_t batch = 0, micro = 0, steps = 20, warmup = 5;
+  double peak_tflops = 0;
+  bool json = false, verbose = false;
+};
+
+GridOptions parse_grid(int argc, char** argv) {
+  GridOptions g;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> const char* {
+      DSV3_CHECK(i + 1 < argc, a, " needs a value\n", kUsage);
+      return argv[++i];
+    };
+    if (a == "--grid")
+      continue;
+    else if (a == "--config")
+      g.config = value();
+    else if (a == "--family")
+      g.family = value();
+    else if (a == "--scaling")
+      g.scaling = value();
+    else if (a == "--data")
+      g.data = value();
+    else if (a == "--set")
+      g.overrides.push_back(value());
+    else if (a == "--batch")
+      g.batch = parse_count(a, value(), 1);
+    else if (a == "--micro-batch")
+      g.micro = parse_count(a, value(), 1);
+    else if (a == "--steps")
+      g.steps = parse_count(a, value(), 1);
+    else if (a == "--warmup")
+      g.warmup = parse_count(a, value(), 0);
+    else if (a == "--peak-tflops")
+      g.peak_tflops = cli::parse_double(a, value());
+    else if (a == "--json")
+      g.json = true;
+    else if (a == "--json-out")
+      g.json_out = value();
+    else if (a == "--verbose")
+      g.verbose = true;
+    else
+      raise("unknown option '", a, "' for --grid\n", kUsage);
+  }
+  DSV3_CHECK(g.family == "dp" || g.family == "tp" || g.family == "pp" || g.family == "ep" ||
+                 g.family == "4d" || g.family == "config",
+             "--family '", g.family, "': choose dp, tp, pp, ep, 4d or config");
+  DSV3_CHECK(g.scaling == "strong" || g.scaling == "weak", "--scaling '", g.scaling,
+             "': choose strong or weak");
+  if (g.batch == 0) g.batch = g.scaling == "strong" ? 16 : 2;
+  return g;
+}
+
+// The layout of a family on n ranks, as --set pairs.
+std::vector<std::string> family_layout(const std::string& family, int64_t n, int64_t experts) {
+  int64_t tp = 1, pp = 1, ep = 1;
+  if (family == "tp") tp = n;
+  if (family == "pp") pp = n;
+  if (family == "ep") ep = n;
+  if (family == "4d") {
+    tp = std::min<int64_t>(2, n);
+    pp = std::min<int64_t>(2, n / tp);
+    const int64_t dp = n / (tp * pp);
+    ep = experts > 0 && experts % dp == 0 ? dp : 1;
+  }
+  if (family == "config") return {};
+  return {"parallel.tp=" + std::to_string(tp), "parallel.pp=" + std::to_string(pp),
+          "parallel.ep=" + std::to_string(ep), "parallel.dp=0"};
+}
+
+std::string host_of(const std::string& placement) {
+  const size_t b = placement.find("host ") + 5, e = placement.find(',', b);
+  return placement.substr(b, e == std::string::npos ? std::string::npos : e - b);
+}
+
+int run_grid(int argc, char** argv) {
+  MpiRuntime mpi(&argc, &argv);
+  const bool root = mpi.world_rank() == 0;
+  GridOptions g;
+  json rec = {{"mode", "grid"}, {"ranks", mpi.world_size()}};
+  auto emit = [&](const json& r) {
+    if (!root) return;
+    if (!g.json_out.empty()) {
+      std::ofstream f(g.json_out);
+      f << r.dump(2) << "\n";
+      DSV3_CHECK(f.good(), g.json_out, ": cannot write");
+    }
+    if (g.json) std::cout << r.dump(2) << std::endl;
+  };
+  try {
+    g = parse_grid(argc, argv);
+    rec["config"] = g.config, rec["family"] = g.family, rec["scaling"] = g.scaling;
+    const int64_t n = mpi.world_size();
+    const Config base = load_config(resolve_config_path(g.config), g.overrides);
+    std::vector<std::string> sets = g.overrides;
+    for (const auto& kv : family_layout(g.family, n, base.model.moe.num_experts)) sets.push_back(kv);
+    // Batch: B sequences (strong) or B per rank (weak); the micro-batch is the largest <= the asked
+    // one that splits the global batch over the data-parallel ranks.
+    const int64_t global = g.scaling == "strong" ? g.batch : g.batch * n;
+    sets.push_back("training.global_batch_size=" + std::to_string(global));
+    sets.push_back("training.train_steps=" + std::to_string(g.steps + g.warmup));
+    sets.push_back("training.eval_interval=0");
+    sets.push_back("checkpoint.interval=1000000000");
+    int64_t micro = g.micro ? g.micro : base.training.micro_batch_size;
+    {
+      MpiComm world(MPI_COMM_WORLD, "world", /*owned=*/false);
+      check_collectively(
+          [&] {
+            std::vector<std::string> probe = sets;
+            probe.push_back("training.micro_batch_size=1");  // any global batch is a multiple of 1
+            const Config c = load_config(resolve_config_path(g.config), probe);
+            const int64_t tp_pp = c.parallel.tp * c.parallel.pp;
+            DSV3_CHECK(n % tp_pp == 0, "tp*pp = ", tp_pp, " does not divide ", n, " ranks");
+            const int64_t dp = n / tp_pp;
+            while (micro > 1 && global % (micro * dp) != 0) --micro;
+          },
+          world);
+    }
+    sets.push_back("training.micro_batch_size=" + std::to_string(micro));
+
+    const GridRun run = form_grid(g.config, sets, static_cast<int>(n));
+    const Layout& l = run.layout;
+    rec["layout"] = {{"tp", l.tp},
+                     {"pp", l.pp},
+                     {"ep", l.ep},
+                     {"dp", l.dp},
+                     {"zero_stage", l.zero_stage},
+                     {"virtual_stages", l.virtual_stages}};
+    // Nodes and ranks per node from the hosts the ranks run on.
+    std::map<std::string, int> per_host;
+    if (root)  // the placements live on rank 0
+      for (const auto& p : run.placements) ++per_host[host_of(p)];
+    int rpn = 0;
+    for (const auto& [h, c] : per_host) rpn = std::max(rpn, c);
+    const int cores = static_cast<int>(std::thread::hardware_concurrency());
+    const int threads = openblas_get_num_threads();
+    if (root && g.verbose) std::cout << describe_grid(run) << std::flush;
+
+    // A run directory of rank 0's choosing (only rank 0 writes there: config.yaml, metrics.jsonl).
+    std::string run_dir = (fs::temp_directory_path() / ("dsv3-bench-" + std::to_string(getpid()))).string();
+    {
+      int64_t len = static_cast<int64_t>(run_dir.size());
+      MPI_Bcast(&len, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
+      run_dir.resize(static_cast<size_t>(len));
+      MPI_Bcast(run_dir.data(), static_cast<int>(len), MPI_CHAR, 0, MPI_COMM_WORLD);
+    }
+    TrainerOptions opt;
+    opt.comms = run.trainer_comms();
+    opt.data = g.data;
+    opt.run_dir = run_dir;
+    opt.resume = "none";
+    opt.final_checkpoint = false;
+    opt.peak_tflops = g.peak_tflops;
+    std::ostringstream quiet;
+    opt.log = g.verbose ? &std::cout : &quiet;
+    const TrainSummary sum = train(run.cfg, opt);
+    std::error_code ec;
+    if (root) fs::remove_all(run_dir, ec);
+
+    std::vector<double> step_s, tps, mfu;
+    double tot = 0, comm = 0, bubble = 0;
+    for (size_t i = static_cast<size_t>(g.warmup); i < sum.timings.size(); ++i) {
+      const StepTiming& t = sum.timings[i];
+      step_s.push_back(t.step_s), tps.push_back(t.tokens_per_s), mfu.push_back(t.mfu);
+      tot += t.step_s, comm += t.comm_s, bubble += t.bubble_s;
+    }
+    DSV3_CHECK(!step_s.empty(), "no measured steps (", sum.timings.size(), " run, ", g.warmup, " warm-up)");
+    const double ms = double(step_s.size());
+    const double flops = training_flops_per_token(run.cfg.model, run.cfg.training.seq_length).total();
+    rec["nodes"] = per_host.size();
+    rec["ranks_per_node"] = rpn;
+    rec["cores_per_node"] = cores;
+    rec["threads_per_rank"] = threads;
+    rec["oversubscribed"] = rpn * threads > cores;
+    rec["global_batch"] = global;
+    rec["micro_batch"] = micro;
+    rec["seq"] = run.cfg.training.seq_length;
+    rec["tokens_per_step"] = global * run.cfg.training.seq_length;
+    rec["steps"] = g.steps;
+    rec["warmup"] = g.warmup;
+    rec["flops_per_token"] = flops;
+    // tokens/s of the median step; MFU scales with it (the peak is the same for every step).
+    const double tokens_per_step = double(global * run.cfg.training.seq_length);
+    const double med_tps = tokens_per_step / median(step_s), med_mfu = med_tps * mfu.front() / tps.front();
+    rec["tokens_per_s"] = med_tps;
+    rec["step_time_s"] = median(step_s);
+    rec["mfu"] = med_mfu;
+    rec["compute_s"] = (tot - comm - bubble) / ms;
+    rec["comm_s"] = comm / ms;
+    rec["bubble_s"] = bubble / ms;
+    rec["compute_share"] = (tot - comm - bubble) / tot;
+    rec["comm_share"] = comm / tot;
+    rec["bubble_share"] = bubble / tot;
+    rec["first_loss"] = sum.losses.front();
+    rec["last_loss"] = sum.losses.back();
+    if (root && !g.json)
+      std::printf(
+          "dsv3-bench --grid: %s, %lld ranks (%s, %zu node(s), %d per node on %d cores%s), tp=%lld pp=%lld "
+          "ep=%lld dp=%lld, global batch %lld x %lld: %.0f tokens/s, step %.3f s = compute %.1f%% + comm "
+          "%.1f%% + bubble %.1f%%, MFU %.2f%%\n",
+          run.cfg.name.c_str(), static_cast<long long>(n), g.family.c_str(), per_host.size(), rpn, cores,
+          rpn * threads > cores ? ", oversubscribed" : "", static_cast<long long>(l.tp),
+          static_cast<long long>(l.pp), static_cast<long long>(l.ep), static_cast<long long>(l.dp),
+          static_cast<long long>(global), static_cast<long long>(run.cfg.training.seq_length), med_tps,
+          median(step_s), 100 * (tot - comm - bubble) / tot, 100 * comm / tot, 100 * bubble / tot,
+          100 * med_mfu);
+    emit(rec);
+    return 0;
+  } catch (const QuietExit&) {
+    return 2;
+  } catch (const std::exception& e) {
+    // A layout the config does not admit on this many ranks (or any other error): one record saying
+    // so, which the scaling report lists as skipped.
+    if (root || !dynamic_cast<const CollectiveError*>(&e))
+      std::fprintf(stderr, "dsv3-bench: rank %d: %s\n", mpi.world_rank(), e.what());
+    rec["error"] = e.what();
+    try {
+      emit(rec);
+    } catch (const std::exception&) {
+    }
+    if (mpi.world_size() > 1 && !dynamic_cast<const CollectiveError*>(&e)) MPI_Abort(MPI_COMM_WORLD, 2);
+    return 2;
+  }
+}
 }  // namespace
 
 int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--grid") return run_grid(argc, argv);
   try {
     const Options o = parse(argc, argv);
     const int bthreads = openblas_get_num_threads();
@@ -271,9 +525,10 @@ int main(int argc, char** argv) {
                 {"sgemm_peak_tflops", peak},
                 {"results", json::array()}};
     if (!o.json_out)
-      std::printf("dsv3-bench: %s; Kokkos threads %d, OpenBLAS threads %d, PyTorch threads %d\n"
-                  "  measured sgemm peak (1024^3, best of 5): %.1f GFLOP/s\n",
-                  host_backend_description().c_str(), kthreads, bthreads, bthreads, peak * 1e3);
+      std::printf(
+          "dsv3-bench: %s; Kokkos threads %d, OpenBLAS threads %d, PyTorch threads %d\n"
+          "  measured sgemm peak (1024^3, best of 5): %.1f GFLOP/s\n",
+          host_backend_description().c_str(), kthreads, bthreads, bthreads, peak * 1e3);
     for (const std::string& c : o.configs) {
       const json r = bench_config(c, o, peak, bthreads);
       all["results"].push_back(r);

@@ -11,18 +11,26 @@
 #include "config/config.hpp"
 #include "config/planner.hpp"
 #include "config/report.hpp"
+#include "config/sbatch.hpp"
 #include "core/cli.hpp"
 #include "core/error.hpp"
 
 namespace {
 
-const char* kUsage = R"(usage: dsv3-config [--list | --info NAME | --gpus N --gpu-memory GB] [options]
+const char* kUsage =
+    R"(usage: dsv3-config [--list | --info NAME | --gpus N --gpu-memory GB | --sbatch NAME] [options]
 
   --list                   quick-reference table of configs/*.yaml (computed, not typed in)
   --info NAME              architecture, parameters, FLOPs/token, memory per GPU, hardware, features
   --gpus N --gpu-memory GB recommend a config and a TP/PP/EP/DP/ZeRO layout that fits
       --use-case research|production|learning
       --budget low|medium|high|very-high|extreme
+  --sbatch NAME            a Slurm batch script for the config, pre-sized by the planner (stdout):
+      --nodes N                nodes (default: the config's recommended GPU count, or the planner's
+                               minimum where no layout fits it)
+      --gpus-per-node G        GPUs per node (default 8); ranks per node for a CPU config
+      --partition P            a --partition line (default none: the site's default partition)
+      --time HH:MM:SS          time limit (default: the roofline estimate of the run, 1 h to 24 h)
   --detect                 take --gpus/--gpu-memory from the visible CUDA devices (CUDA builds)
   --json                   machine-readable output for any mode
   --set key=value          override a config key (dotted), repeatable, applied to every config
@@ -33,7 +41,9 @@ NAME is 1b, deepseek_v3_1b, 671b or a path to a YAML file.
 
 struct Args {
   bool list = false, json = false, detect = false, help = false;
-  std::string info;
+  std::string info, sbatch;
+  dsv3::SbatchOptions job;
+  bool job_options = false;  // any of --nodes/--gpus-per-node/--partition/--time given
   int64_t gpus = 0;
   double gpu_memory = 0;
   std::string use_case, budget;
@@ -55,6 +65,16 @@ Args parse(int argc, char** argv) {
       a.help = true;
     else if (s == "--info")
       a.info = value();
+    else if (s == "--sbatch")
+      a.sbatch = value();
+    else if (s == "--nodes")
+      a.job.nodes = dsv3::cli::parse_int(s, value()), a.job_options = true;
+    else if (s == "--gpus-per-node")
+      a.job.gpus_per_node = dsv3::cli::parse_int(s, value()), a.job_options = true;
+    else if (s == "--partition")
+      a.job.partition = value(), a.job_options = true;
+    else if (s == "--time")
+      a.job.time = value(), a.job_options = true;
     else if (s == "--gpus")
       a.gpus = dsv3::cli::parse_int(s, value());
     else if (s == "--gpu-memory")
@@ -126,6 +146,15 @@ int run(int argc, char** argv) {
     }
     return 0;
   }
+  DSV3_CHECK(!a.job_options || !a.sbatch.empty(),
+             "--nodes, --gpus-per-node, --partition and --time go with --sbatch NAME");
+  if (!a.sbatch.empty()) {
+    const auto c = dsv3::load_config(dsv3::resolve_config_path(a.sbatch), a.overrides);
+    a.job.config_overrides = a.overrides;
+    const dsv3::JobSize size = dsv3::size_job(c, a.job);
+    std::cout << (a.json ? dsv3::job_size_json(size).dump(2) + "\n" : dsv3::sbatch_script(c, size));
+    return 0;
+  }
   if (!a.info.empty()) {
     const auto c = dsv3::load_config(dsv3::resolve_config_path(a.info), a.overrides);
     std::cout << (a.json ? dsv3::info_json(c).dump(2) + "\n" : dsv3::info_text(c));
@@ -136,7 +165,22 @@ int run(int argc, char** argv) {
     DSV3_CHECK(a.gpu_memory > 0, "--gpus needs --gpu-memory GB as well");
     dsv3::HardwareQuery hw{a.gpus, a.gpu_memory, a.use_case, a.budget};
     const auto r = dsv3::recommend(load_all(a.overrides), hw);
-    std::cout << (a.json ? dsv3::recommendation_json(r).dump(2) + "\n" : dsv3::recommendation_text(r, hw));
+    std::vector<std::string> run;  // how to run the recommendation under Slurm
+    if (r.recommended) {
+      const auto c = dsv3::load_config(r.recommended->config_path, a.overrides);
+      run = dsv3::sbatch_commands_for(c, *r.recommended, a.gpus);
+    }
+    if (a.json) {
+      nlohmann::json j = dsv3::recommendation_json(r);
+      j["sbatch_commands"] = run;
+      std::cout << j.dump(2) << "\n";
+    } else {
+      std::cout << dsv3::recommendation_text(r, hw);
+      if (!run.empty()) {
+        std::cout << "\nRun it on Slurm (from the dsv3 checkout):\n";
+        for (const auto& line : run) std::cout << "  " << line << "\n";
+      }
+    }
     return r.recommended ? 0 : 1;
   }
   dsv3::raise("nothing to do: give --list, --info NAME or --gpus N --gpu-memory GB (see --help)");

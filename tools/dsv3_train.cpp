@@ -1,5 +1,8 @@
 // dsv3-train: trains a config on a dataset, on one process or on the TP x PP x EP x DP grid of MPI ranks.
 #include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <optional>
@@ -12,6 +15,7 @@
 #include "core/format.hpp"
 #include "parallel/comm.hpp"
 #include "parallel/rank_grid.hpp"
+#include "train/launch.hpp"
 #include "train/trainer.hpp"
 
 namespace {
@@ -34,8 +38,30 @@ const char* kUsage =
 Under mpirun the ranks form the TP x PP x EP x DP grid of the parallel section: dp is world / (tp * pp),
 experts spread over ep ranks, ZeRO stage 0, 1 or 2 over dp; pipeline stages run 1F1B.
 Checkpoints: <run-dir>/step_N.h5 every checkpoint.interval steps, at the end and after a signal.
-Exit status: 0 done (or stopped cleanly by SIGINT/SIGTERM), 2 bad input, 3 too many non-finite steps.
+SIGTERM, SIGUSR1 (Slurm's warning before a time limit or preemption) and SIGINT stop the run after the
+current step with a checkpoint; --resume auto continues from it.
+Exit status: 0 done, 2 bad input (or a checkpoint that cannot be read), 3 too many non-finite steps,
+75 stopped by a signal with the checkpoint written (run again to continue; the Slurm templates requeue).
 )";
+
+// <run-dir>/dsv3-train.exit, one line: "<status> <finished|stopped|non-finite> step <N>". Job scripts
+// read it to tell a run that ended from a launch that never started (srun can report success then).
+void write_exit_record(const dsv3::TrainSummary& s, int status) {
+  const std::string path = s.run_dir + "/dsv3-train.exit", tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    f << status << " "
+      << (s.aborted_nonfinite   ? "non-finite"
+          : s.stopped_by_signal ? "stopped"
+                                : "finished")
+      << " step " << s.final_step << "\n";
+    if (!f.good()) dsv3::raise(tmp, ": cannot write");
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) dsv3::raise(path, ": cannot write: ", ec.message());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -74,43 +100,15 @@ int main(int argc, char** argv) {
     }
     DSV3_CHECK(!config.empty(), "--config is required (see --help)");
     // The config and the process grid: every rank checks them; rank 0 alone reports a bad one.
-    dsv3::MpiComm world(MPI_COMM_WORLD, "world", /*owned=*/false);
-    std::optional<dsv3::Config> loaded;
-    dsv3::Layout layout;
-    try {
-      dsv3::check_layout_collectively(
-          [&] {
-            loaded = dsv3::load_config(dsv3::resolve_config_path(config), overrides);
-            const dsv3::Config& cfg = *loaded;
-            layout = dsv3::resolve_layout(cfg, mpi->world_size());
-            DSV3_CHECK(layout.expert_tp == 1, cfg.where("parallel.expert_tp"), " = ", layout.expert_tp,
-                       ": dsv3-train keeps each routed expert whole (expert_tp = 1); spread experts with ep");
-          },
-          world);
-    } catch (const dsv3::QuietExit&) {
-      return 2;
-    } catch (const std::exception& e) {  // every rank knows it failed: they all finalize, no abort
-      std::cerr << "dsv3-train: error: " << e.what() << std::endl;
-      return 2;
-    }
-    const dsv3::Config& cfg = *loaded;
-    const dsv3::RankGrid grid(layout, cfg.parallel.order, mpi->world_size());
-    const dsv3::CommGroups comms = dsv3::make_comm_groups(grid);
-    if (mpi->world_size() > 1) opt.comms = &comms;
+    const dsv3::GridRun run = dsv3::form_grid(config, overrides, mpi->world_size());
+    const dsv3::Config& cfg = run.cfg;
+    opt.comms = run.trainer_comms();
     const bool root = mpi->world_rank() == 0;
-    if (root && mpi->world_size() > 1) {
-      std::cout << "grid: " << grid.describe() << "\n";
-      // Every rank's coordinates (up to 64 ranks; larger grids print the summary only).
-      for (int r = 0; r < grid.world() && grid.world() <= 64; ++r) {
-        const dsv3::DenseCoord d = grid.dense_coord(r);
-        const dsv3::ExpertCoord e = grid.expert_coord(r);
-        std::cout << "  rank " << r << ": tp " << d.tp << " pp " << d.pp << " dp " << d.dp << " | ep " << e.ep
-                  << " edp " << e.edp << "\n";
-      }
-      std::cout << std::flush;
-    }
+    if (root) std::cout << dsv3::describe_grid(run) << std::flush;
     const dsv3::TrainSummary s = dsv3::train(cfg, opt);
-    if (!root) return s.aborted_nonfinite ? 3 : 0;
+    const int status = s.aborted_nonfinite ? 3 : s.stopped_by_signal ? dsv3::kExitStoppedBySignal : 0;
+    if (!root) return status;
+    write_exit_record(s, status);
     std::cout << "done: " << s.steps << " steps in " << dsv3::fixed(s.seconds, 1) << " s ("
               << dsv3::fixed(s.tokens_per_s, 0) << " tokens/s); loss " << dsv3::fixed(s.first_loss, 4)
               << " -> " << dsv3::fixed(s.last_loss, 4);
@@ -129,8 +127,11 @@ int main(int argc, char** argv) {
     if (s.first_val_loss >= 0)
       std::cout << "validation loss " << dsv3::fixed(s.first_val_loss, 4) << " (first evaluation) -> "
                 << dsv3::fixed(s.last_val_loss, 4) << " nats per byte token" << std::endl;
-    return s.aborted_nonfinite ? 3 : 0;
+    return status;
   } catch (const dsv3::QuietExit&) {
+    return 2;
+  } catch (const dsv3::CollectiveError& e) {  // every rank knows and stops: no abort
+    std::cerr << "dsv3-train: error: " << e.what() << std::endl;
     return 2;
   } catch (const std::exception& e) {
     std::cerr << "dsv3-train: error: " << e.what() << std::endl;

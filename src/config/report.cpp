@@ -104,6 +104,8 @@ nlohmann::json info_json(const Config& c) {
       {"memory_per_gpu_bytes", mem.total()},
       {"memory", memory_json(mem)},
       {"fits_gpu_memory", mem.total() <= usable_bytes(c.hardware.gpu_memory_gb)},
+      {"usable_bytes_per_gpu", usable_bytes(c.hardware.gpu_memory_gb)},
+      {"min_gpus_to_fit", min_gpus_to_fit(c, c.hardware.gpu_memory_gb)},  // any layout, 0: none
       {"layout", layout_json(l)},
       {"architecture",
        {{"vocab_size", m.vocab_size},
@@ -288,7 +290,7 @@ std::string recommendation_text(const Recommendation& r, const HardwareQuery& hw
        << human_bytes(p.memory.weights) << ", grads " << human_bytes(p.memory.gradients) << ", optimizer "
        << human_bytes(p.memory.optimizer) << ", activations " << human_bytes(p.memory.activations) << ")\n";
     os << "  estimate " << fixed(p.tokens_per_s, 0) << " tokens/s (roofline at the config's assumed MFU)\n";
-    os << "  run      mpirun -np " << p.layout.world() << " build/bin/dsv3-train --config " << p.config_path
+    os << "  mpirun   mpirun -np " << p.layout.world() << " build/bin/dsv3-train --config " << p.config_path
        << " --set parallel.tp=" << p.layout.tp << " --set parallel.pp=" << p.layout.pp
        << " --set parallel.ep=" << p.layout.ep << " --set parallel.zero_stage=" << p.layout.zero_stage
        << " --set training.recompute=" << p.recompute << "\n";

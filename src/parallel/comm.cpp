@@ -750,7 +750,7 @@ MpiRuntime::~MpiRuntime() {
 // ---------------------------------------------------------------------------------------------------
 // Collective layout check
 
-void check_layout_collectively(const std::function<void()>& check, const Comm& world) {
+void check_collectively(const std::function<void()>& check, const Comm& world) {
   constexpr int kTag = 31001;
   std::exception_ptr failure;
   std::string message;
@@ -777,10 +777,10 @@ void check_layout_collectively(const std::function<void()>& check, const Comm& w
       world.recv(&len, 1, reporter, kTag);
       std::string text(static_cast<size_t>(len), '\0');
       world.recv(text.data(), len, reporter, kTag);
-      raise("rank ", reporter, ": ", text);
+      throw CollectiveError(detail::concat("rank ", reporter, ": ", text));
     }
   } else if (world.rank() == 0) {
-    std::rethrow_exception(failure);
+    throw CollectiveError(message);
   }
   throw QuietExit(
       detail::concat("rank ", world.rank(), ": stopped; rank 0 reports the error of rank ", reporter));

@@ -2,8 +2,9 @@
 // class: `MpiComm` implements it over an MPI communicator, a NCCL one can implement the same hooks);
 // `CommRequest`, the handle of a non-blocking operation; `CommGroups`, one Comm per group kind of this
 // rank, split once from a RankGrid and passed explicitly to whoever needs it; `MpiRuntime`, the RAII
-// owner of MPI_Init_thread / MPI_Finalize; and `check_layout_collectively`, which lets rank 0 alone
-// report a layout error while the other ranks stop quietly (QuietExit).
+// owner of MPI_Init_thread / MPI_Finalize; and `check_collectively`, which lets rank 0 alone
+// report an error of any rank (a bad layout, a checkpoint one rank cannot read) while the other ranks
+// stop quietly (QuietExit).
 //
 // Conventions. Counts and displacements are in elements of the given type. Reductions are in place
 // (allreduce) or from a send buffer of size() equal blocks (reduce_scatter); allgather concatenates
@@ -406,9 +407,17 @@ class QuietExit : public Error {
   explicit QuietExit(const std::string& what) : Error(what) {}
 };
 
-// Runs `check` on every rank of `world` (collective). When it throws on any rank: rank 0 throws the
-// error (its own exception if it failed itself, else dsv3::Error "rank k: <message>" from the lowest
-// failing rank k); every other rank throws QuietExit. Returns normally on every rank otherwise.
-void check_layout_collectively(const std::function<void()>& check, const Comm& world);
+// Thrown on rank 0 when a collective check failed: the message of the failing rank; every other rank
+// throws QuietExit at the same time, so a tool reports it and exits without MPI_Abort.
+class CollectiveError : public Error {
+ public:
+  explicit CollectiveError(const std::string& what) : Error(what) {}
+};
+
+// Runs `check` on every rank of `world` (collective). When it throws on any rank: rank 0 throws
+// CollectiveError with the message (its own if it failed itself, else "rank k: <message>" from the
+// lowest failing rank k); every other rank throws QuietExit. Returns normally on every rank otherwise.
+// Used for config and layout checks and for loading a checkpoint to resume from.
+void check_collectively(const std::function<void()>& check, const Comm& world);
 
 }  // namespace dsv3

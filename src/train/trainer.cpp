@@ -24,13 +24,17 @@ namespace fs = std::filesystem;
 namespace dsv3 {
 
 namespace {
-volatile std::sig_atomic_t g_stop = 0;
+// The first stop signal received (0: none). The handler only records it; the loop acts on it at the
+// end of the step, so nothing is done inside the handler (no I/O, no locks, no MPI).
+volatile std::sig_atomic_t g_stop_signal = 0;
 void on_signal(int sig) {
-  if (g_stop) {  // second signal: leave now
+  if (sig == SIGINT && g_stop_signal == SIGINT) {  // a second Ctrl-C: leave now
     std::signal(sig, SIG_DFL);
     std::raise(sig);
   }
-  g_stop = 1;
+  // SIGTERM and SIGUSR1 never escalate: a scheduler may send both (a warning, then the time limit)
+  // or the same one twice (to the job step and through the launcher) while the checkpoint is written.
+  if (!g_stop_signal) g_stop_signal = sig;
 }
 
 std::string fmt(const char* f, double v) {
@@ -55,12 +59,29 @@ double load_imbalance(const std::map<int64_t, std::vector<int64_t>>& load) {
 }  // namespace
 
 void install_stop_handlers() {
-  g_stop = 0;
-  std::signal(SIGINT, on_signal);
-  std::signal(SIGTERM, on_signal);
+  g_stop_signal = 0;
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;  // reads and writes in progress (checkpoint, data) continue
+  for (int sig : {SIGINT, SIGTERM, SIGUSR1}) sigaction(sig, &sa, nullptr);
 }
-bool stop_requested() { return g_stop != 0; }
-void request_stop() { g_stop = 1; }
+bool stop_requested() { return g_stop_signal != 0; }
+int stop_signal() { return g_stop_signal; }
+void request_stop(int sig) { g_stop_signal = sig; }
+
+std::string signal_name(int sig) {
+  switch (sig) {
+    case SIGINT:
+      return "SIGINT";
+    case SIGTERM:
+      return "SIGTERM";
+    case SIGUSR1:
+      return "SIGUSR1";
+    default:
+      return "signal " + std::to_string(sig);
+  }
+}
 
 double evaluate(Model& model, WindowSampler& valid, int64_t micro_batch, int64_t batches) {
   valid.restore({0, 0});
@@ -147,6 +168,15 @@ struct Ranks {
   bool last() const { return pp_rank == pp_size - 1; }
 };
 const Comm* if_many(const Comm& c) { return c.size() > 1 ? &c : nullptr; }
+
+// Rank 0's text on every rank of `c`.
+std::string broadcast_text(const Comm& c, std::string text) {
+  int64_t n = static_cast<int64_t>(text.size());
+  c.broadcast(&n, 1, 0);
+  text.resize(static_cast<size_t>(n));
+  if (n > 0) c.broadcast(text.data(), n, CommType::Byte, 0);
+  return text;
+}
 }  // namespace
 
 TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
@@ -229,23 +259,40 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
   // Resume: parameters, router biases, AdamW moments and step count, data position.
   TrainSummary sum;
   int64_t start_step = 0, tokens_seen = 0;
+  // Rank 0 picks the checkpoint and every rank loads that one (a shared file system may show the
+  // ranks different directory listings for a moment); a rank that cannot load it stops them all,
+  // with its message, instead of leaving the others waiting in the first collective.
   std::string resume_from;
-  if (opt.resume == "auto") {
-    resume_from = find_latest(run_dir);
-  } else if (opt.resume == "none") {
-    DSV3_CHECK(find_latest(run_dir).empty(), run_dir, " already holds checkpoints (", find_latest(run_dir),
-               "); resume with --resume auto or choose another --run-dir");
+  auto pick_checkpoint = [&] {
+    if (opt.resume == "auto") return find_latest(run_dir);
+    if (opt.resume == "none") {
+      DSV3_CHECK(find_latest(run_dir).empty(), run_dir, " already holds checkpoints (", find_latest(run_dir),
+                 "); resume with --resume auto or choose another --run-dir");
+      return std::string();
+    }
+    return resolve_checkpoint(opt.resume);
+  };
+  if (rk.world) {
+    check_collectively([&] { resume_from = rk.root() ? pick_checkpoint() : ""; }, *rk.world);
+    resume_from = broadcast_text(*rk.world, resume_from);
   } else {
-    resume_from = resolve_checkpoint(opt.resume);
+    resume_from = pick_checkpoint();
   }
   if (!resume_from.empty()) {
     LoadOptions lo;
     lo.config = &cfg;
     lo.require_optimizer = true;
-    const CheckpointInfo info = load_checkpoint(resume_from, model.params(), &adam, lo);
-    DSV3_CHECK(info.state.seed == t.seed, resume_from, ": written with training.seed ", info.state.seed,
-               ", this run has ", t.seed,
-               " (the data order would differ; --set training.seed=", info.state.seed, " to continue it)");
+    CheckpointInfo info;
+    auto load = [&] {
+      info = load_checkpoint(resume_from, model.params(), &adam, lo);
+      DSV3_CHECK(info.state.seed == t.seed, resume_from, ": written with training.seed ", info.state.seed,
+                 ", this run has ", t.seed,
+                 " (the data order would differ; --set training.seed=", info.state.seed, " to continue it)");
+    };
+    if (rk.world)
+      check_collectively(load, *rk.world);
+    else
+      load();
     train_sampler.restore(info.state.sampler);
     start_step = info.state.step;
     tokens_seen = info.state.consumed_tokens;
@@ -291,6 +338,14 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
       << opt.bucket_elements << " elements on this rank\n  peak " << fixed(peak, 3) << " TFLOP/s ("
       << (opt.peak_tflops > 0 ? "given" : "measured sgemm") << " per rank x " << world << "), "
       << human_flops(flops_per_token) << " per token; run dir " << run_dir << std::endl;
+  {
+    const MemoryEstimate me = memory_per_gpu(cfg, layout, MemoryOptions::from(cfg));
+    log << "  memory per rank by the accounting (" << t.precision << ", recompute " << t.recompute
+        << ", busiest: pipeline stage " << me.stage << "): " << human_bytes(me.total()) << " = weights "
+        << human_bytes(me.weights) << " + gradients " << human_bytes(me.gradients) << " + optimizer "
+        << human_bytes(me.optimizer) << " + activations " << human_bytes(me.activations) << " + MoE dispatch "
+        << human_bytes(me.moe_dispatch) << " + logits " << human_bytes(me.logits) << std::endl;
+  }
   const int64_t vp = mp.vp, vstages = rk.pp_size * vp;
   if (rk.pp_size > 1)
     log << "  pipeline: " << rk.pp_size << " stages" << (vp > 1 ? " x " + std::to_string(vp) + " chunks" : "")
@@ -497,6 +552,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     if (step == start_step) sum.first_loss = agg.main;
     sum.last_loss = agg.main;
     sum.losses.push_back(agg.total);
+    sum.timings.push_back({dt, comm_s, bubble_s, tps, tflops / peak});
     if (opt.record_loads) sum.loads.push_back(agg.expert_load);
     write_metrics({{"step", step + 1},
                    {"tokens", tokens_seen},
@@ -540,11 +596,14 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     }
     if (t.eval_interval > 0 && (step + 1) % t.eval_interval == 0) run_validation(step + 1);
     if ((step + 1) % cfg.checkpoint.interval == 0) save(step + 1), last_saved = step + 1;
-    int64_t stop = stop_requested() ? 1 : 0;
-    if (rk.world) rk.world->allreduce(&stop, 1, ReduceOp::Max);  // every rank stops after the same step
-    if (stop) {
-      log << "stopping after step " << step + 1 << " on a signal" << std::endl;
+    // Every rank stops after the same step: the largest signal number seen anywhere decides.
+    int64_t stop = stop_signal();
+    if (rk.world) rk.world->allreduce(&stop, 1, ReduceOp::Max);
+    if (stop && step + 1 < t.train_steps) {
+      log << "stopping after step " << step + 1 << " on " << signal_name(static_cast<int>(stop))
+          << ": writing a checkpoint" << std::endl;
       sum.stopped_by_signal = true;
+      sum.stop_signal = static_cast<int>(stop);
       ++step;
       break;
     }
@@ -554,10 +613,23 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     }
   }
   // A final checkpoint unless the last step just wrote one (also after a signal: it stops cleanly).
-  if (!sum.aborted_nonfinite && step > last_saved) save(step);
+  if (!sum.aborted_nonfinite && step > last_saved && (opt.final_checkpoint || sum.stopped_by_signal))
+    save(step);
+  if (sum.stopped_by_signal) {
+    // How many ranks the signal reached by now (the checkpoint took a while): a launcher that does
+    // not forward it to every rank shows here.
+    int64_t got = stop_signal() ? 1 : 0;
+    if (rk.world) rk.world->allreduce(&got, 1);
+    sum.signal_ranks = got;
+    log << "stopped on " << signal_name(sum.stop_signal) << " (received by " << got << " of " << world
+        << " ranks) with a checkpoint at step " << step << "; exit status " << kExitStoppedBySignal
+        << ": resume to continue" << std::endl;
+  }
   if (!sum.aborted_nonfinite && step > start_step && (t.eval_interval == 0 || step % t.eval_interval != 0))
     run_validation(step);
   if (opt.at_end) opt.at_end(model, sync.designated_values());
+  sum.run_dir = run_dir;
+  sum.final_step = step;
   sum.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
   sum.tokens_per_s = double(step - start_step) * gb * S / std::max(1e-9, sum.seconds);
   return sum;

@@ -5,6 +5,7 @@
 // stop on SIGINT/SIGTERM, and skipped updates on non-finite losses or gradients.
 #pragma once
 
+#include <csignal>
 #include <cstdint>
 #include <functional>
 #include <iosfwd>
@@ -35,6 +36,7 @@ struct TrainerOptions {
   // already holds checkpoints is refused); otherwise a checkpoint file or run directory to resume.
   std::string resume = "auto";
   int64_t stop_after_steps = 0;  // > 0: stop (with a checkpoint) once this many steps are done
+  bool final_checkpoint = true;  // false (benchmarks): no checkpoint at the end of the run
   // Gradient bucket size in elements (data-parallel reduction, ZeRO slices).
   int64_t bucket_elements = int64_t{1} << 20;
   bool record_loads = false;  // keep every step's expert loads in TrainSummary::loads
@@ -46,6 +48,12 @@ struct TrainerOptions {
   std::function<void(const Model& model, const FlatRanges& designated)> at_end;
 };
 
+// Where one step's time went, as the step's log line reports it (means over the ranks).
+struct StepTiming {
+  double step_s = 0, comm_s = 0, bubble_s = 0;
+  double tokens_per_s = 0, mfu = 0;
+};
+
 struct TrainSummary {
   int64_t steps = 0;    // optimizer steps taken (skipped ones excluded)
   int64_t skipped = 0;  // updates skipped for non-finite values
@@ -54,11 +62,16 @@ struct TrainSummary {
   double seconds = 0;
   double tokens_per_s = 0;                        // mean over the run
   std::vector<std::pair<int64_t, double>> curve;  // (step, main loss) at every log line
-  bool stopped_by_signal = false;
-  int64_t resumed_from_step = -1;  // -1: fresh start
-  std::string last_checkpoint;     // path of the last checkpoint written
+  bool stopped_by_signal = false;                 // stopped early on a signal, after a checkpoint
+  int stop_signal = 0;                            // which signal (the largest number any rank saw)
+  int64_t signal_ranks = 0;                       // ranks that had received a stop signal when the run ended
+  int64_t resumed_from_step = -1;                 // -1: fresh start
+  std::string last_checkpoint;                    // path of the last checkpoint written
+  std::string run_dir;                            // where checkpoints and metrics went
+  int64_t final_step = 0;  // optimizer step count at the end (the resumed steps included)
   bool aborted_nonfinite = false;
   std::vector<double> losses;                                  // total loss of every step run
+  std::vector<StepTiming> timings;                             // every step run
   std::vector<std::map<int64_t, std::vector<int64_t>>> loads;  // per step (record_loads)
 };
 
@@ -68,9 +81,18 @@ double evaluate(Model& model, WindowSampler& valid, int64_t micro_batch, int64_t
 
 TrainSummary train(const Config& cfg, const TrainerOptions& opt);
 
-// Stop flag set by SIGINT/SIGTERM once install_stop_handlers() ran; a second signal kills.
+// Stop requests: SIGINT, SIGTERM and SIGUSR1 (Slurm's warning before a time limit or preemption,
+// `#SBATCH --signal=USR1@T`) once install_stop_handlers() ran. The handler only records the signal;
+// training finishes its step, writes a checkpoint and returns with stopped_by_signal. A second SIGINT
+// kills; repeated SIGTERM/SIGUSR1 do not (they arrive twice under some launchers).
 void install_stop_handlers();
 bool stop_requested();
-void request_stop();  // for tests
+int stop_signal();                     // the first stop signal received, 0 if none
+void request_stop(int sig = SIGTERM);  // for tests
+std::string signal_name(int sig);
+
+// dsv3-train's exit status after a stop on a signal with the checkpoint written (EX_TEMPFAIL of
+// sysexits.h: try again). The Slurm templates requeue the job on it; --resume auto continues.
+inline constexpr int kExitStoppedBySignal = 75;
 
 }  // namespace dsv3

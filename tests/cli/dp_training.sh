@@ -47,4 +47,17 @@ out=$("$mpiexec" --oversubscribe --allow-run-as-root -np 3 "$bin/dsv3-train" "${
 n=$(grep -c "dsv3-train: error:" <<<"$out")
 [ "$n" = 1 ] || { echo "$out"; fail "expected one error line, got $n"; }
 grep -q "global_batch_size=8 is not a multiple of micro_batch_size\*dp=2\*3" <<<"$out" || { echo "$out"; fail "message"; }
+# A damaged checkpoint to resume from: every rank stops at once with one message naming the file (no
+# rank left waiting in a collective, no MPI_Abort).
+cp -r dp2z0 damaged
+f=damaged/$(cat damaged/latest)
+truncate -s $(($(stat -c %s "$f") / 2)) "$f"
+out=$(timeout 120 "$mpiexec" --oversubscribe --allow-run-as-root -np 2 "$bin/dsv3-train" "${common[@]}" --run-dir damaged \
+  --set parallel.zero_stage=0 --set training.train_steps=30 2>&1); rc=$?
+[ $rc -ne 124 ] || fail "a damaged checkpoint made the ranks hang"
+[ $rc -ne 0 ] || fail "a damaged checkpoint was resumed"
+n=$(grep -c "dsv3-train: error:" <<<"$out")
+[ "$n" = 1 ] || { echo "$out"; fail "damaged checkpoint: expected one error line, got $n"; }
+grep -q "dsv3-train: error: .*$f" <<<"$out" || { echo "$out"; fail "the error does not name $f"; }
+grep -q "MPI_ABORT" <<<"$out" && { echo "$out"; fail "damaged checkpoint: MPI_Abort instead of a clean stop"; }
 echo "dp_training: ok"

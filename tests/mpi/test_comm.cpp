@@ -593,7 +593,7 @@ TEST_F(CommTest, LayoutCheckReportsOnRankZeroOnly) {
   const Comm& world = *groups_->front().world;
   const int me = world.rank(), n = world.size();
   // Passing everywhere: nothing thrown.
-  EXPECT_NO_THROW(check_layout_collectively([] {}, world));
+  EXPECT_NO_THROW(check_collectively([] {}, world));
 
   // Failing everywhere (a RankGrid that does not fit the world): rank 0 throws the error itself.
   auto bad_grid = [&] {
@@ -604,7 +604,7 @@ TEST_F(CommTest, LayoutCheckReportsOnRankZeroOnly) {
     RankGrid grid(s);
   };
   try {
-    check_layout_collectively(bad_grid, world);
+    check_collectively(bad_grid, world);
     ADD_FAILURE() << "expected a throw";
   } catch (const QuietExit& e) {
     EXPECT_NE(me, 0) << "rank 0 must report, not exit quietly: " << e.what();
@@ -618,7 +618,7 @@ TEST_F(CommTest, LayoutCheckReportsOnRankZeroOnly) {
   // Failing on the last rank only: rank 0 reports that rank's message, everyone else is quiet.
   const std::string why = "layout tp=3 does not divide model.num_heads=8";
   try {
-    check_layout_collectively(
+    check_collectively(
         [&] {
           if (me == n - 1) raise(why);
         },
@@ -632,13 +632,14 @@ TEST_F(CommTest, LayoutCheckReportsOnRankZeroOnly) {
     EXPECT_EQ(std::string(e.what()), want);
   }
 
-  // A non-dsv3 exception type is carried too.
+  // A non-dsv3 exception's message is carried too, as the CollectiveError that tells a tool every
+  // rank is stopping (no MPI_Abort needed).
   try {
-    check_layout_collectively([] { throw std::runtime_error("plain"); }, world);
+    check_collectively([] { throw std::runtime_error("plain"); }, world);
     ADD_FAILURE() << "expected a throw";
   } catch (const QuietExit&) {
     EXPECT_NE(me, 0);
-  } catch (const std::runtime_error& e) {
+  } catch (const CollectiveError& e) {
     EXPECT_EQ(me, 0);
     EXPECT_EQ(std::string(e.what()), "plain");
   }
