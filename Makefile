@@ -4,6 +4,7 @@ SHELL := /bin/bash
 BUILD ?= build
 DEBUG_BUILD ?= build-debug
 CUDA_BUILD ?= build-cuda
+FUZZ_BUILD ?= build-fuzz
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
@@ -11,10 +12,10 @@ DEB_PACKAGES := build-essential cmake pkg-config git \
   libopenmpi-dev openmpi-bin libtrilinos-kokkos-dev libyaml-cpp-dev \
   libhdf5-openmpi-dev hdf5-tools libopenblas-dev libgtest-dev googletest nlohmann-json3-dev \
   python3 python3-torch python3-h5py python3-yaml python3-numpy python3-matplotlib fortunes clang-format \
-  slurmctld slurmd slurm-client munge
+  slurmctld slurmd slurm-client munge clang libclang-rt-14-dev util-linux
 
 .PHONY: all deps build debug cuda test test-release test-debug golden demo format check-format clean help bench bench-dp \
-  sbatch scaling-demo
+  sbatch scaling-demo bench-ckpt fuzz test-fuzz fuzz-campaign
 
 all: build
 
@@ -65,8 +66,32 @@ test-release: build
 	cd $(BUILD) && ctest --output-on-failure --no-tests=error -LE unit -j $(JOBS)
 
 test: deps
-	$(MAKE) test-debug test-release cuda
+	$(MAKE) test-debug test-release cuda test-fuzz
 	@echo "make test: all suites passed"
+
+# libFuzzer targets (clang, ASan + UBSan) for the readers of untrusted input (tests/fuzz).
+FUZZ_TARGETS := fuzz_config fuzz_indexed_dataset fuzz_safetensors fuzz_checkpoint_meta
+$(FUZZ_BUILD)/CMakeCache.txt:
+	CC=clang CXX=clang++ cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDSV3_BUILD_FUZZERS=ON \
+	  -DDSV3_BUILD_TESTS=OFF $(CMAKE_FLAGS)
+
+fuzz: $(FUZZ_BUILD)/CMakeCache.txt
+	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzzers
+
+# Every target over its committed corpus (each input once: a crash, a sanitizer report or a leak fails).
+test-fuzz: fuzz
+	@for t in $(FUZZ_TARGETS); do \
+	  echo "test-fuzz: $$t over $$(ls tests/fuzz/corpus/$$t | wc -l) inputs"; \
+	  $(FUZZ_BUILD)/bin/$$t -runs=0 -rss_limit_mb=4096 tests/fuzz/corpus/$$t > $(FUZZ_BUILD)/$$t.log 2>&1 || \
+	    { tail -n 40 $(FUZZ_BUILD)/$$t.log; echo "test-fuzz: $$t failed"; exit 1; }; \
+	done
+
+# A campaign: FUZZ_SECONDS per target (default 600) on a scratch copy of its corpus, then the new
+# inputs merged (minimised) back into tests/fuzz/corpus/<target>; crashes land in $(FUZZ_BUILD)/artifacts.
+FUZZ_SECONDS ?= 600
+FUZZ_JOBS ?= 2
+fuzz-campaign: fuzz
+	bash tests/fuzz/campaign.sh $(FUZZ_BUILD) $(FUZZ_SECONDS) $(FUZZ_JOBS) $(FUZZ_TARGETS)
 
 # The main job on the embedded default: byte-level fortunes corpus, tiny model, trained on the CPU.
 DEMO_DATA ?= data/fortunes
@@ -121,3 +146,8 @@ sbatch: build
 # (markdown table + PNG plot in $(BUILD)/scaling-demo). FAMILY=tp|pp|ep|4d picks other layouts.
 scaling-demo: deps build
 	bash tools/bench/scaling_demo.sh $(BUILD) $(BUILD)/scaling-demo
+
+# Checkpoint save/load bandwidth against the disk's raw write bandwidth and the stall of a background
+# save (tiny, cpu_d512 and 1b on 1, 2, 4 ranks): tools/bench/ckpt_bench.sh. CONFIGS, RANKS pick rows.
+bench-ckpt: build
+	bash tools/bench/ckpt_bench.sh $(BUILD) $(BUILD)/ckpt-bench

@@ -55,6 +55,11 @@ const char* kUsage =
     "strong|weak]\n"
     "                  [--batch B] [--micro-batch M] [--steps N] [--warmup W] [--peak-tflops X]\n"
     "                  [--set key=value ...] [--json] [--json-out FILE] [--verbose]\n"
+    "       dsv3-bench --checkpoint --dir DIR [--config NAME] [--set key=value ...] [--reps R]\n"
+    "                  [--no-async] [--json] [--json-out FILE]\n"
+    "  --checkpoint: checkpoint save and load speed of a real model against a raw 1 MiB-block write +\n"
+    "  fsync of as many bytes on the same disk, and the stall of a background save "
+    "(tools/bench_checkpoint.cpp).\n"
     "  --grid: under mpirun/srun, trains the config (default tiny) on the grid of all ranks through the\n"
     "  trainer and reports tokens/s, MFU and the step time split into compute, communication and\n"
     "  pipeline bubble (medians and shares over the N steps after W warm-up steps). The layout comes from\n"
@@ -510,9 +515,15 @@ int run_grid(int argc, char** argv) {
 }
 }  // namespace
 
+namespace dsv3 {
+int run_checkpoint_bench(int argc, char** argv);  // tools/bench_checkpoint.cpp
+}
+
 int main(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i)
+  for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--grid") return run_grid(argc, argv);
+    if (std::string(argv[i]) == "--checkpoint") return dsv3::run_checkpoint_bench(argc, argv);
+  }
   try {
     const Options o = parse(argc, argv);
     const int bthreads = openblas_get_num_threads();

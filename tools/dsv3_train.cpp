@@ -40,26 +40,38 @@ experts spread over ep ranks, ZeRO stage 0, 1 or 2 over dp; pipeline stages run 
 Checkpoints: <run-dir>/step_N.h5 every checkpoint.interval steps, at the end and after a signal.
 SIGTERM, SIGUSR1 (Slurm's warning before a time limit or preemption) and SIGINT stop the run after the
 current step with a checkpoint; --resume auto continues from it.
-Exit status: 0 done, 2 bad input (or a checkpoint that cannot be read), 3 too many non-finite steps,
-75 stopped by a signal with the checkpoint written (run again to continue; the Slurm templates requeue).
+Exit status: 0 done, 2 bad input (or no checkpoint to resume from that verifies), 3 too many non-finite
+steps, 4 a checkpoint could not be written (disk full, directory not writable: the previous checkpoint
+is intact), 75 stopped by a signal with the checkpoint written (run again to continue; the Slurm
+templates requeue).
 )";
 
-// <run-dir>/dsv3-train.exit, one line: "<status> <finished|stopped|non-finite> step <N>". Job scripts
-// read it to tell a run that ended from a launch that never started (srun can report success then).
+// <run-dir>/dsv3-train.exit, one line: "<status> <finished|stopped|non-finite|checkpoint-failed> step <N>".
+// Job scripts read it to tell a run that ended from a launch that never started (srun can report success
+// then). Best effort: a run directory that takes no new file (the reason the run stopped, perhaps) leaves the
+// record out with a warning; the exit status says the same.
 void write_exit_record(const dsv3::TrainSummary& s, int status) {
   const std::string path = s.run_dir + "/dsv3-train.exit", tmp = path + ".tmp";
   {
     std::ofstream f(tmp, std::ios::trunc);
+    if (!f.good()) {
+      std::cerr << "dsv3-train: warning: " << tmp << ": cannot write the exit record" << std::endl;
+      return;
+    }
     f << status << " "
-      << (s.aborted_nonfinite   ? "non-finite"
+      << (s.checkpoint_failed   ? "checkpoint-failed"
+          : s.aborted_nonfinite ? "non-finite"
           : s.stopped_by_signal ? "stopped"
                                 : "finished")
       << " step " << s.final_step << "\n";
-    if (!f.good()) dsv3::raise(tmp, ": cannot write");
+    if (!f.good())
+      std::cerr << "dsv3-train: warning: " << tmp << ": cannot write the exit record" << std::endl;
   }
   std::error_code ec;
   std::filesystem::rename(tmp, path, ec);
-  if (ec) dsv3::raise(path, ": cannot write: ", ec.message());
+  if (ec)
+    std::cerr << "dsv3-train: warning: " << path << ": cannot write the exit record: " << ec.message()
+              << std::endl;
 }
 
 }  // namespace
@@ -106,7 +118,10 @@ int main(int argc, char** argv) {
     const bool root = mpi->world_rank() == 0;
     if (root) std::cout << dsv3::describe_grid(run) << std::flush;
     const dsv3::TrainSummary s = dsv3::train(cfg, opt);
-    const int status = s.aborted_nonfinite ? 3 : s.stopped_by_signal ? dsv3::kExitStoppedBySignal : 0;
+    const int status = s.checkpoint_failed   ? dsv3::kExitCheckpointFailed
+                       : s.aborted_nonfinite ? 3
+                       : s.stopped_by_signal ? dsv3::kExitStoppedBySignal
+                                             : 0;
     if (!root) return status;
     write_exit_record(s, status);
     std::cout << "done: " << s.steps << " steps in " << dsv3::fixed(s.seconds, 1) << " s ("

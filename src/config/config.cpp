@@ -303,6 +303,7 @@ void bind_all(Visitor& b, C& c) {
   b.optional("checkpoint.dir", c.checkpoint.dir);
   b.optional("checkpoint.interval", c.checkpoint.interval);
   b.optional("checkpoint.keep_last", c.checkpoint.keep_last);
+  b.optional("checkpoint.async", c.checkpoint.async);
 
   b.optional("data.path", c.data.path);
   b.optional("data.tokenizer", c.data.tokenizer);
@@ -672,6 +673,15 @@ std::vector<std::string> list_config_paths() {
     std::sort(rest.begin(), rest.end());
     out.insert(out.end(), rest.begin(), rest.end());
   }
+  return out;
+}
+
+std::vector<std::pair<std::string, std::string>> model_config_items(const ModelConfig& m) {
+  Config c;
+  c.model = m;
+  std::vector<std::pair<std::string, std::string>> out;
+  for (auto& item : config_items(c))
+    if (item.first.rfind("model.", 0) == 0) out.push_back(std::move(item));
   return out;
 }
 

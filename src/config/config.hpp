@@ -139,6 +139,9 @@ struct CheckpointConfig {
   std::string dir;          // empty: checkpoints/<name>
   int64_t interval = 1000;  // steps
   int64_t keep_last = 3;
+  // Periodic saves copy the state to host buffers and write it on a background thread while
+  // training goes on (the final save and the one on a stop signal wait for their write).
+  bool async = true;
 };
 
 struct DataConfig {
@@ -191,6 +194,10 @@ void check_layout(const Config& cfg, const Layout& layout);
 // Every key of the schema with its value as text ("model.mla.d_latent" -> "512"), in declaration
 // order: the same list the loader reads.
 std::vector<std::pair<std::string, std::string>> config_items(const Config& c);
+
+// Every model.* key of the config with its value as text ("model.mla.d_latent" -> "512"), in the
+// order of the YAML reference.
+std::vector<std::pair<std::string, std::string>> model_config_items(const ModelConfig& m);
 
 // "10b", "deepseek_v3_10b", "671b", "base" or a path -> a config file path.
 std::string resolve_config_path(const std::string& name_or_path);

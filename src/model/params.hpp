@@ -24,6 +24,24 @@ struct ShardSpec {
   bool is_full() const { return global_shape == local_shape; }
 };
 
+// A slice of named, sharded state saved and loaded beside the parameters (an optimizer's moments):
+// elements [begin, end) of the row-major local block `shard.local_shape` of tensor `name`, stored in
+// group `group` (a checkpoint keeps it as /optimizer/<group>/<name>), held at `data`. The checkpoint
+// layer reads and fills these without knowing the optimizer.
+struct StateSlice {
+  std::string group, name;
+  ShardSpec shard;
+  int64_t begin = 0, end = 0;
+  float* data = nullptr;
+};
+
+// An optimizer's state for checkpoints: its type, its step count and its tensors.
+struct OptimizerState {
+  std::string type;
+  int64_t steps = 0;
+  std::vector<StateSlice> slices;
+};
+
 enum class ParamInit { Normal, Ones, Zeros };
 enum class ParamGroup { Dense, Expert };  // reduced over DP or over expert-DP
 

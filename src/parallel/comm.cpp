@@ -722,13 +722,14 @@ CommGroups make_comm_groups(const RankGrid& grid, MPI_Comm parent, int64_t max_e
 // ---------------------------------------------------------------------------------------------------
 // MpiRuntime
 
-MpiRuntime::MpiRuntime(int* argc, char*** argv, int required_thread_level) {
+MpiRuntime::MpiRuntime(int* argc, char*** argv, int required_thread_level, int preferred_thread_level) {
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (initialized) {
     MPI_Query_thread(&thread_level_);
   } else {
-    const int rc = MPI_Init_thread(argc, argv, required_thread_level, &thread_level_);
+    const int rc =
+        MPI_Init_thread(argc, argv, std::max(required_thread_level, preferred_thread_level), &thread_level_);
     DSV3_CHECK(rc == MPI_SUCCESS, "MPI_Init_thread failed: ", mpi_error_text(rc));
     owns_ = true;
   }
@@ -784,6 +785,26 @@ void check_collectively(const std::function<void()>& check, const Comm& world) {
   }
   throw QuietExit(
       detail::concat("rank ", world.rank(), ": stopped; rank 0 reports the error of rank ", reporter));
+}
+
+std::string first_error_collectively(const std::function<void()>& f, const Comm& world) {
+  std::string message;
+  bool failed = false;
+  try {
+    f();
+  } catch (const std::exception& e) {
+    failed = true, message = e.what();
+  } catch (...) {
+    failed = true, message = "unknown error";
+  }
+  int64_t first = failed ? world.rank() : world.size();
+  world.allreduce(&first, 1, ReduceOp::Min);
+  if (first == world.size()) return "";
+  int64_t len = static_cast<int64_t>(message.size());
+  world.broadcast(&len, 1, static_cast<int>(first));
+  message.resize(static_cast<size_t>(len));
+  if (len > 0) world.broadcast(message.data(), len, CommType::Byte, static_cast<int>(first));
+  return first == 0 ? message : "rank " + std::to_string(first) + ": " + message;
 }
 
 }  // namespace dsv3

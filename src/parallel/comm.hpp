@@ -385,7 +385,10 @@ CommGroups make_comm_groups(const RankGrid& grid, MPI_Comm parent = MPI_COMM_WOR
 // the library cannot provide `required_thread_level`.
 class MpiRuntime {
  public:
-  MpiRuntime(int* argc, char*** argv, int required_thread_level = MPI_THREAD_FUNNELED);
+  // Asks for `preferred_thread_level` (at least the required one) and throws when MPI provides less
+  // than `required_thread_level`.
+  MpiRuntime(int* argc, char*** argv, int required_thread_level = MPI_THREAD_FUNNELED,
+             int preferred_thread_level = MPI_THREAD_MULTIPLE);
   ~MpiRuntime();
   MpiRuntime(const MpiRuntime&) = delete;
   MpiRuntime& operator=(const MpiRuntime&) = delete;
@@ -419,5 +422,10 @@ class CollectiveError : public Error {
 // lowest failing rank k); every other rank throws QuietExit. Returns normally on every rank otherwise.
 // Used for config and layout checks and for loading a checkpoint to resume from.
 void check_collectively(const std::function<void()>& check, const Comm& world);
+
+// Runs `f` on every rank of `world` (collective) and returns, on every rank, "" when it succeeded
+// everywhere, else the message of the lowest failing rank ("rank k: " prefixed when k != 0). For
+// attempts that may fail and be retried together (resuming from an older checkpoint).
+std::string first_error_collectively(const std::function<void()>& f, const Comm& world);
 
 }  // namespace dsv3

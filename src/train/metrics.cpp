@@ -3,7 +3,9 @@
 
 #include <cblas.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <vector>
 
 #include "core/error.hpp"
@@ -42,10 +44,17 @@ MetricsWriter::MetricsWriter(const std::string& path) : path_(path), out_(path, 
   DSV3_CHECK(out_.good(), path, ": cannot open the metrics file for writing");
 }
 
-void MetricsWriter::write(const nlohmann::json& record) {
+std::string MetricsWriter::write(const nlohmann::json& record) {
   out_ << record.dump() << '\n';
   out_.flush();
-  DSV3_CHECK(out_.good(), path_, ": writing metrics failed (disk full?)");
+  if (out_.good()) {
+    failing_ = false;
+    return "";
+  }
+  out_.clear();
+  const bool first = !failing_;
+  failing_ = true;
+  return first ? path_ + ": writing metrics failed (" + std::strerror(errno) + "); training goes on" : "";
 }
 
 }  // namespace dsv3

@@ -19,16 +19,20 @@ double measure_sgemm_tflops(int64_t n = 1024, int reps = 3);
 double current_rss_bytes();
 double peak_rss_bytes();
 
-// Appends JSON lines; flushes every record so a killed run keeps everything it logged.
+// Appends JSON lines; flushes every record so a killed run keeps everything it logged. A failed
+// write (the disk filled up) does not stop training: write() returns the error once, the first time,
+// and the writer keeps trying (a checkpoint failure that follows is what stops the run, cleanly).
 class MetricsWriter {
  public:
   explicit MetricsWriter(const std::string& path);
-  void write(const nlohmann::json& record);
+  // "" when the record was written, else why (only for the first failure in a row).
+  std::string write(const nlohmann::json& record);
   const std::string& path() const { return path_; }
 
  private:
   std::string path_;
   std::ofstream out_;
+  bool failing_ = false;
 };
 
 }  // namespace dsv3

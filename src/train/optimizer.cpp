@@ -35,6 +35,28 @@ AdamW::AdamW(const ParamStore& ps, AdamWConfig cfg, const std::vector<std::pair<
   v_.assign(static_cast<size_t>(moment), 0.0f);
 }
 
+OptimizerState AdamW::checkpoint_state() {
+  OptimizerState st;
+  st.type = "adamw";
+  st.steps = t_;
+  for (const auto& e : ps_.params())
+    for (const auto& rg : ranges_) {
+      const int64_t n = numel_of(e.shard.local_shape);
+      const int64_t lo = std::max(rg.begin, e.offset), hi = std::min(rg.end, e.offset + n);
+      if (lo >= hi) continue;
+      for (int which = 0; which < 2; ++which) {
+        StateSlice sl;
+        sl.group = which == 0 ? "exp_avg" : "exp_avg_sq";
+        sl.name = e.name;
+        sl.shard = e.shard;
+        sl.begin = lo - e.offset, sl.end = hi - e.offset;
+        sl.data = (which == 0 ? m_.data() : v_.data()) + rg.moment + (lo - rg.begin);
+        st.slices.push_back(std::move(sl));
+      }
+    }
+  return st;
+}
+
 int64_t AdamW::moment_index(int64_t flat) const {
   for (const auto& r : ranges_)
     if (flat >= r.begin && flat < r.end) return r.moment + (flat - r.begin);

@@ -37,6 +37,9 @@ class AdamW {
   std::vector<float>& exp_avg() { return m_; }
   std::vector<float>& exp_avg_sq() { return v_; }
   void set_steps(int64_t t) { t_ = t; }
+  // The moments as named slices of the parameters they belong to (exp_avg, exp_avg_sq), for the
+  // checkpoint layer: the parts of this optimizer's ranges that fall in each parameter.
+  OptimizerState checkpoint_state();
 
  private:
   struct Segment {

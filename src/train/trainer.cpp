@@ -15,6 +15,7 @@
 #include "core/format.hpp"
 #include "io/checkpoint.hpp"
 #include "parallel/comm.hpp"
+#include "train/checkpointing.hpp"
 #include "train/grad_sync.hpp"
 #include "train/metrics.hpp"
 #include "train/optimizer.hpp"
@@ -169,14 +170,6 @@ struct Ranks {
 };
 const Comm* if_many(const Comm& c) { return c.size() > 1 ? &c : nullptr; }
 
-// Rank 0's text on every rank of `c`.
-std::string broadcast_text(const Comm& c, std::string text) {
-  int64_t n = static_cast<int64_t>(text.size());
-  c.broadcast(&n, 1, 0);
-  text.resize(static_cast<size_t>(n));
-  if (n > 0) c.broadcast(text.data(), n, CommType::Byte, 0);
-  return text;
-}
 }  // namespace
 
 TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
@@ -235,7 +228,9 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     metrics_file = std::make_unique<MetricsWriter>(run_dir + "/metrics.jsonl");
   }
   auto write_metrics = [&](const nlohmann::json& j) {
-    if (metrics_file) metrics_file->write(j);
+    if (!metrics_file) return;
+    const std::string err = metrics_file->write(j);
+    if (!err.empty()) log << "WARNING: " << err << std::endl;
   };
 
   // Data: everything is checked before the first step.
@@ -256,65 +251,29 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
   GradSync sync(model.params(), rk.dp, rk.edp, layout.zero_stage, opt.bucket_elements);
   AdamW adam(model.params(), AdamWConfig::from(t.optimizer), sync.owned());
 
-  // Resume: parameters, router biases, AdamW moments and step count, data position.
+  // Resume: parameters, router biases, AdamW moments and step count, data position; from the newest
+  // checkpoint that verifies (the Checkpointer falls back to older ones and says so).
   TrainSummary sum;
   int64_t start_step = 0, tokens_seen = 0;
-  // Rank 0 picks the checkpoint and every rank loads that one (a shared file system may show the
-  // ranks different directory listings for a moment); a rank that cannot load it stops them all,
-  // with its message, instead of leaving the others waiting in the first collective.
-  std::string resume_from;
-  auto pick_checkpoint = [&] {
-    if (opt.resume == "auto") return find_latest(run_dir);
-    if (opt.resume == "none") {
-      DSV3_CHECK(find_latest(run_dir).empty(), run_dir, " already holds checkpoints (", find_latest(run_dir),
-                 "); resume with --resume auto or choose another --run-dir");
-      return std::string();
-    }
-    return resolve_checkpoint(opt.resume);
-  };
-  if (rk.world) {
-    check_collectively([&] { resume_from = rk.root() ? pick_checkpoint() : ""; }, *rk.world);
-    resume_from = broadcast_text(*rk.world, resume_from);
-  } else {
-    resume_from = pick_checkpoint();
-  }
-  if (!resume_from.empty()) {
-    LoadOptions lo;
-    lo.config = &cfg;
-    lo.require_optimizer = true;
-    CheckpointInfo info;
-    auto load = [&] {
-      info = load_checkpoint(resume_from, model.params(), &adam, lo);
-      DSV3_CHECK(info.state.seed == t.seed, resume_from, ": written with training.seed ", info.state.seed,
-                 ", this run has ", t.seed,
-                 " (the data order would differ; --set training.seed=", info.state.seed, " to continue it)");
-    };
-    if (rk.world)
-      check_collectively(load, *rk.world);
-    else
-      load();
-    train_sampler.restore(info.state.sampler);
-    start_step = info.state.step;
-    tokens_seen = info.state.consumed_tokens;
+  Checkpointer ckpt(cfg, run_dir, layout, rk.world, log, write_metrics);
+  if (const auto info = ckpt.resume(opt.resume, model.params(), adam)) {
+    DSV3_CHECK(info->state.seed == t.seed, info->path, ": written with training.seed ", info->state.seed,
+               ", this run has ", t.seed,
+               " (the data order would differ; --set training.seed=", info->state.seed, " to continue it)");
+    train_sampler.restore(info->state.sampler);
+    start_step = info->state.step;
+    tokens_seen = info->state.consumed_tokens;
     sum.resumed_from_step = start_step;
-    log << "resumed from " << resume_from << " at step " << start_step << " (" << tokens_seen << " tokens)"
-        << std::endl;
   }
-  auto save = [&](int64_t step) {
+  // Saves the state after `step` steps; `wait`: published before returning (else in the background
+  // when checkpoint.async). False when a save failed: the run stops.
+  auto save = [&](int64_t step, bool wait) {
     TrainState st;
     st.step = step;
     st.consumed_tokens = tokens_seen;
     st.sampler = train_sampler.state();
     st.seed = t.seed;
-    SaveOptions so;
-    so.keep_last = cfg.checkpoint.keep_last;
-    so.layout = layout;
-    if (rk.world) so.comm = static_cast<const MpiComm*>(rk.world)->handle();
-    const auto t0 = std::chrono::steady_clock::now();
-    sum.last_checkpoint = save_checkpoint(run_dir, cfg, model.params(), &adam, st, so);
-    log << "step " << step << " | checkpoint " << sum.last_checkpoint << " ("
-        << fixed(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 2) << " s)"
-        << std::endl;
+    return ckpt.save(st, model.params(), adam, wait);
   };
   const int64_t micro = t.micro_batch_size, gb = t.global_batch_size, nmicro = gb / (micro * rk.dp_size);
   const int64_t S = t.seq_length, W = S + m.mtp.depth + 1, T = micro * S;
@@ -595,7 +554,19 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
       break;
     }
     if (t.eval_interval > 0 && (step + 1) % t.eval_interval == 0) run_validation(step + 1);
-    if ((step + 1) % cfg.checkpoint.interval == 0) save(step + 1), last_saved = step + 1;
+    // A finished background save is published; a failed one stops the run after this step.
+    bool saved_ok = ckpt.poll();
+    if (saved_ok && (step + 1) % cfg.checkpoint.interval == 0 && step + 1 < t.train_steps) {
+      saved_ok = save(step + 1, false);
+      last_saved = step + 1;
+    }
+    if (!saved_ok) {
+      log << "stopping after step " << step + 1 << ": the checkpoint could not be written (exit status "
+          << kExitCheckpointFailed << ")" << std::endl;
+      sum.checkpoint_failed = true;
+      ++step;
+      break;
+    }
     // Every rank stops after the same step: the largest signal number seen anywhere decides.
     int64_t stop = stop_signal();
     if (rk.world) rk.world->allreduce(&stop, 1, ReduceOp::Max);
@@ -612,9 +583,18 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
       break;
     }
   }
-  // A final checkpoint unless the last step just wrote one (also after a signal: it stops cleanly).
-  if (!sum.aborted_nonfinite && step > last_saved && (opt.final_checkpoint || sum.stopped_by_signal))
-    save(step);
+  // A final checkpoint unless the last step just wrote one (also after a signal: it stops cleanly),
+  // published before returning; a pending background save is published first.
+  if (!sum.checkpoint_failed) {
+    bool ok = ckpt.finish();
+    if (ok && !sum.aborted_nonfinite && step > last_saved && (opt.final_checkpoint || sum.stopped_by_signal))
+      ok = save(step, true);
+    if (!ok) sum.checkpoint_failed = true;
+  }
+  sum.checkpoint_error = ckpt.failure();
+  sum.checkpoints = ckpt.records();
+  sum.resume_seconds = ckpt.resume_seconds(), sum.resume_bytes = ckpt.resume_bytes();
+  sum.last_checkpoint = ckpt.last_path();
   if (sum.stopped_by_signal) {
     // How many ranks the signal reached by now (the checkpoint took a while): a launcher that does
     // not forward it to every rank shows here.

@@ -18,6 +18,7 @@
 #include "config/config.hpp"
 #include "data/sampler.hpp"
 #include "model/model.hpp"
+#include "train/checkpointing.hpp"
 
 namespace dsv3 {
 
@@ -70,6 +71,11 @@ struct TrainSummary {
   std::string run_dir;                            // where checkpoints and metrics went
   int64_t final_step = 0;  // optimizer step count at the end (the resumed steps included)
   bool aborted_nonfinite = false;
+  bool checkpoint_failed = false;  // a save failed (checkpoint_error says why): the run stopped
+  std::string checkpoint_error;
+  std::vector<CheckpointRecord> checkpoints;  // every save published, with its cost
+  double resume_seconds = 0;                  // reading and verifying the checkpoint resumed from
+  int64_t resume_bytes = 0;
   std::vector<double> losses;                                  // total loss of every step run
   std::vector<StepTiming> timings;                             // every step run
   std::vector<std::map<int64_t, std::vector<int64_t>>> loads;  // per step (record_loads)
@@ -94,5 +100,8 @@ std::string signal_name(int sig);
 // dsv3-train's exit status after a stop on a signal with the checkpoint written (EX_TEMPFAIL of
 // sysexits.h: try again). The Slurm templates requeue the job on it; --resume auto continues.
 inline constexpr int kExitStoppedBySignal = 75;
+// dsv3-train's exit status when a checkpoint could not be written (disk full, read-only directory):
+// the run stopped after the step, the previous checkpoint is intact and `latest`.
+inline constexpr int kExitCheckpointFailed = 4;
 
 }  // namespace dsv3

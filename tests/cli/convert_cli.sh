@@ -29,10 +29,52 @@ for a in schema_version config_yaml step consumed_tokens layout code_version cre
 done
 grep -q "name: deepseek_v3_tiny" <<<"$out" || fail "h5dump -A: config_yaml does not hold the YAML"
 
-# h5dump of a slice (rows 0-1, columns 0-3) and of the training record; the filter shows with -p.
+# h5dump of a slice (rows 0-1, columns 0-3) and of the training record; the layout shows with -p.
 out=$(h5dump -d /model/lm_head.weight -s 0,0 -c 2,4 "$ckpt") || fail "h5dump slice failed"
 grep -q "SUBSET" <<<"$out" || fail "h5dump slice: no SUBSET: $out"
-grep -q "FLETCHER32" <<<"$(h5dump -p -H -d /model/lm_head.weight "$ckpt")" || fail "no Fletcher32 filter"
+grep -q "CONTIGUOUS" <<<"$(h5dump -p -H -d /model/lm_head.weight "$ckpt")" || fail "lm_head is not contiguous"
+# /checksums: one CRC-32C line per written piece, readable with h5dump.
+out=$(h5dump -d /checksums "$ckpt") || fail "h5dump /checksums failed"
+grep -qE "[0-9a-f]{8} 0 33792 0,0 264,128 /model/lm_head.weight" <<<"$out" || fail "/checksums lacks lm_head: $out"
+# A file of the previous schema (1: chunked datasets with the Fletcher32 filter, no /checksums) still
+# loads, and a flipped byte in it is still caught (by the filter).
+/usr/bin/python3 - "$ckpt" "$work/old/step_0000002.h5" <<'PY' || fail "writing a schema-1 file"
+import os, sys, h5py
+src, dst = sys.argv[1], sys.argv[2]
+os.makedirs(os.path.dirname(dst), exist_ok=True)
+with h5py.File(src, "r") as a, h5py.File(dst, "w", libver=("v110", "v110")) as b:
+    for k, v in a.attrs.items():
+        b.attrs[k] = v
+    b.attrs["schema_version"] = 1
+    def copy(name, obj):
+        if name == "checksums":
+            return
+        if isinstance(obj, h5py.Group):
+            g = b.require_group(name)
+            for k, v in obj.attrs.items():
+                g.attrs[k] = v
+        elif obj.dtype.kind == "f" and obj.ndim > 0:
+            b.create_dataset(name, data=obj[()], chunks=True, fletcher32=True)
+        else:
+            b.create_dataset(name, data=obj[()])
+    a.visititems(copy)
+PY
+echo step_0000002.h5 > "$work/old/latest"
+echo "a short text to score" > "$work/text.txt"
+"$bin/dsv3-eval" --config tiny --checkpoint "$work/old" --text-file "$work/text.txt" >/dev/null 2>&1 ||
+  fail "a schema-1 checkpoint does not load"
+/usr/bin/python3 - "$work/old/step_0000002.h5" <<'PY' || fail "corrupting the schema-1 file"
+import sys, h5py
+p = sys.argv[1]
+with h5py.File(p, "r") as f:
+    ds = f["/model/lm_head.weight"]
+    off = ds.id.get_chunk_info(0).byte_offset
+with open(p, "r+b") as f:
+    f.seek(off + 100); b = f.read(1); f.seek(off + 100); f.write(bytes([b[0] ^ 1]))
+PY
+out=$("$bin/dsv3-eval" --config tiny --checkpoint "$work/old" --text-file "$work/text.txt" 2>&1) &&
+  fail "a corrupt schema-1 checkpoint loaded"
+grep -q "checksum mismatch (Fletcher32) reading dataset '/model/lm_head.weight'" <<<"$out" || fail "schema 1: $out"
 out=$(h5dump -d /train/rng_and_sampler "$ckpt") || fail "h5dump /train/rng_and_sampler failed"
 grep -q "sampler_index" <<<"$out" || fail "rng_and_sampler fields: $out"
 

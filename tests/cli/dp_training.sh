@@ -2,7 +2,8 @@
 # Data-parallel training under mpirun matches the single-rank run: per-step losses of dp2 with ZeRO-0
 # and ZeRO-1 (first step within 1e-5, all within 1e-4 relative), the same dp2 run twice gives the
 # same bits, and a checkpoint written on one layout resumes on another (dp2+ZeRO-1 -> 1 rank,
-# 1 rank -> dp2+ZeRO-1) with the losses of the uninterrupted run. A layout that does not divide is
+# 1 rank -> dp2+ZeRO-1) with the losses of the uninterrupted run (the first part of the first one saving
+# in the background every 3 steps). A layout that does not divide is
 # reported once, by rank 0, with the numbers.
 # usage: dp_training.sh <bin-dir> <mpiexec>
 set -u
@@ -17,7 +18,7 @@ one --run-dir single
 two --run-dir dp2z0 --set parallel.zero_stage=0
 two --run-dir dp2z1 --set parallel.zero_stage=1
 two --run-dir dp2z1b --set parallel.zero_stage=1
-two --run-dir a2b --set parallel.zero_stage=1 --stop-after 10
+two --run-dir a2b --set parallel.zero_stage=1 --stop-after 10 --set checkpoint.interval=3
 one --run-dir a2b
 one --run-dir b2a --stop-after 10
 two --run-dir b2a --set parallel.zero_stage=1
@@ -36,6 +37,13 @@ for run in ["dp2z0", "dp2z1", "a2b", "b2a"]:
     print("%-6s vs 1 rank: first step rel diff %.2e, max over %d steps %.2e" % (run, rel[0], len(rel), max(rel)))
     if rel[0] > 1e-5 or max(rel) > 1e-4:
         print("FAIL: %s differs from the single-rank run" % run); ok = False
+# a2b's first part saved in the background at steps 3, 6 and 9 (published later), then at 10.
+saves = [json.loads(l) for l in open("a2b/metrics.jsonl") if '"checkpoint"' in l]
+bg = [r["step"] for r in saves if r["checkpoint_async"]]
+print("a2b: background saves at steps %s (stall %s s), then %s" % (bg, ["%.3f" % r["checkpoint_stall_s"] for r in saves if r["checkpoint_async"]],
+      [r["step"] for r in saves if not r["checkpoint_async"]]))
+if bg[:3] != [3, 6, 9] or any(not r["checkpoint_async"] and r["step"] != 10 for r in saves[:4]):
+    print("FAIL: expected background saves at 3, 6, 9 and a final one at 10: %s" % saves); ok = False
 if losses("dp2z1") != losses("dp2z1b"):
     print("FAIL: two dp2 runs gave different losses"); ok = False
 sys.exit(0 if ok else 1)

@@ -34,7 +34,8 @@ int main(int argc, char** argv) {
     st.consumed_tokens = 2 * cfg.training.global_batch_size * cfg.training.seq_length;
     st.sampler = {0, 32};
     st.seed = cfg.training.seed;
-    std::cout << save_checkpoint(argv[1], cfg, model.params(), &opt, st) << "\n";
+    const OptimizerState os = opt.checkpoint_state();
+    std::cout << save_checkpoint(argv[1], cfg, model.params(), &os, st) << "\n";
   } catch (const Error& e) {
     std::cerr << "dsv3_make_test_checkpoint: error: " << e.what() << "\n";
     return 2;

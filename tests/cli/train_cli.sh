@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # dsv3-train from the command line: bad input exits 2 with a message naming the culprit; SIGUSR1 and
 # SIGTERM mid-run stop cleanly after the current step with a checkpoint, exit 75 and every finished
-# step in metrics.jsonl; the resumed run finishes; a second SIGINT kills.
+# step in metrics.jsonl; the resumed run finishes; a second SIGINT kills; SIGTERM during a background
+# save waits for it.
 set -u
 bin=$1
 work=$(mktemp -d)
@@ -51,12 +52,34 @@ last=$(grep '"lm_loss"' "$work/r1/metrics.jsonl" | tail -1 | sed 's/.*"step":\([
 grep -q "resumed from $work/r1/step_$(printf %07d "$last").h5 at step $last" "$work/log2" || { cat "$work/log2"; fail "resume"; }
 [ "$(cat "$work/r1/dsv3-train.exit")" = "0 finished step $((last + 3))" ] || fail "exit record after the resume"
 
-# A second SIGINT does not wait for the step: the process ends on the signal.
-"$bin/dsv3-train" --config tiny --data "$work/c" --run-dir "$work/r2" --peak-tflops 1 \
-  --set training.train_steps=100000 --set training.seq_length=32 > "$work/log3" 2>&1 &
+# A second SIGINT does not wait: the process ends on the signal. (The final checkpoint is parked by
+# the writer's test hook, so the process is still there when the second one comes; two signals sent
+# back to back could merge into one.)
+DSV3_CHECKPOINT_TEST_STALL=prepared "$bin/dsv3-train" --config tiny --data "$work/c" --run-dir "$work/r2" \
+  --peak-tflops 1 --set training.train_steps=100000 --set training.seq_length=32 > "$work/log3" 2>&1 &
 pid=$!
 for _ in $(seq 1 300); do [ -s "$work/r2/metrics.jsonl" ] && break; sleep 0.1; done
-kill -INT $pid; kill -INT $pid
+kill -INT $pid
+for _ in $(seq 1 300); do grep -q "checkpoint test stall at prepared" "$work/log3" && break; sleep 0.1; done
+grep -q "stopping after step [0-9]* on SIGINT" "$work/log3" || { kill -9 $pid; cat "$work/log3"; fail "SIGINT: no stop"; }
+kill -INT $pid
 wait $pid; rc=$?
 [ $rc -eq 130 ] || { cat "$work/log3"; fail "two SIGINTs: exit $rc, expected 130 (killed by SIGINT)"; }
+# SIGTERM while a background save is still writing (a slow disk: 5 ms more per piece): the run stops
+# after its step, waits for that save, publishes it, then writes the final checkpoint.
+DSV3_CHECKPOINT_TEST_SLOW_MS=5 "$bin/dsv3-train" --config tiny --data "$work/c" --run-dir "$work/r3" --peak-tflops 1 \
+  --set training.train_steps=100000 --set training.seq_length=32 --set checkpoint.interval=3 \
+  --set training.log_interval=1 > "$work/log4" 2>&1 &
+pid=$!
+for _ in $(seq 1 300); do grep -q '"lm_loss".*"step":4,' "$work/r3/metrics.jsonl" 2>/dev/null && break; sleep 0.05; done
+kill -TERM $pid
+wait $pid; rc=$?
+[ $rc -eq 75 ] || { cat "$work/log4"; fail "SIGTERM during a background save: exit $rc"; }
+stop=$(grep -o "stopping after step [0-9]*" "$work/log4" | grep -o "[0-9]*$")
+grep -q "step 3 | checkpoint .*step_0000003.h5: .*written in the background" "$work/log4" ||
+  { cat "$work/log4"; fail "the pending background save was not published"; }
+[ "$(cat "$work/r3/latest")" = "step_$(printf %07d "$stop").h5" ] || fail "latest is $(cat "$work/r3/latest") after stopping at $stop"
+[ -f "$work/r3/step_0000003.h5" ] || fail "the background save is missing"
+ls "$work/r3" | grep -q '\.tmp$' && fail "a .tmp was left"
+
 echo "train_cli: ok (stopped cleanly after $steps steps on SIGUSR1, exit 75; resumed; a second SIGINT kills)"

@@ -15,8 +15,12 @@
 #include "io/checkpoint.hpp"
 #include "model/params.hpp"
 #include "train/optimizer.hpp"
+#include "../unit/test_util.hpp"
+
 
 using namespace dsv3;
+using dsv3::test_util::OptView;
+
 namespace fs = std::filesystem;
 
 namespace {
@@ -141,9 +145,9 @@ int main(int argc, char** argv) {
       so.keep_last = 1;
       TrainState st;
       st.step = 1;
-      save_checkpoint(work + "/a", cfg, s, &opt, st, so);
+      save_checkpoint(work + "/a", cfg, s, OptView(opt).get(), st, so);
       st.step = 2;
-      const std::string path = save_checkpoint(work + "/a", cfg, s, &opt, st, so);
+      const std::string path = save_checkpoint(work + "/a", cfg, s, OptView(opt).get(), st, so);
       if (fs::exists(work + "/a/step_0000001.h5")) fail("keep_last=1 left step 1");
       if (find_latest(work + "/a") != path) fail("latest is not step 2");
       const CheckpointInfo info = read_checkpoint_info(path);
@@ -161,12 +165,12 @@ int main(int argc, char** argv) {
       back.add_state("bias", {4});
       back.allocate();
       AdamW bopt(back, AdamWConfig{});
-      load_checkpoint(path, back, &bopt);
+      load_checkpoint(path, back, OptView(bopt).get());
       check(back, &bopt, "A, own layout");
       ParamStore full;  // a single rank reading the same file
       add_full(full, n);
       AdamW fopt(full, AdamWConfig{});
-      load_checkpoint(path, full, &fopt);
+      load_checkpoint(path, full, OptView(fopt).get());
       check(full, &fopt, "A, as one rank");
     }
 
@@ -183,16 +187,16 @@ int main(int argc, char** argv) {
       so.layout.zero_stage = 1;
       TrainState st;
       st.step = 5;
-      const std::string path = save_checkpoint(work + "/b", cfg, s, &opt, st, so);
+      const std::string path = save_checkpoint(work + "/b", cfg, s, OptView(opt).get(), st, so);
       ParamStore full;
       add_full(full, 2);
       AdamW fopt(full, AdamWConfig{});
-      load_checkpoint(path, full, &fopt);
+      load_checkpoint(path, full, OptView(fopt).get());
       check(full, &fopt, "B, as one rank");
       ParamStore mine;
       add_full(mine, 2);
       AdamW mopt(mine, AdamWConfig{}, N * r / n, N * (r + 1) / n);
-      load_checkpoint(path, mine, &mopt);
+      load_checkpoint(path, mine, OptView(mopt).get());
       check(mine, &mopt, "B, own ZeRO range");
     }
   } catch (const std::exception& e) {

@@ -177,7 +177,7 @@ DSV3_RUN_DIR=$kr DSV3_STEPS=$((last_step + 10)) DSV3_ARGS="$base_args --set chec
   fail "4: the resubmitted job failed"
 jid2=$(grep -o '[0-9]*' "$work/sub4b" | head -1)
 from=$(grep -o 'resumed from [^ ]* at step [0-9]*' "$work/logs/kill2-$jid2.out" | grep -o '[0-9]*$')
-[ "$kr/$latest_at_kill" -ef "$kr/step_$(printf %07d "$from").h5" ] ||
+[ "step_$(printf %07d "$from").h5" = "$latest_at_kill" ] ||
   fail "4: resumed at step $from, but latest was $latest_at_kill at the kill"
 say "4: job $jid: rank process $victim killed -9 after $last_step logged steps; job FAILED $secs s later;" \
   "job $jid2 resumed from step $from ($latest_at_kill), losing $((last_step - from)) steps, and completed"

@@ -121,8 +121,19 @@ Config small_config(std::vector<std::string> extra = {}) {
 std::vector<nlohmann::json> read_metrics(const std::string& path) {
   std::ifstream f(path);
   std::vector<nlohmann::json> out;
-  for (std::string line; std::getline(f, line);) out.push_back(nlohmann::json::parse(line));
+  for (std::string line; std::getline(f, line);) {
+    nlohmann::json r = nlohmann::json::parse(line);
+    if (!r.contains("checkpoint") && !r.contains("checkpoint_failed"))
+      out.push_back(std::move(r));  // steps, evals
+  }
   return out;
+}
+// The total loss of every step of a run (evaluations and checkpoint records left out).
+std::vector<double> losses_of(const std::string& run) {
+  std::vector<double> l;
+  for (const auto& r : read_metrics(run + "/metrics.jsonl"))
+    if (!r.contains("val_loss")) l.push_back(r["loss"].get<double>());
+  return l;
 }
 }  // namespace
 
@@ -232,12 +243,6 @@ TEST(Trainer, ResumeContinuesBitwise) {
   fs::remove_all(dir);
   const std::string data = make_dataset(dir + "/data");
   const Config cfg = small_config({"training.train_steps=20", "training.eval_interval=0"});
-  auto losses_of = [](const std::string& run) {
-    std::vector<double> l;
-    for (const auto& r : read_metrics(run + "/metrics.jsonl"))
-      if (!r.contains("val_loss")) l.push_back(r["loss"].get<double>());
-    return l;
-  };
   TrainerOptions opt;
   opt.data = data;
   opt.peak_tflops = 1.0;
@@ -261,4 +266,39 @@ TEST(Trainer, ResumeContinuesBitwise) {
   // Starting fresh in a run directory that holds checkpoints is refused.
   opt.resume = "none";
   EXPECT_THROW(train(cfg, opt), Error);
+}
+
+TEST(Trainer, BackgroundSavesHoldTheStateOfTheirStep) {
+  // Saves written in the background while training goes on hold exactly the state of their step:
+  // resuming from one (step 9 of 20, saved every 3 steps) continues with the uninterrupted run's bits.
+  const std::string dir = ::testing::TempDir() + "/dsv3_train_async";
+  fs::remove_all(dir);
+  const std::string data = make_dataset(dir + "/data");
+  TrainerOptions opt;
+  opt.data = data;
+  opt.peak_tflops = 1.0;
+  std::ostringstream log;
+  opt.log = &log;
+  opt.run_dir = dir + "/straight";
+  train(small_config({"training.train_steps=20", "training.eval_interval=0"}), opt);
+  opt.run_dir = dir + "/saving";
+  const TrainSummary s = train(small_config({"training.train_steps=20", "training.eval_interval=0",
+                                             "checkpoint.interval=3", "checkpoint.keep_last=10"}),
+                               opt);
+  ASSERT_EQ(s.checkpoints.size(), 7u) << log.str();  // 3, 6, ..., 18 in the background, 20 at the end
+  for (size_t i = 0; i < 6; ++i) {
+    EXPECT_TRUE(s.checkpoints[i].async) << i;
+    EXPECT_EQ(s.checkpoints[i].step, int64_t(3 * (i + 1)));
+    EXPECT_GT(s.checkpoints[i].background_s, 0);
+    EXPECT_LT(s.checkpoints[i].stall_s, s.checkpoints[i].total_s);
+  }
+  EXPECT_FALSE(s.checkpoints.back().async);
+  EXPECT_EQ(losses_of(dir + "/straight"), losses_of(dir + "/saving"));  // saving changes nothing
+  opt.run_dir = dir + "/resumed";
+  opt.resume = dir + "/saving/step_0000009.h5";
+  const TrainSummary r = train(small_config({"training.train_steps=20", "training.eval_interval=0"}), opt);
+  EXPECT_EQ(r.resumed_from_step, 9);
+  const auto a = losses_of(dir + "/straight"), b = losses_of(dir + "/resumed");
+  ASSERT_EQ(b.size(), 11u);
+  for (size_t i = 0; i < b.size(); ++i) EXPECT_EQ(a[9 + i], b[i]) << "step " << 10 + i;
 }

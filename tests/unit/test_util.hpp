@@ -1,4 +1,5 @@
-// Small helpers shared by the unit tests: a fresh scratch folder, the tiny config, an error's text.
+// Small helpers shared by the unit and MPI tests: a fresh scratch folder, the tiny config, an
+// optimizer as checkpoint state, an error's text.
 #pragma once
 
 #include <unistd.h>
@@ -9,6 +10,8 @@
 
 #include "config/config.hpp"
 #include "core/error.hpp"
+#include "model/params.hpp"
+#include "train/optimizer.hpp"
 
 namespace dsv3::test_util {
 
@@ -24,6 +27,16 @@ inline const Config& tiny() {
   static const Config c = load_config(resolve_config_path("tiny"));
   return c;
 }
+
+// AdamW through the checkpoint layer's neutral interface; the step count goes back on destruction
+// (after a load): save_checkpoint(..., OptView(adam).get(), ...).
+struct OptView {
+  explicit OptView(AdamW& a) : a_(a), s_(a.checkpoint_state()) {}
+  ~OptView() { a_.set_steps(s_.steps); }
+  OptimizerState* get() { return &s_; }
+  AdamW& a_;
+  OptimizerState s_;
+};
 
 // The message of the dsv3::Error f throws, "(no error)" when it throws none.
 inline std::string error_of(const std::function<void()>& f) {
