@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdint>
 #include <map>
 #include <sstream>
 
@@ -28,6 +29,10 @@ struct JsonKeys {
     DSV3_CHECK(
         v.is_number_integer() || (v.is_number_float() && v.get<double>() == std::floor(v.get<double>())),
         where, ": key '", k, "' must be an integer, got ", v.dump());
+    // In range of int64 (a float like 1e80 or an unsigned above 2^63 is not a size).
+    DSV3_CHECK(v.is_number_float() ? std::fabs(v.get<double>()) < 9.2e18
+                                   : !v.is_number_unsigned() || v.get<uint64_t>() <= uint64_t(INT64_MAX),
+               where, ": key '", k, "' is out of range: ", v.dump());
     return v.is_number_integer() ? v.get<int64_t>() : static_cast<int64_t>(v.get<double>());
   }
   double number(const char* k, bool required, double fallback = 0) const {

@@ -293,6 +293,15 @@ TEST(HfInterop, ConfigJsonBothWays) {
   EXPECT_NE(
       error_of([&] { hf::model_config_from_json(bad, "c"); }).find("key 'kv_lora_rank' must be an integer"),
       std::string::npos);
+  // Integers beyond int64 (found by the fuzzer: a float such as 2.9e80 was converted with undefined
+  // behaviour) are refused by name.
+  for (const nlohmann::json v : {nlohmann::json(2.88889e80), nlohmann::json(uint64_t{1} << 63)}) {
+    bad = nlohmann::json::parse(j.dump());
+    bad["hidden_size"] = v;
+    EXPECT_NE(error_of([&] { hf::model_config_from_json(bad, "c"); }).find("key 'hidden_size' is out of range"),
+              std::string::npos)
+        << v.dump();
+  }
 }
 
 TEST(HfInterop, ParseSize) {
