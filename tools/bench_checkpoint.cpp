@@ -1,7 +1,8 @@
 // dsv3-bench --checkpoint: checkpoint write and read speed against the disk, in one run. Under
 // mpirun/srun with the ranks of a layout (all writing one file):
 //   raw      rank 0 writes as many bytes as the checkpoint has, 1 MiB at a time, then fsync (the
-//            disk's bandwidth, as `dd bs=1M conv=fsync` measures it), in the run directory;
+//            disk's bandwidth, as `dd bs=1M conv=fsync` measures it), in the run directory, then
+//            reads them back cold (the disk's read bandwidth);
 //   save     a real model's state (the config's, initialised, AdamW moments after two updates,
 //            sharded as the trainer shards it) saved synchronously: create, write, fsync, rename;
 //   load     the same file resumed from after dropping it from the page cache (posix_fadvise
@@ -67,10 +68,11 @@ double raw_write(const std::string& path, int64_t bytes) {
   DSV3_CHECK(::fsync(fd) == 0, path, ": fsync failed: ", std::strerror(errno));
   const double s = seconds_since(t0);
   ::close(fd);
-  std::error_code ec;
-  fs::remove(path, ec);
   return s;
 }
+
+// `bytes` of `path` read cold (after dropping it from the page cache) in 1 MiB reads: seconds.
+double raw_read(const std::string& path, int64_t bytes);
 
 // Drops the file's pages from the page cache (they are clean after the save's fsync).
 void drop_cache(const std::string& path) {
@@ -78,6 +80,22 @@ void drop_cache(const std::string& path) {
   if (fd < 0) return;
   ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
   ::close(fd);
+}
+
+double raw_read(const std::string& path, int64_t bytes) {
+  drop_cache(path);
+  std::vector<char> block(1 << 20);
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  DSV3_CHECK(fd >= 0, path, ": cannot open: ", std::strerror(errno));
+  const auto t0 = Clock::now();
+  for (int64_t done = 0; done < bytes;) {
+    const ssize_t r = ::read(fd, block.data(), block.size());
+    DSV3_CHECK(r > 0, path, ": read failed");
+    done += r;
+  }
+  const double s = seconds_since(t0);
+  ::close(fd);
+  return s;
 }
 
 double memcpy_gbps() {
@@ -168,7 +186,7 @@ int run_checkpoint_bench(int argc, char** argv) {
     const double gbps = memcpy_gbps();
 
     // Interleaved: raw, save, load (cold), async save; `reps` times; medians reported.
-    std::vector<double> raw_mb, raw2g_mb, save_s, load_s, stall_s, bg_s, copy_s;
+    std::vector<double> raw_mb, rawread_mb, raw2g_mb, save_s, load_s, stall_s, bg_s, copy_s;
     int64_t bytes = 0, rank_bytes = 0, raw_bytes = 0;
     for (int r = 0; r < reps; ++r) {
       TrainState st;
@@ -181,9 +199,12 @@ int run_checkpoint_bench(int argc, char** argv) {
       // 2 GiB (`dd bs=1M count=2048 conv=fsync`) for reference.
       raw_bytes = bytes;
       if (root) {
-        raw_mb.push_back(double(raw_bytes) / 1e6 / raw_write(dir + "/raw_write_test", raw_bytes));
-        raw2g_mb.push_back(double(int64_t{2} << 30) / 1e6 /
-                           raw_write(dir + "/raw_write_test", int64_t{2} << 30));
+        const std::string raw_file = dir + "/raw_write_test";
+        raw_mb.push_back(double(raw_bytes) / 1e6 / raw_write(raw_file, raw_bytes));
+        rawread_mb.push_back(double(raw_bytes) / 1e6 / raw_read(raw_file, raw_bytes));
+        raw2g_mb.push_back(double(int64_t{2} << 30) / 1e6 / raw_write(raw_file, int64_t{2} << 30));
+        std::error_code ec;
+        fs::remove(raw_file, ec);
       }
       world.barrier();
       drop_cache(rec.path);
@@ -231,6 +252,8 @@ int run_checkpoint_bench(int argc, char** argv) {
                 {"raw_mb_per_s", raw},
                 {"raw_mb_per_s_all", raw_mb},
                 {"raw_2gib_mb_per_s", root ? med(raw2g_mb) : 0.0},
+                {"raw_read_mb_per_s", root ? med(rawread_mb) : 0.0},
+                {"raw_read_mb_per_s_all", rawread_mb},
                 {"raw_2gib_mb_per_s_all", raw2g_mb},
                 {"save_s_all", save_s},
                 {"save_mb_per_s", mb / med(save_s)},
@@ -249,7 +272,7 @@ int run_checkpoint_bench(int argc, char** argv) {
       std::printf("%-10s %5d %10.1f %10.0f %10.0f %7.0f%% %10.0f %7.0f%%", fs::path(config).stem().c_str(),
                   mpi.world_size(), mb, raw, mb / med(save_s), 100 * mb / med(save_s) / raw, mb / med(load_s),
                   100 * mb / med(load_s) / raw);
-      std::printf(" %10.0f", med(raw2g_mb));
+      std::printf(" %10.0f %10.0f", med(rawread_mb), med(raw2g_mb));
       if (async) std::printf(" %10.3f %10.3f %10.2f", med(stall_s), med(copy_s), med(bg_s));
       std::printf("\n");
       std::fflush(stdout);
