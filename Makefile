@@ -5,13 +5,15 @@ BUILD ?= build
 DEBUG_BUILD ?= build-debug
 CUDA_BUILD ?= build-cuda
 FUZZ_BUILD ?= build-fuzz
+PYDEPS := $(CURDIR)/.deps/python
+PY_PACKAGES := ml_dtypes==0.5.1
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
 DEB_PACKAGES := build-essential cmake pkg-config git \
   libopenmpi-dev openmpi-bin libtrilinos-kokkos-dev libyaml-cpp-dev \
   libhdf5-openmpi-dev hdf5-tools libopenblas-dev libgtest-dev googletest nlohmann-json3-dev \
-  python3 python3-torch python3-h5py python3-yaml python3-numpy python3-matplotlib fortunes clang-format \
+  python3 python3-torch python3-h5py python3-yaml python3-numpy python3-matplotlib python3-pip fortunes clang-format \
   slurmctld slurmd slurm-client munge clang libclang-rt-14-dev util-linux
 
 .PHONY: all deps build debug cuda test test-release test-debug golden demo format check-format clean help bench bench-dp \
@@ -31,13 +33,19 @@ help:
 
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
-	if [ -z "$$missing" ]; then echo "deps: all packages present"; exit 0; fi; \
-	echo "deps: missing:" $$missing; \
-	if [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	if [ -z "$$missing" ]; then echo "deps: all packages present"; \
 	else \
-	  echo "run as root:  apt-get install -y --no-install-recommends" $$missing; exit 1; \
+	  echo "deps: missing:" $$missing; \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing || exit 1; \
+	  else \
+	    echo "run as root:  apt-get install -y --no-install-recommends" $$missing; exit 1; \
+	  fi; \
 	fi
+	@# Python references from PyPI the tests use (ml_dtypes: bf16/FP8 bit patterns), next to the
+	@# checkout so the system Python stays untouched; numpy comes from Debian.
+	@if PYTHONPATH=$(PYDEPS) /usr/bin/python3 -c "import ml_dtypes" 2>/dev/null; then echo "deps: python references present"; \
+	else /usr/bin/python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps --target $(PYDEPS) $(PY_PACKAGES); fi
 
 $(BUILD)/CMakeCache.txt:
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)

@@ -27,6 +27,31 @@ void linear_backward_input(const Tensor& dy, const Tensor& w, const Tensor& dx, 
 // dw[N,K] += dy[M,N]^T . x[M,K]
 void linear_backward_weight(const Tensor& dy, const Tensor& x, const Tensor& dw);
 
+// FP8 linear layers, DeepSeek-V3's blockwise recipe (report section 3.3; formats in core/lowp.hpp).
+// Every GEMM takes E4M3 operands with fp32 scales: activations and output gradients per 1 x 128 tile
+// along the GEMM's reduction dimension K, weights per 128 x 128 block; for each 128-wide chunk of K
+// the E4M3 values are multiplied and summed in fp32, then the chunk's partial sums, times both
+// operands' scales, are added to an fp32 accumulator (promotion every 128 elements of K). Inputs may
+// be f32 or bf16; outputs are f32. The host versions are the exact numerical reference, not fast.
+//   Fprop:  y[M,N]  (= or +=) x[M,K] . w[N,K]^T    x tiles along K, w blocks
+//   Dgrad:  dx[M,K] (= or +=) dy[M,N] . w[N,K]     dy tiles along N, w blocks (of w^T)
+//   Wgrad:  dw[N,K] += dy[M,N]^T . x[M,K]          dy and x both tiles along M (128 x 1 in their layout)
+void fp8_linear_forward(const Tensor& x, const Tensor& w, const Tensor& y, bool accumulate = false);
+void fp8_linear_backward_input(const Tensor& dy, const Tensor& w, const Tensor& dx, bool accumulate = false);
+void fp8_linear_backward_weight(const Tensor& dy, const Tensor& x, const Tensor& dw);
+
+// An operand of an FP8 GEMM, [rows, K] with K the reduction dimension: E4M3 codes and their scales,
+// [rows, tiles(K)] (1 x 128 tiles) or [tiles(rows), tiles(K)] (128 x 128 blocks).
+struct Fp8Operand {
+  OwnedTensor codes, scales;
+  bool blocks = false;
+  int64_t rows() const { return codes.t.dim(0); }
+  int64_t k() const { return codes.t.dim(1); }
+};
+Fp8Operand fp8_quantize(const Tensor& a, bool blocks);  // a [rows, K], f32 or bf16
+// c[M, N] (= or +=) a . b^T with the chunked promotion above; a must be tiled (b either).
+void fp8_gemm(const Fp8Operand& a, const Fp8Operand& b, const Tensor& c, bool accumulate);
+
 // y += x (same shape)
 void add_inplace(const Tensor& y, const Tensor& x);
 // y = alpha * x (same shape; y may alias x)

@@ -5,6 +5,7 @@
 #include <mutex>
 
 #include "core/error.hpp"
+#include "core/lowp.hpp"
 
 namespace dsv3::host {
 
@@ -16,6 +17,19 @@ void check_host(const char* op, const Tensor& t) {
 void check_f32_host(const char* op, const Tensor& t) {
   expect_dtype(op, t, DType::F32);
   check_host(op, t);
+}
+
+F32Input::F32Input(const char* op, const Tensor& t) {
+  check_host(op, t);
+  if (t.dtype() == DType::F32) {
+    view_ = t;
+    return;
+  }
+  DSV3_CHECK(t.dtype() == DType::BF16, op, ": tensor '", t.name(), "' has dtype ", dtype_name(t.dtype()),
+             ", expected f32 or bf16");
+  copy_ = OwnedTensor(DType::F32, t.shape(), t.name(), Device::Host, Fill::Uninitialized);
+  lowp::from_bf16(static_cast<const uint16_t*>(t.data()), copy_.f32(), t.numel());
+  view_ = copy_.t;
 }
 
 void ensure_kokkos() {

@@ -27,6 +27,21 @@ using ViewI2 = Kokkos::View<int32_t**, Kokkos::LayoutRight, Kokkos::HostSpace, U
 void check_host(const char* op, const Tensor& t);
 void check_f32_host(const char* op, const Tensor& t);
 
+// An op input that may be stored in bf16 (compute weights, saved activations under bf16 mixed
+// precision), read as f32: the tensor's own data when it is f32, otherwise an exact f32 copy that
+// lives as long as this object. `view` has the tensor's shape, name and f32 dtype.
+class F32Input {
+ public:
+  F32Input(const char* op, const Tensor& t);
+  const Tensor& view() const { return view_; }
+  const float* data() const { return view_.f32(); }
+  operator const Tensor&() const { return view_; }
+
+ private:
+  OwnedTensor copy_;
+  Tensor view_;
+};
+
 // Initialises Kokkos on first use (and finalises it at exit) so library users need no set-up.
 void ensure_kokkos();
 

@@ -1,5 +1,6 @@
 // Dense algebra through CBLAS (row-major sgemm): linear_forward, linear_backward_input and
-// linear_backward_weight of kernels/ops.hpp.
+// linear_backward_weight of kernels/ops.hpp. Inputs may be bf16 (read exactly as f32: a bf16 GEMM with
+// fp32 accumulation, since products of bf16 values are exact in f32); outputs are f32.
 //   x [M, K], w [N, K] (HF layout [out, in]), y [M, N]
 //   forward:         y  (= or +=) x . w^T
 //   backward input:  dx (= or +=) dy . w
@@ -19,6 +20,7 @@ namespace {
 
 using host::check_f32_host;
 using host::check_host;
+using host::F32Input;
 
 void check_2d(const char* op, const Tensor& t) {
   DSV3_CHECK(t.ndim() == 2, op, ": tensor '", t.name(), "' has shape ", t.shape_str(),
@@ -52,33 +54,39 @@ void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const
 void linear_forward(const Tensor& x, const Tensor& w, const Tensor& y, bool accumulate) {
   DSV3_PROFILE(Gemm);
   const char* op = "linear_forward";
-  for (const Tensor* t : {&x, &w, &y}) check_f32_host(op, *t), check_2d(op, *t);
+  for (const Tensor* t : {&x, &w, &y}) check_2d(op, *t);
+  check_f32_host(op, y);
   const int64_t M = x.dim(0), K = x.dim(1), N = w.dim(0);
   expect_shape(op, w, {N, K});
   expect_shape(op, y, {M, N});
-  sgemm(false, true, M, N, K, 1.0f, x.f32(), K, w.f32(), K, accumulate ? 1.0f : 0.0f, y.f32(), N);
+  const F32Input xf(op, x), wf(op, w);
+  sgemm(false, true, M, N, K, 1.0f, xf.data(), K, wf.data(), K, accumulate ? 1.0f : 0.0f, y.f32(), N);
 }
 
 // dx[M, K] (= or +=) dy[M, N] . w[N, K]
 void linear_backward_input(const Tensor& dy, const Tensor& w, const Tensor& dx, bool accumulate) {
   DSV3_PROFILE(Gemm);
   const char* op = "linear_backward_input";
-  for (const Tensor* t : {&dy, &w, &dx}) check_f32_host(op, *t), check_2d(op, *t);
+  for (const Tensor* t : {&dy, &w, &dx}) check_2d(op, *t);
+  check_f32_host(op, dx);
   const int64_t M = dy.dim(0), N = dy.dim(1), K = w.dim(1);
   expect_shape(op, w, {N, K});
   expect_shape(op, dx, {M, K});
-  sgemm(false, false, M, K, N, 1.0f, dy.f32(), N, w.f32(), K, accumulate ? 1.0f : 0.0f, dx.f32(), K);
+  const F32Input dyf(op, dy), wf(op, w);
+  sgemm(false, false, M, K, N, 1.0f, dyf.data(), N, wf.data(), K, accumulate ? 1.0f : 0.0f, dx.f32(), K);
 }
 
 // dw[N, K] += dy[M, N]^T . x[M, K]
 void linear_backward_weight(const Tensor& dy, const Tensor& x, const Tensor& dw) {
   DSV3_PROFILE(Gemm);
   const char* op = "linear_backward_weight";
-  for (const Tensor* t : {&dy, &x, &dw}) check_f32_host(op, *t), check_2d(op, *t);
+  for (const Tensor* t : {&dy, &x, &dw}) check_2d(op, *t);
+  check_f32_host(op, dw);
   const int64_t M = dy.dim(0), N = dy.dim(1), K = x.dim(1);
   expect_shape(op, x, {M, K});
   expect_shape(op, dw, {N, K});
-  sgemm(true, false, N, K, M, 1.0f, dy.f32(), N, x.f32(), K, 1.0f, dw.f32(), K);
+  const F32Input dyf(op, dy), xf(op, x);
+  sgemm(true, false, N, K, M, 1.0f, dyf.data(), N, xf.data(), K, 1.0f, dw.f32(), K);
 }
 
 }  // namespace dsv3::ops

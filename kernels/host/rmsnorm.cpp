@@ -22,7 +22,7 @@ using host::check_host;
 void check_rmsnorm(const char* op, const Tensor& x, const Tensor& w, const Tensor& rstd,
                    std::initializer_list<const Tensor*> rows) {
   check_f32_host(op, x);
-  check_f32_host(op, w);
+  check_host(op, w);  // f32 or bf16 (a compute weight)
   check_f32_host(op, rstd);
   DSV3_CHECK(x.ndim() == 2, op, ": tensor '", x.name(), "' has shape ", x.shape_str(), ", expected [T, D]");
   const int64_t T = x.dim(0), D = x.dim(1);
@@ -42,8 +42,9 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, const Tensor& 
   check_rmsnorm(op, x, w, rstd, {&y});
   DSV3_CHECK(eps >= 0.0f, op, ": eps must be >= 0, got ", eps);
   const int64_t D = x.dim(1);
+  const host::F32Input wf(op, w);
   const float* px = x.f32();
-  const float* pw = w.f32();
+  const float* pw = wf.data();
   float* py = y.f32();
   float* pr = rstd.f32();
   host::parallel_for("dsv3::rmsnorm_forward", x.dim(0), [=](int64_t t) {
@@ -66,8 +67,9 @@ void rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd, cons
   check_f32_host(op, dw);
   const int64_t T = x.dim(0), D = x.dim(1);
   expect_shape(op, dw, {D});
+  const host::F32Input wf(op, w);
   const float* px = x.f32();
-  const float* pw = w.f32();
+  const float* pw = wf.data();
   const float* pr = rstd.f32();
   const float* pdy = dy.f32();
   float* pdx = dx.f32();

@@ -110,6 +110,7 @@ MemoryOptions MemoryOptions::from(const Config& c) {
   o.seq_length = c.training.seq_length;
   o.global_batch_size = c.training.global_batch_size;
   o.precision = c.training.precision;
+  o.fp8 = c.training.use_fp8;
   return o;
 }
 
@@ -133,29 +134,42 @@ namespace {
 double d_local(const ModelConfig& m, const Layout& l) {
   return l.sequence_parallel ? double(m.d_model) / l.tp : double(m.d_model);
 }
-double mla_saved_elems(const ModelConfig& m, const Layout& l, const std::string& recompute) {
+double mla_saved_elems(const ModelConfig& m, const Layout& l, const std::string& recompute, double elem_bytes,
+                       bool fp8_kv) {
   const auto& a = m.mla;
   const bool none = recompute == "none";
   const double d = d_local(m, l), h = double(m.num_heads) / l.tp;
   double e = d;                                                    // block input x (held by the model)
   e += (none ? d : 0) + 1;                                         // xn (selective recomputes it), rstd
   if (a.q_lora_rank > 0) e += a.q_lora_rank * (none ? 2 : 1) + 1;  // q_a output, its norm, rstd
-  e += a.d_latent + a.qk_rope_head_dim;                            // kv_a output [c ; k_pe]
-  e += a.d_latent * (none ? 2 : 1) + 1;                            // c, its norm, rstd
-  e += 2 * h * m.qk_head_dim() + 2 * h * a.v_head_dim + h;         // q, k, v, o, lse
-  e += d;                                                          // h = x + attention (FFN input)
+  const double kva = a.d_latent + a.qk_rope_head_dim;
+  if (fp8_kv) {
+    // The kv_a output in FP8 with a 4-byte scale per 1 x 128 tile; c, its norm, k and v are rebuilt
+    // from it in the backward. Counted in elements of elem_bytes.
+    e += (kva + 4 * std::ceil(kva / 128)) / elem_bytes + 1;  // FP8 latent, rstd
+    e += h * m.qk_head_dim() + h * a.v_head_dim + h;         // q, o, lse
+  } else {
+    e += kva;                                                 // kv_a output [c ; k_pe]
+    e += a.d_latent * (none ? 2 : 1) + 1;                     // c, its norm, rstd
+    e += 2 * h * m.qk_head_dim() + 2 * h * a.v_head_dim + h;  // q, k, v, o, lse
+  }
+  e += d;  // h = x + attention (FFN input)
   return e;
 }
 double swiglu_saved_elems(double width, const std::string& recompute) {
   return 2 * width + (recompute == "none" ? width : 0);  // gate & up outputs, silu(g)*u
 }
-double ffn_saved_elems(const ModelConfig& m, const Layout& l, const std::string& recompute, bool moe) {
+double ffn_saved_elems(const ModelConfig& m, const Layout& l, const std::string& recompute, bool moe,
+                       double elem_bytes) {
   double e = (recompute == "none" ? d_local(m, l) : 0) + 1;  // hn, rstd
   if (!moe) return e + swiglu_saved_elems(double(m.ffn_dim) / l.tp, recompute);
   const auto& x = m.moe;
   const double k = x.num_experts_per_token;
   e += 2 * x.num_experts + 2 * k + 2 * k;  // router logits, scores, top-k ids, weights, dispatch plan
-  e += k * m.d_model;                      // dispatched token copies (expert GEMM input)
+  if (x.deep_ep_fp8)  // expert inputs kept as the FP8 rows that were dispatched (codes + tile scales)
+    e += k * (m.d_model + 4 * std::ceil(m.d_model / 128.0)) / elem_bytes;
+  else
+    e += k * m.d_model;  // dispatched token copies (expert GEMM input)
   e += k * swiglu_saved_elems(double(x.expert_dim) / l.expert_tp, recompute);
   e += k * m.d_model;  // expert outputs (combine weight gradient)
   if (x.num_shared_experts > 0)
@@ -185,12 +199,14 @@ double block_backward_workspace_elems(const ModelConfig& m, const Layout& l, boo
 double activation_bytes_per_token_dense_layer(const ModelConfig& m, const Layout& l,
                                               const std::string& recompute, double elem_bytes) {
   if (recompute == "full") return elem_bytes * d_local(m, l);
-  return elem_bytes * (mla_saved_elems(m, l, recompute) + ffn_saved_elems(m, l, recompute, false));
+  return elem_bytes * (mla_saved_elems(m, l, recompute, elem_bytes, m.mla.use_fp8_kv) +
+                       ffn_saved_elems(m, l, recompute, false, elem_bytes));
 }
 double activation_bytes_per_token_moe_layer(const ModelConfig& m, const Layout& l,
                                             const std::string& recompute, double elem_bytes) {
   if (recompute == "full") return elem_bytes * d_local(m, l);
-  return elem_bytes * (mla_saved_elems(m, l, recompute) + ffn_saved_elems(m, l, recompute, true));
+  return elem_bytes * (mla_saved_elems(m, l, recompute, elem_bytes, m.mla.use_fp8_kv) +
+                       ffn_saved_elems(m, l, recompute, true, elem_bytes));
 }
 
 double activation_workspace_bytes_per_token(const ModelConfig& m, const Layout& l,
@@ -208,12 +224,82 @@ double activation_workspace_bytes_per_token(const ModelConfig& m, const Layout& 
   return elem_bytes * (ws + 2 * d_local(m, l));
 }
 
+namespace {
+// The FP8 GEMMs of the host backend (ops::fp8_linear_*): per token the decoded f32 and E4M3 copies of
+// the activation operand and its transpose (9 B per element of K and N), the fp32 accumulator and
+// the chunk partials (8 B per output); per GEMM the weight's codes, decoded values, transpose and
+// wgrad accumulator (13 B per weight). The largest of the FP8 projections counts.
+struct GemmShape {
+  double k, n, rows_per_token;
+};
+std::vector<GemmShape> fp8_gemms(const ModelConfig& m, const Layout& l) {
+  const auto& a = m.mla;
+  const double h = double(m.num_heads) / l.tp, d = m.d_model;
+  std::vector<GemmShape> g = {{d, a.d_latent + double(a.qk_rope_head_dim), 1},
+                              {double(a.d_latent), h * (a.qk_nope_head_dim + a.v_head_dim), 1},
+                              {h * a.v_head_dim, d, 1},
+                              {d, double(m.ffn_dim) / l.tp, 1},
+                              {double(m.ffn_dim) / l.tp, d, 1}};
+  if (a.q_lora_rank > 0)
+    g.push_back({d, double(a.q_lora_rank), 1}), g.push_back({double(a.q_lora_rank), h * m.qk_head_dim(), 1});
+  else
+    g.push_back({d, h * m.qk_head_dim(), 1});
+  if (m.num_moe_layers() > 0 || m.mtp.depth > 0) {
+    const double k = m.moe.num_experts_per_token, f = double(m.moe.expert_dim) / l.expert_tp;
+    g.push_back({d, f, k}), g.push_back({f, d, k});
+    if (m.moe.num_shared_experts > 0) {
+      const double fs = double(m.moe.expert_dim * m.moe.num_shared_experts) / l.tp;
+      g.push_back({d, fs, 1}), g.push_back({fs, d, 1});
+    }
+  }
+  return g;
+}
+double fp8_gemm_token_bytes(const ModelConfig& m, const Layout& l) {
+  double worst = 0;
+  for (const GemmShape& s : fp8_gemms(m, l))
+    worst = std::max(worst, s.rows_per_token * (9 * (s.k + s.n) + 8 * s.n));
+  return worst;
+}
+}  // namespace
+
+double fp8_gemm_weight_bytes(const ModelConfig& m, const Layout& l) {
+  double worst = 0;
+  for (const GemmShape& s : fp8_gemms(m, l)) worst = std::max(worst, 13 * s.k * s.n);
+  return worst;
+}
+
+double host_workspace_bytes_per_token(const ModelConfig& m, const Layout& l, const MemoryOptions& o,
+                                      double act_bytes) {
+  if (!o.host) return activation_workspace_bytes_per_token(m, l, o.recompute, act_bytes);
+  // Host temporaries are f32. Under bf16 the block in its backward holds its saved tensors back in
+  // f32 (the FP8 latent rebuilt into c, its norm, k and v), in place of their stored copies.
+  double ws = activation_workspace_bytes_per_token(m, l, o.recompute, 4.0);
+  if (o.precision == "bf16" && o.recompute != "full") {
+    // Restored to f32, with what selective recompute rebuilds: the whole layer as without recompute.
+    ModelConfig plain = m;
+    plain.mla.use_fp8_kv = false, plain.moe.deep_ep_fp8 = false;
+    double extra = 0;
+    const bool moe = m.num_moe_layers() > 0 || m.mtp.depth > 0;
+    if (moe)
+      extra = activation_bytes_per_token_moe_layer(plain, l, "none", 4.0) -
+              activation_bytes_per_token_moe_layer(m, l, o.recompute, act_bytes);
+    if (m.num_dense_layers > 0)
+      extra = std::max(extra, activation_bytes_per_token_dense_layer(plain, l, "none", 4.0) -
+                                  activation_bytes_per_token_dense_layer(m, l, o.recompute, act_bytes));
+    ws += extra;
+  }
+  if (o.fp8) ws += fp8_gemm_token_bytes(m, l);
+  return ws;
+}
+
 MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOptions& o) {
   const ModelConfig& m = c.model;
   const bool bf16 = o.precision == "bf16";
-  const double w_bytes = bf16 ? 2 : 4;     // model weights as used by forward/backward
-  const double g_bytes = 4;                // gradients accumulate in fp32
-  const double opt_bytes = bf16 ? 12 : 8;  // fp32 master (bf16 only) + Adam m and v
+  // Model weights as forward/backward use them; on the host backend a bf16 run also keeps its fp32
+  // masters whole on every rank (they are what the optimizer updates).
+  const double w_bytes = bf16 ? (o.host ? 2 + 4 : 2) : 4;
+  const double g_bytes = 4;                           // gradients accumulate in fp32
+  const double opt_bytes = bf16 && !o.host ? 12 : 8;  // fp32 master (bf16 only) + Adam m and v
   const double act_bytes = bf16 ? 2 : 4;
   const double d = m.d_model;
   const double V = m.vocab_size;
@@ -268,7 +354,9 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
     }
     if (m.num_moe_layers() > 0 && l.ep > 1) {
       const double cf = m.moe.capacity_factor > 0 ? m.moe.capacity_factor : 1.0;
-      dispatch = 2 * tokens * m.moe.num_experts_per_token * d * act_bytes * cf;  // send + receive
+      // send + receive: bf16 rows, or FP8 rows with their tile scales
+      const double row = m.moe.deep_ep_fp8 ? d + 4 * std::ceil(d / 128) : d * act_bytes;
+      dispatch = 2 * tokens * m.moe.num_experts_per_token * row * cf;
     }
     // 1F1B: stage s keeps up to pp - s micro-batches' activations alive.
     const int64_t in_flight = std::min<int64_t>(microbatches, l.pp - s);
@@ -280,8 +368,8 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
     const bool z1 = l.zero_stage >= 1, z2 = l.zero_stage >= 2;
     e.gradients = dense * g_bytes / (z2 ? dp : 1) + expert * g_bytes / (z2 ? edp : 1);
     e.optimizer = dense * opt_bytes / (z1 ? dp : 1) + expert * opt_bytes / (z1 ? edp : 1);
-    e.activations = act * tokens * in_flight +
-                    activation_workspace_bytes_per_token(m, lay, o.recompute, act_bytes) * tokens;
+    e.activations = act * tokens * in_flight + host_workspace_bytes_per_token(m, lay, o, act_bytes) * tokens +
+                    (o.host && o.fp8 ? fp8_gemm_weight_bytes(m, lay) : 0.0);
     e.logits = logits;
     e.moe_dispatch = dispatch;
     if (s == 0 || e.total() > best.total()) best = e;

@@ -48,6 +48,10 @@ struct MemoryOptions {
   int64_t seq_length = 0;
   int64_t global_batch_size = 1;
   std::string precision = "bf16";  // fp32 | bf16
+  bool fp8 = false;                // training.use_fp8 (FP8 GEMMs)
+  // The host backend's storage instead of a GPU's: fp32 masters beside the bf16 compute weights on
+  // every rank, f32 temporaries, the block in its backward restored to f32, the FP8 GEMMs' copies.
+  bool host = false;
   static MemoryOptions from(const Config& c);
 };
 
@@ -76,6 +80,12 @@ double activation_bytes_per_token_moe_layer(const ModelConfig& m, const Layout& 
 // Temporaries of the backward of one block plus the model's hidden-state gradients, per token.
 double activation_workspace_bytes_per_token(const ModelConfig& m, const Layout& l,
                                             const std::string& recompute, double elem_bytes);
+
+// The host backend's temporaries per token (MemoryOptions::host; otherwise the GPU workspace above),
+// and the weight-sized buffers of its largest FP8 GEMM.
+double host_workspace_bytes_per_token(const ModelConfig& m, const Layout& l, const MemoryOptions& o,
+                                      double act_bytes);
+double fp8_gemm_weight_bytes(const ModelConfig& m, const Layout& l);
 
 // Layers held by pipeline stage `stage` of `pp` (earlier stages take the remainder). With
 // last_layers > 0 the last stage holds that many and the others split the rest.

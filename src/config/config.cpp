@@ -445,6 +445,13 @@ void validate(const Config& c) {
              ")");
   non_negative("training.train_steps", t.train_steps);
   one_of("training.precision", t.precision, {"fp32", "bf16"});
+  // FP8 GEMMs, caches and dispatch live inside a bf16 run (DeepSeek-V3's framework is BF16 + FP8);
+  // fp32 with FP8 parts is not implemented.
+  for (const auto& [key, on] : {std::pair<const char*, bool>{"training.use_fp8", t.use_fp8},
+                                {"model.mla.use_fp8_kv", c.model.mla.use_fp8_kv},
+                                {"model.moe.deep_ep_fp8", c.model.moe.deep_ep_fp8}})
+    DSV3_CHECK(!on || t.precision == "bf16", c.where(key), ": true needs training.precision: bf16 (got ",
+               t.precision, "): FP8 runs inside bf16 mixed precision");
   one_of("training.recompute", t.recompute, {"none", "selective", "full"});
   positive("training.log_interval", t.log_interval);
   non_negative("training.eval_interval", t.eval_interval);
@@ -683,6 +690,14 @@ std::vector<std::pair<std::string, std::string>> model_config_items(const ModelC
   for (auto& item : config_items(c))
     if (item.first.rfind("model.", 0) == 0) out.push_back(std::move(item));
   return out;
+}
+
+std::string precision_summary(const Config& c) {
+  std::string s = c.training.precision;
+  if (c.training.use_fp8) s += " + fp8 gemms";
+  if (c.model.mla.use_fp8_kv) s += " + fp8 kv cache";
+  if (c.model.moe.deep_ep_fp8) s += " + fp8 dispatch";
+  return s;
 }
 
 }  // namespace dsv3

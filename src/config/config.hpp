@@ -205,4 +205,8 @@ std::string resolve_config_path(const std::string& name_or_path);
 std::vector<std::string> list_config_paths();
 std::string config_dir();
 
+// The numerics a config trains with, in words: "fp32", "bf16", "bf16 + fp8 gemms + fp8 kv cache +
+// fp8 dispatch" (the parts that are on). Checkpoints record it (root attribute 'precision').
+std::string precision_summary(const Config& c);
+
 }  // namespace dsv3

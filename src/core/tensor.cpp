@@ -14,6 +14,8 @@ size_t dtype_size(DType t) {
       return 4;
     case DType::BF16:
       return 2;
+    case DType::F8E4M3:
+      return 1;
     case DType::I32:
       return 4;
   }
@@ -26,6 +28,8 @@ const char* dtype_name(DType t) {
       return "f32";
     case DType::BF16:
       return "bf16";
+    case DType::F8E4M3:
+      return "e4m3";
     case DType::I32:
       return "i32";
   }

@@ -12,7 +12,8 @@
 
 namespace dsv3 {
 
-enum class DType : uint8_t { F32, BF16, I32 };
+// F8E4M3: FP8 E4M3 codes (core/lowp.hpp), one byte each; their block scales live in a separate f32 tensor.
+enum class DType : uint8_t { F32, BF16, F8E4M3, I32 };
 enum class Device : uint8_t { Host, Cuda };
 
 size_t dtype_size(DType t);

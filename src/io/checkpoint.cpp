@@ -204,9 +204,11 @@ Hid train_record_type(bool file_type) {
 // Root attributes and the train record; `write_data` false on ranks that only take part in the
 // collective calls.
 std::string write_header(hid_t file, const std::string& yaml, const TrainState& s, const std::string& layout,
-                         const std::string& created, bool weights_only, bool write_data, hid_t dxpl) {
+                         const std::string& created, bool weights_only, bool write_data, hid_t dxpl,
+                         const std::string& precision = "") {
   const hid_t root = file;
   bool ok = write_int_attr(root, "schema_version", kCheckpointSchemaVersion) &&
+            (precision.empty() || write_string_attr(root, "precision", precision)) &&
             write_string_attr(root, "config_yaml", yaml) && write_int_attr(root, "step", s.step) &&
             write_int_attr(root, "consumed_tokens", s.consumed_tokens) &&
             write_string_attr(root, "layout", layout) &&
@@ -545,8 +547,14 @@ struct ReadFile {
   int64_t size = 0;
   ReadFile() = default;
   ReadFile(ReadFile&& o) noexcept
-      : file(std::move(o.file)), path(std::move(o.path)), schema(o.schema), fd(o.fd), size(o.size),
-        table(std::move(o.table)), lines_of(std::move(o.lines_of)), checked(std::move(o.checked)) {
+      : file(std::move(o.file)),
+        path(std::move(o.path)),
+        schema(o.schema),
+        fd(o.fd),
+        size(o.size),
+        table(std::move(o.table)),
+        lines_of(std::move(o.lines_of)),
+        checked(std::move(o.checked)) {
     o.fd = -1;
   }
   ReadFile& operator=(ReadFile&&) = delete;
@@ -640,14 +648,16 @@ void read_boxes(const ReadFile& f, const std::string& path, const std::vector<in
       for (const auto& [first, cnt] : runs)
         ::posix_fadvise(f.fd, static_cast<off_t>(at) + first * 4, cnt * 4, POSIX_FADV_WILLNEED);
       for (const auto& [first, cnt] : runs) {
-        int64_t off = static_cast<int64_t>(at) + first * int64_t(sizeof(float)), left = cnt * int64_t(sizeof(float));
+        int64_t off = static_cast<int64_t>(at) + first * int64_t(sizeof(float)),
+                left = cnt * int64_t(sizeof(float));
         DSV3_CHECK(off + left <= f.size, f.path, ": dataset '", path, "' reaches past the end of the file (",
                    f.size, " bytes): truncated or corrupt");
         while (left > 0) {
-          const ssize_t r = ::pread(f.fd, dst, static_cast<size_t>(std::min<int64_t>(left, int64_t{1} << 30)), off);
+          const ssize_t r =
+              ::pread(f.fd, dst, static_cast<size_t>(std::min<int64_t>(left, int64_t{1} << 30)), off);
           if (r < 0 && errno == EINTR) continue;
-          DSV3_CHECK(r > 0, f.path, ": reading dataset '", path, "' failed: ",
-                     r < 0 ? errno_text(errno) : std::string("unexpected end of file"));
+          DSV3_CHECK(r > 0, f.path, ": reading dataset '", path,
+                     "' failed: ", r < 0 ? errno_text(errno) : std::string("unexpected end of file"));
           dst += r, off += r, left -= r;
         }
       }
@@ -915,6 +925,7 @@ CheckpointJob plan_checkpoint(const std::string& run_dir, const Config& cfg, con
   job.weights_only = o.weights_only || !opt;
   if (job.with_optimizer) job.optimizer_steps = opt->steps, job.optimizer_type = opt->type;
   job.header_yaml = cfg.yaml_text;
+  job.precision = precision_summary(cfg);
   job.layout_text = layout_string(o.layout, ranks.size);
 
   // Rank 0 prepares the directory; everyone learns whether that worked.
@@ -1032,7 +1043,7 @@ void create_checkpoint_file(CheckpointJob& job, MPI_Comm comm) {
 
     job.created_utc = ranks.bcast(utc_now());  // every rank writes the same attribute values
     err = write_header(file.get(), job.header_yaml, job.state, job.layout_text, job.created_utc,
-                       job.weights_only, ranks.rank == 0, dxpl.get());
+                       job.weights_only, ranks.rank == 0, dxpl.get(), job.precision);
     if (err.empty() && job.with_optimizer) {
       Hid g(H5Gcreate2(file.get(), "/optimizer", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
       if (!g.ok() || !write_int_attr(g.get(), "steps", job.optimizer_steps) ||

@@ -76,6 +76,7 @@ struct CheckpointJob {
   bool created = false;
   // What the file's metadata needs (filled by plan_checkpoint).
   std::string header_yaml, layout_text, created_utc, datasets_text, table_text, optimizer_type;
+  std::string precision;  // the numerics that trained it (root attribute 'precision')
   int64_t table_bytes = 0, optimizer_steps = 0;
   bool weights_only = false, with_optimizer = false;
   TrainState state;

@@ -10,6 +10,7 @@ void Block::Saved::clear() {
   moe = {};
   filled = false;
   trimmed = false;
+  stored = false;
 }
 
 Block::Block(const ModelConfig& m, ParamStore& ps, int64_t layer, bool moe, const ModelParallel& mp)
@@ -36,13 +37,15 @@ void Block::forward(const ParamStore& ps, const Tensor& x, const Tensor& out, Sa
   s.x = x;
   s.xn = act_out({rows, d_}, "block.xn");
   s.xn_rstd = act_out({rows}, "block.xn_rstd");
-  ops::rmsnorm_forward(x, ps.value(norm_in_), eps_, s.xn, s.xn_rstd);
+  ops::rmsnorm_forward(x, ps.compute(norm_in_), eps_, s.xn, s.xn_rstd);
+  round_act(ctx, s.xn);
   s.h = act_out({rows, d_}, "block.h");
   std::memcpy(s.h.t.data(), x.data(), x.bytes());  // residual
   attn_.forward(ps, tp_gather_rows(mp_, s.xn, s.xn_all, "block.xn_all"), s.h, s.attn, ctx);
   s.hn = act_out({rows, d_}, "block.hn");
   s.hn_rstd = act_out({rows}, "block.hn_rstd");
-  ops::rmsnorm_forward(s.h, ps.value(norm_post_), eps_, s.hn, s.hn_rstd);
+  ops::rmsnorm_forward(s.h, ps.compute(norm_post_), eps_, s.hn, s.hn_rstd);
+  round_act(ctx, s.hn);
   std::memcpy(out.data(), s.h.t.data(), out.bytes());  // residual
   const Tensor hin = tp_gather_rows(mp_, s.hn, s.hn_all, "block.hn_all");
   if (moe_) {
@@ -66,24 +69,54 @@ void Block::forward(const ParamStore& ps, const Tensor& x, const Tensor& out, Sa
       SwiGLU::drop_recomputable(s.mlp);
     s.trimmed = true;
   }
+  if (ctx.training && ctx.num.bf16 && s.filled && (ctx.store_saved || ctx.num.fp8_kv || ctx.num.fp8_dispatch))
+    store(s, ctx);
 }
 
-void Block::restore_selective(const ParamStore& ps, Saved& s) const {
+void Block::store(Saved& s, const StepContext& ctx) const {
+  for (OwnedTensor* t : {&s.xn, &s.xn_all, &s.h, &s.hn, &s.hn_all}) store_bf16(*t);
+  MLA::store(s.attn, ctx);
+  if (moe_)
+    MoE::store(s.moe);
+  else
+    SwiGLU::store(s.mlp);
+  s.stored = true;
+}
+
+void Block::restore(const ParamStore& ps, Saved& s, const StepContext& ctx) const {
+  for (OwnedTensor* t : {&s.xn, &s.xn_all, &s.h, &s.hn, &s.hn_all}) load_f32(*t);
+  s.attn.xn = mp_.sp ? s.xn_all.t : s.xn.t;
+  attn_.restore(ps, s.attn, ctx);
+  const Tensor hin = mp_.sp ? s.hn_all.t : s.hn.t;
+  if (moe_) {
+    MoE::restore(s.moe);
+    s.moe.input = hin;
+    s.moe.shared.input = hin;
+  } else {
+    SwiGLU::restore(s.mlp);
+    s.mlp.input = hin;
+  }
+  s.stored = false;
+}
+
+void Block::restore_selective(const ParamStore& ps, Saved& s, const StepContext& ctx) const {
   const int64_t rows = s.x.dim(0);
   s.xn = act_out({rows, d_}, "block.xn");
-  ops::rmsnorm_forward(s.x, ps.value(norm_in_), eps_, s.xn, s.xn_rstd);
+  ops::rmsnorm_forward(s.x, ps.compute(norm_in_), eps_, s.xn, s.xn_rstd);
+  round_act(ctx, s.xn);
   s.hn = act_out({rows, d_}, "block.hn");
-  ops::rmsnorm_forward(s.h, ps.value(norm_post_), eps_, s.hn, s.hn_rstd);
+  ops::rmsnorm_forward(s.h, ps.compute(norm_post_), eps_, s.hn, s.hn_rstd);
+  round_act(ctx, s.hn);
   s.attn.xn = tp_gather_rows(mp_, s.xn, s.xn_all, "block.xn_all");
-  attn_.recompute(ps, s.attn);
+  attn_.recompute(ps, s.attn, ctx);
   const Tensor hin = tp_gather_rows(mp_, s.hn, s.hn_all, "block.hn_all");
   if (moe_) {
     s.moe.input = hin;
     s.moe.shared.input = hin;
-    moe_->recompute(s.moe);
+    moe_->recompute(s.moe, ctx);
   } else {
     s.mlp.input = hin;
-    SwiGLU::recompute(s.mlp);
+    SwiGLU::recompute(s.mlp, ctx);
   }
   s.trimmed = false;
 }
@@ -94,11 +127,13 @@ void Block::backward(const ParamStore& ps, Saved& s, const Tensor& dout, const T
     OwnedTensor scratch = act_out({s.x.dim(0), d_}, "block.recompute_out");
     StepContext again = ctx;
     again.recompute = Recompute::None;
+    again.store_saved = false;
     const std::vector<int64_t> load = s.expert_load;
     forward(ps, s.x, scratch, s, again);
     s.expert_load = load;
   }
-  if (s.trimmed) restore_selective(ps, s);
+  if (s.stored) restore(ps, s, ctx);
+  if (s.trimmed) restore_selective(ps, s, ctx);
   const int64_t rows = dout.dim(0);
   // FFN branch: dh = dout + norm_post^T(FFN^T(dout)).
   OwnedTensor dout_all;
@@ -107,10 +142,11 @@ void Block::backward(const ParamStore& ps, Saved& s, const Tensor& dout, const T
   if (moe_)
     moe_->backward(ps, s.moe, dout_in, dhn, ctx);
   else
-    mlp_->backward(ps, s.mlp, dout_in, dhn, /*accumulate=*/false);
+    mlp_->backward(ps, s.mlp, dout_in, dhn, /*accumulate=*/false, ctx);
   std::memcpy(dh.t.data(), dout.data(), dout.bytes());
-  stream_rmsnorm_backward(mp_, s.h, ps.value(norm_post_), s.hn_rstd, dhn, dh, ps.grad(norm_post_),
+  stream_rmsnorm_backward(mp_, s.h, ps.compute(norm_post_), s.hn_rstd, dhn, dh, ps.grad(norm_post_),
                           /*accumulate_dx=*/true);
+  round_act(ctx, dh);
   // Attention branch: dx = dh + norm_in^T(MLA^T(dh)).
   OwnedTensor dh_all;
   const Tensor dh_in = tp_gather_rows(mp_, dh, dh_all, "block.dh_all");
@@ -123,8 +159,9 @@ void Block::backward(const ParamStore& ps, Saved& s, const Tensor& dout, const T
     dxn_rows = dxn.t;
   }
   std::memcpy(dx.data(), dh.t.data(), dh.t.bytes());
-  stream_rmsnorm_backward(mp_, s.x, ps.value(norm_in_), s.xn_rstd, dxn_rows, dx, ps.grad(norm_in_),
+  stream_rmsnorm_backward(mp_, s.x, ps.compute(norm_in_), s.xn_rstd, dxn_rows, dx, ps.grad(norm_in_),
                           /*accumulate_dx=*/true);
+  round_act(ctx, dx);
   s.clear();
 }
 

@@ -26,6 +26,7 @@ class Block {
     std::vector<int64_t> expert_load;  // kept until backward frees the rest
     bool filled = false;
     bool trimmed = false;  // selective recompute dropped the cheap tensors
+    bool stored = false;   // mixed precision: the saved tensors are in their storage formats
     void clear();          // frees everything (full recompute keeps only x)
   };
   // out = block(x), both [rows, d] (the residual-stream rows of this rank); out must not alias x.
@@ -40,7 +41,10 @@ class Block {
   int64_t layer() const { return layer_; }
 
  private:
-  void restore_selective(const ParamStore& ps, Saved& s) const;
+  void restore_selective(const ParamStore& ps, Saved& s, const StepContext& ctx) const;
+  // Saved activations to their storage formats after the forward (bf16, FP8 caches) and back.
+  void store(Saved& s, const StepContext& ctx) const;
+  void restore(const ParamStore& ps, Saved& s, const StepContext& ctx) const;
   int64_t layer_, d_;
   float eps_;
   ModelParallel mp_;

@@ -15,6 +15,20 @@ namespace dsv3 {
 enum class Recompute { None, Selective, Full };
 Recompute parse_recompute(const std::string& s);
 
+// The numerics of a run (MODEL.md, "Mixed precision"). fp32: everything f32. bf16: compute weights
+// and activations (and activation gradients) rounded to bf16 where the GPU would store them in bf16,
+// saved activations stored in bf16, GEMMs on bf16 operands with fp32 accumulation; norm statistics,
+// softmax/attention statistics, the router, the losses, weight gradients and the optimizer in fp32.
+// fp8 (on top of bf16): the attention and FFN/expert projections run as FP8 GEMMs (ops::fp8_linear_*).
+// fp8_kv: MLA keeps its KV latent for backward in FP8 with 1 x 128 tile scales and rebuilds the keys
+// and values from it. fp8_dispatch: routed-expert inputs travel (and are kept) as FP8 rows + scales.
+struct Numerics {
+  bool bf16 = false, fp8 = false, fp8_kv = false, fp8_dispatch = false;
+};
+// From training.precision, training.use_fp8, model.mla.use_fp8_kv and model.moe.deep_ep_fp8; a
+// combination without an implementation throws naming the key.
+Numerics numerics_of(const Config& c);
+
 struct StepContext {
   int64_t B = 0, S = 0;  // sequences and tokens per sequence; T = B * S token rows (the residual
                          // stream has ModelParallel::stream_rows(T) of them on this rank)
@@ -24,6 +38,11 @@ struct StepContext {
   Recompute recompute = Recompute::None;
   bool training = true;     // false: forward only, nothing saved for backward
   float grad_scale = 1.0f;  // multiplies every loss term's gradient (gradient accumulation)
+  Numerics num;
+  // Mixed precision: saved activations go to their storage formats after a block's forward. The
+  // re-run forward of full recompute, right before the backward, skips the lossless bf16 round trip
+  // (the FP8 caches still apply, so every recompute mode computes the same bits).
+  bool store_saved = true;
 };
 
 ops::RopeParams rope_params(const ModelConfig& m);
@@ -39,6 +58,26 @@ inline OwnedTensor act(std::vector<int64_t> shape, const std::string& name) {
 inline OwnedTensor act_out(std::vector<int64_t> shape, const std::string& name) {
   return OwnedTensor(DType::F32, std::move(shape), name, Device::Host, Fill::Uninitialized);
 }
+
+// Rounds t to bf16 in place when the run is bf16 (an activation or activation gradient the GPU
+// stores in bf16); nothing in fp32.
+void round_act(const StepContext& ctx, const Tensor& t);
+
+// The GEMMs of a linear layer in the run's precision. Fp8 marks the projections DeepSeek-V3 runs in
+// FP8 (attention and FFN/expert projections; report section 3.3.1): FP8 GEMMs under training.use_fp8,
+// bf16 otherwise. Outputs (y, dx) are rounded like activations; weight gradients accumulate in fp32.
+enum class GemmKind { Bf16, Fp8 };
+void linear_fwd(const StepContext& ctx, GemmKind k, const Tensor& x, const Tensor& w, const Tensor& y,
+                bool accumulate = false);
+void linear_dgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Tensor& w, const Tensor& dx,
+                  bool accumulate = false);
+void linear_wgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Tensor& x, const Tensor& dw);
+
+// Saved activations in their storage precision: an f32 tensor becomes bf16 (its values already are
+// bf16 under round_act, so nothing is lost), and back to f32 before the backward reads it. Empty
+// tensors and tensors already in the target dtype are left alone.
+void store_bf16(OwnedTensor& t);
+void load_f32(OwnedTensor& t);
 
 // Sums t over the tensor-parallel group in place (nothing without TP).
 void tp_allreduce(const ModelParallel& mp, const Tensor& t);

@@ -15,6 +15,7 @@
 
 #include "core/tensor.hpp"
 #include "model/parallel.hpp"
+#include "ops.hpp"
 
 namespace dsv3 {
 
@@ -25,8 +26,12 @@ class ExpertExchange {
   ExpertExchange(const ModelParallel& mp, int64_t num_experts, int64_t width, std::vector<int64_t> lo,
                  std::vector<int64_t> hi);
 
-  // rows [R, width] -> the rows of this rank's experts [local_rows(), width] (collective).
-  OwnedTensor dispatch(const Tensor& rows) const;
+  // rows [R, width] -> the rows of this rank's experts [local_rows(), width] (collective). Adds the
+  // bytes this rank sends to other ranks to *wire_bytes when given.
+  OwnedTensor dispatch(const Tensor& rows, int64_t* wire_bytes = nullptr) const;
+  // The same for FP8 rows (E4M3 codes [R, width] with 1 x 128 tile scales): each row travels as its
+  // width codes plus its scales (width + 4 * tiles(width) bytes) and arrives as such.
+  ops::Fp8Operand dispatch_fp8(const ops::Fp8Operand& rows, int64_t* wire_bytes = nullptr) const;
   // by_expert [local_rows(), width] -> rows[lo[e] : hi[e]] for every expert (collective); other rows
   // of `rows` are untouched.
   void combine(const Tensor& by_expert, const Tensor& rows) const;

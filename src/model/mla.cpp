@@ -4,6 +4,8 @@
 
 #include <cmath>
 
+#include "core/lowp.hpp"
+
 namespace dsv3 {
 
 ops::RopeParams rope_params(const ModelConfig& m) {
@@ -56,6 +58,7 @@ MLA::MLA(const ModelConfig& m, ParamStore& ps, const std::string& p, const Model
 void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved& s,
                   const StepContext& ctx) const {
   const int64_t B = ctx.B, S = ctx.S, T = ctx.T(), qk = n_ + R_;
+  constexpr GemmKind kF8 = GemmKind::Fp8;  // every MLA projection is an FP8 GEMM under use_fp8
   s.xn = xn;
   // Query: [T, H*(n+R)], through the q latent when q_lora_rank > 0.
   s.q = act_out({B, S, H_, qk}, "mla.q");
@@ -64,44 +67,81 @@ void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved
     s.qa = act_out({T, rq_}, "mla.q_a");
     s.qa_n = act_out({T, rq_}, "mla.q_a_normed");
     s.qa_rstd = act_out({T}, "mla.q_a_rstd");
-    ops::linear_forward(xn, ps.value(q_a_), s.qa);
-    ops::rmsnorm_forward(s.qa, ps.value(q_a_norm_), eps_, s.qa_n, s.qa_rstd);
-    ops::linear_forward(s.qa_n, ps.value(q_b_), q2);
+    linear_fwd(ctx, kF8, xn, ps.compute(q_a_), s.qa);
+    ops::rmsnorm_forward(s.qa, ps.compute(q_a_norm_), eps_, s.qa_n, s.qa_rstd);
+    round_act(ctx, s.qa_n);
+    linear_fwd(ctx, kF8, s.qa_n, ps.compute(q_b_), q2);
   } else {
-    ops::linear_forward(xn, ps.value(q_), q2);
+    linear_fwd(ctx, kF8, xn, ps.compute(q_), q2);
   }
   ops::rope_forward(s.q, ctx.rope_cos, ctx.rope_sin, n_);
+  round_act(ctx, s.q);
 
   // Key/value latent and the shared rotary key: kva [T, r_kv + R] = [c ; k_pe].
   s.kva = act_out({T, rkv_ + R_}, "mla.kv_a");
-  ops::linear_forward(xn, ps.value(kv_a_), s.kva);
+  linear_fwd(ctx, kF8, xn, ps.compute(kv_a_), s.kva);
   s.c = act_out({T, rkv_}, "mla.c_kv");
-  s.c_n = act_out({T, rkv_}, "mla.c_kv_normed");
   s.c_rstd = act_out({T}, "mla.c_kv_rstd");
   ops::copy_columns(s.kva, 0, s.c);
-  ops::rmsnorm_forward(s.c, ps.value(kv_norm_), eps_, s.c_n, s.c_rstd);
-  OwnedTensor k_pe = act_out({B, S, 1, R_}, "mla.k_pe");
-  ops::copy_columns(s.kva, rkv_, k_pe.t.view({T, R_}));
-  ops::rope_forward(k_pe, ctx.rope_cos, ctx.rope_sin, 0);
-
-  // Per-head keys and values from the latent: kvb [T, H*(n+dv)] -> k [.., n+R], v [.., dv].
-  OwnedTensor kvb = act_out({B, S, H_, n_ + dv_}, "mla.kv_b");
-  ops::linear_forward(s.c_n, ps.value(kv_b_), kvb.t.view({T, H_ * (n_ + dv_)}));
-  s.k = act_out({B, S, H_, qk}, "mla.k");
-  s.v = act_out({B, S, H_, dv_}, "mla.v");
-  ops::mla_assemble_kv(kvb, k_pe.t.view({B, S, R_}), n_, s.k, s.v);
+  s.c_n = act_out({T, rkv_}, "mla.c_kv_normed");
+  ops::rmsnorm_forward(s.c, ps.compute(kv_norm_), eps_, s.c_n, s.c_rstd);
+  round_act(ctx, s.c_n);
+  keys_values(ps, s, ctx);
 
   s.o = act_out({B, S, H_, dv_}, "mla.o");
   s.lse = act_out({B, H_, S}, "mla.lse");
   ops::attention_forward(s.q, s.k, s.v, ctx.attn_scale, s.o, s.lse);
+  round_act(ctx, s.o);
   if (!mp_.tp) {
-    ops::linear_forward(s.o.t.view({T, H_ * dv_}), ps.value(o_), y, /*accumulate=*/true);
+    linear_fwd(ctx, kF8, s.o.t.view({T, H_ * dv_}), ps.compute(o_), y, /*accumulate=*/true);
     return;
   }
-  // Row-parallel o_proj: each rank's heads give a partial sum of the output.
+  // Row-parallel o_proj: each rank's heads give a partial sum of the output (summed in fp32).
   OwnedTensor part = act_out({T, d_}, "mla.o_proj_partial");
-  ops::linear_forward(s.o.t.view({T, H_ * dv_}), ps.value(o_), part);
+  StepContext f32 = ctx;
+  f32.num.bf16 = false;  // the partial stays unrounded; the sum is rounded once
+  linear_fwd(f32, kF8, s.o.t.view({T, H_ * dv_}), ps.compute(o_), part);
   tp_reduce_rows(mp_, part, y, /*accumulate=*/true);
+  round_act(ctx, y);
+}
+
+void MLA::keys_values(const ParamStore& ps, Saved& s, const StepContext& ctx) const {
+  const int64_t B = ctx.B, S = ctx.S, T = ctx.T(), qk = n_ + R_;
+  OwnedTensor k_pe = act_out({B, S, 1, R_}, "mla.k_pe");
+  ops::copy_columns(s.kva, rkv_, k_pe.t.view({T, R_}));
+  ops::rope_forward(k_pe, ctx.rope_cos, ctx.rope_sin, 0);
+  round_act(ctx, k_pe);
+  // Per-head keys and values from the latent: kvb [T, H*(n+dv)] -> k [.., n+R], v [.., dv].
+  OwnedTensor kvb = act_out({B, S, H_, n_ + dv_}, "mla.kv_b");
+  linear_fwd(ctx, GemmKind::Fp8, s.c_n, ps.compute(kv_b_), kvb.t.view({T, H_ * (n_ + dv_)}));
+  s.k = act_out({B, S, H_, qk}, "mla.k");
+  s.v = act_out({B, S, H_, dv_}, "mla.v");
+  ops::mla_assemble_kv(kvb, k_pe.t.view({B, S, R_}), n_, s.k, s.v);
+}
+
+void MLA::store(Saved& s, const StepContext& ctx) {
+  if (ctx.num.fp8_kv && !s.kva.t.empty()) {
+    s.kv_fp8 = ops::fp8_quantize(s.kva, /*blocks=*/false);
+    s.kva = {}, s.c = {}, s.c_n = {}, s.k = {}, s.v = {};
+  }
+  for (OwnedTensor* t : {&s.qa, &s.qa_n, &s.kva, &s.c, &s.c_n, &s.q, &s.k, &s.v, &s.o}) store_bf16(*t);
+}
+
+void MLA::restore(const ParamStore& ps, Saved& s, const StepContext& ctx) const {
+  for (OwnedTensor* t : {&s.qa, &s.qa_n, &s.kva, &s.c, &s.c_n, &s.q, &s.k, &s.v, &s.o}) load_f32(*t);
+  if (s.kv_fp8.codes.t.empty()) return;
+  // The keys and values of the backward come from the FP8 latent.
+  const int64_t T = ctx.T();
+  s.kva = act_out({T, rkv_ + R_}, "mla.kv_a");
+  lowp::dequantize_tiles(static_cast<const uint8_t*>(s.kv_fp8.codes.t.data()), s.kv_fp8.scales.f32(), T,
+                         rkv_ + R_, s.kva.f32());
+  s.kv_fp8 = {};
+  s.c = act_out({T, rkv_}, "mla.c_kv");
+  ops::copy_columns(s.kva, 0, s.c);
+  s.c_n = act_out({T, rkv_}, "mla.c_kv_normed");
+  ops::rmsnorm_forward(s.c, ps.compute(kv_norm_), eps_, s.c_n, s.c_rstd);
+  round_act(ctx, s.c_n);
+  keys_values(ps, s, ctx);
 }
 
 void MLA::drop_recomputable(Saved& s) {
@@ -109,66 +149,79 @@ void MLA::drop_recomputable(Saved& s) {
   s.c_n = {};
 }
 
-void MLA::recompute(const ParamStore& ps, Saved& s) const {
+void MLA::recompute(const ParamStore& ps, Saved& s, const StepContext& ctx) const {
   const int64_t T = s.c.t.dim(0);
   if (rq_ > 0) {
     s.qa_n = act_out({T, rq_}, "mla.q_a_normed");
-    ops::rmsnorm_forward(s.qa, ps.value(q_a_norm_), eps_, s.qa_n, s.qa_rstd);
+    ops::rmsnorm_forward(s.qa, ps.compute(q_a_norm_), eps_, s.qa_n, s.qa_rstd);
+    round_act(ctx, s.qa_n);
   }
   s.c_n = act_out({T, rkv_}, "mla.c_kv_normed");
-  ops::rmsnorm_forward(s.c, ps.value(kv_norm_), eps_, s.c_n, s.c_rstd);
+  ops::rmsnorm_forward(s.c, ps.compute(kv_norm_), eps_, s.c_n, s.c_rstd);
+  round_act(ctx, s.c_n);
 }
 
 void MLA::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dxn,
                    const StepContext& ctx) const {
   const int64_t B = ctx.B, S = ctx.S, T = ctx.T(), qk = n_ + R_;
+  constexpr GemmKind kF8 = GemmKind::Fp8;
   OwnedTensor d_o = act_out({B, S, H_, dv_}, "mla.d_o");
-  ops::linear_backward_input(dy, ps.value(o_), d_o.t.view({T, H_ * dv_}));
-  ops::linear_backward_weight(dy, s.o.t.view({T, H_ * dv_}), ps.grad(o_));
+  linear_dgrad(ctx, kF8, dy, ps.compute(o_), d_o.t.view({T, H_ * dv_}));
+  linear_wgrad(ctx, kF8, dy, s.o.t.view({T, H_ * dv_}), ps.grad(o_));
 
   OwnedTensor dq = act_out({B, S, H_, qk}, "mla.dq"), dk = act_out({B, S, H_, qk}, "mla.dk"),
               dvv = act_out({B, S, H_, dv_}, "mla.dv");
   ops::attention_backward(s.q, s.k, s.v, s.o, s.lse, d_o, ctx.attn_scale, dq, dk, dvv);
+  for (const OwnedTensor* t : {&dq, &dk, &dvv}) round_act(ctx, *t);
 
   OwnedTensor dkvb = act_out({B, S, H_, n_ + dv_}, "mla.dkv_b"), dk_pe = act_out({B, S, 1, R_}, "mla.dk_pe");
   ops::mla_assemble_kv_backward(dk, dvv, n_, dkvb, dk_pe.t.view({B, S, R_}));
   ops::rope_backward(dk_pe, ctx.rope_cos, ctx.rope_sin, 0);
   ops::rope_backward(dq, ctx.rope_cos, ctx.rope_sin, n_);
+  round_act(ctx, dk_pe), round_act(ctx, dq);
 
-  // Latent path: kv_b, kv norm, then the kv_a columns [c ; k_pe].
+  // Latent path: kv_b, kv norm, then the kv_a columns [c ; k_pe]. Under TP the partial gradients of
+  // the replicated latent are summed in fp32 and rounded once.
+  StepContext part_ctx = ctx;
+  if (mp_.tp) part_ctx.num.bf16 = false;
   OwnedTensor dc_n = act_out({T, rkv_}, "mla.dc_kv_normed"), dc = act_out({T, rkv_}, "mla.dc_kv");
   const Tensor dkvb2 = dkvb.t.view({T, H_ * (n_ + dv_)});
-  ops::linear_backward_input(dkvb2, ps.value(kv_b_), dc_n);
-  ops::linear_backward_weight(dkvb2, s.c_n, ps.grad(kv_b_));
+  linear_dgrad(part_ctx, kF8, dkvb2, ps.compute(kv_b_), dc_n);
+  linear_wgrad(ctx, kF8, dkvb2, s.c_n, ps.grad(kv_b_));
   // Column-parallel inputs: the latent and the shared rotary key gather contributions of all heads.
   tp_allreduce(mp_, dc_n);
   tp_allreduce(mp_, dk_pe);
-  ops::rmsnorm_backward(s.c, ps.value(kv_norm_), s.c_rstd, dc_n, dc, ps.grad(kv_norm_));
+  round_act(ctx, dc_n), round_act(ctx, dk_pe);
+  ops::rmsnorm_backward(s.c, ps.compute(kv_norm_), s.c_rstd, dc_n, dc, ps.grad(kv_norm_));
+  round_act(ctx, dc);
   OwnedTensor dkva = act_out({T, rkv_ + R_}, "mla.dkv_a");
   ops::copy_columns_backward(dc, 0, dkva);
   ops::copy_columns_backward(dk_pe.t.view({T, R_}), rkv_, dkva);
-  ops::linear_backward_input(dkva, ps.value(kv_a_), dxn);
-  ops::linear_backward_weight(dkva, s.xn, ps.grad(kv_a_));
+  linear_dgrad(ctx, kF8, dkva, ps.compute(kv_a_), dxn);
+  linear_wgrad(ctx, kF8, dkva, s.xn, ps.grad(kv_a_));
 
   // Query path.
   const Tensor dq2 = dq.t.view({T, H_ * qk});
   if (rq_ > 0) {
     OwnedTensor dqa_n = act_out({T, rq_}, "mla.dq_a_normed"), dqa = act_out({T, rq_}, "mla.dq_a");
-    ops::linear_backward_input(dq2, ps.value(q_b_), dqa_n);
-    ops::linear_backward_weight(dq2, s.qa_n, ps.grad(q_b_));
+    linear_dgrad(part_ctx, kF8, dq2, ps.compute(q_b_), dqa_n);
+    linear_wgrad(ctx, kF8, dq2, s.qa_n, ps.grad(q_b_));
     tp_allreduce(mp_, dqa_n);
-    ops::rmsnorm_backward(s.qa, ps.value(q_a_norm_), s.qa_rstd, dqa_n, dqa, ps.grad(q_a_norm_));
-    ops::linear_backward_input(dqa, ps.value(q_a_), dxn, /*accumulate=*/true);
-    ops::linear_backward_weight(dqa, s.xn, ps.grad(q_a_));
+    round_act(ctx, dqa_n);
+    ops::rmsnorm_backward(s.qa, ps.compute(q_a_norm_), s.qa_rstd, dqa_n, dqa, ps.grad(q_a_norm_));
+    round_act(ctx, dqa);
+    linear_dgrad(ctx, kF8, dqa, ps.compute(q_a_), dxn, /*accumulate=*/true);
+    linear_wgrad(ctx, kF8, dqa, s.xn, ps.grad(q_a_));
   } else if (!mp_.tp) {
-    ops::linear_backward_input(dq2, ps.value(q_), dxn, /*accumulate=*/true);
-    ops::linear_backward_weight(dq2, s.xn, ps.grad(q_));
+    linear_dgrad(ctx, kF8, dq2, ps.compute(q_), dxn, /*accumulate=*/true);
+    linear_wgrad(ctx, kF8, dq2, s.xn, ps.grad(q_));
   } else {
     OwnedTensor part = act_out({T, d_}, "mla.dxn_q_partial");
-    ops::linear_backward_input(dq2, ps.value(q_), part);
-    ops::linear_backward_weight(dq2, s.xn, ps.grad(q_));
+    linear_dgrad(part_ctx, kF8, dq2, ps.compute(q_), part);
+    linear_wgrad(ctx, kF8, dq2, s.xn, ps.grad(q_));
     tp_allreduce(mp_, part);
     ops::add_inplace(dxn, part);
+    round_act(ctx, dxn);
   }
 }
 

@@ -21,6 +21,7 @@ class MLA {
     OwnedTensor q;                  // [B, S, H, n + R] after RoPE (H: local heads)
     OwnedTensor k, v;               // [B, S, H, n + R], [B, S, H, dv]
     OwnedTensor o, lse;             // [B, S, H, dv], [B, H, S]
+    ops::Fp8Operand kv_fp8;         // use_fp8_kv: kva in FP8 (1 x 128 tiles) instead of kva, c, c_n, k, v
   };
   // y += o_proj(attention(xn)); xn has all T rows, y the stream rows (ModelParallel::stream_rows).
   void forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved& s,
@@ -31,9 +32,16 @@ class MLA {
                 const StepContext& ctx) const;
   // Selective recompute: frees the latent norm outputs, and rebuilds them from the saved inputs.
   static void drop_recomputable(Saved& s);
-  void recompute(const ParamStore& ps, Saved& s) const;
+  void recompute(const ParamStore& ps, Saved& s, const StepContext& ctx) const;
+  // Mixed precision, after the forward: the saved activations go to bf16 storage, and under
+  // use_fp8_kv the KV latent to FP8 (the keys and values derived from it are dropped). restore()
+  // brings them back to f32 before the backward, rebuilding the keys and values from the FP8 latent.
+  static void store(Saved& s, const StepContext& ctx);
+  void restore(const ParamStore& ps, Saved& s, const StepContext& ctx) const;
 
  private:
+  // k_pe from the kva columns, rotated; the per-head keys and values from the normed latent c_n.
+  void keys_values(const ParamStore& ps, Saved& s, const StepContext& ctx) const;
   ModelParallel mp_;
   int64_t d_, H_, n_, R_, dv_, rq_, rkv_;  // H_: heads on this rank
   float eps_;

@@ -23,10 +23,14 @@ class SwiGLU {
                const StepContext& ctx, bool reduce = true) const;
   // dx (= or +=) from dy [T, d], reduced like the forward output; weight gradients accumulate.
   void backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dx, bool accumulate,
-                bool reduce = true) const;
+                const StepContext& ctx, bool reduce = true) const;
   // Selective recompute: h = silu(g) * u is freed after the forward and rebuilt before the backward.
   static void drop_recomputable(Saved& s) { s.h = {}; }
-  static void recompute(Saved& s);
+  static void recompute(Saved& s, const StepContext& ctx);
+  // Mixed precision: the saved products to bf16 storage after the forward, back to f32 before the
+  // backward.
+  static void store(Saved& s);
+  static void restore(Saved& s);
   int64_t width() const { return width_; }
 
  private:

@@ -6,13 +6,14 @@
 #include <cstring>
 
 #include "core/error.hpp"
+#include "core/lowp.hpp"
 #include "parallel/comm.hpp"
 #include "profile.hpp"
 
 namespace dsv3 {
 
 Model::Model(const Config& cfg, const ModelParallel& mp)
-    : m_(cfg.model), mp_(mp), recompute_(parse_recompute(cfg.training.recompute)) {
+    : m_(cfg.model), mp_(mp), recompute_(parse_recompute(cfg.training.recompute)), num_(numerics_of(cfg)) {
   const bool last = mp_.last_stage(), first = mp_.first_stage();
   // The embedding on the first stage; the last stage keeps a tied copy for the MTP modules (replica 1:
   // its gradient is summed with the first stage's, and only the first stage writes it).
@@ -41,6 +42,7 @@ Model::Model(const Config& cfg, const ModelParallel& mp)
       mtp_.push_back(std::make_unique<MTPModule>(m_, params_, k, mp_));
   }
   params_.allocate(mp_.dense_quantum, mp_.expert_quantum);
+  if (num_.bf16) params_.enable_bf16_compute();
   initialize(static_cast<uint64_t>(cfg.training.seed));
 }
 
@@ -62,7 +64,14 @@ std::vector<int64_t> Model::moe_layers() const {
   return out;
 }
 
+// The embedding reads the fp32 table; under bf16 its output is rounded, which is the lookup of the
+// bf16 compute table.
 void Model::embed(const Tensor& ids, const Tensor& out) const {
+  embed_rows(ids, out);
+  if (num_.bf16) lowp::round_bf16(out.f32(), out.numel());
+}
+
+void Model::embed_rows(const Tensor& ids, const Tensor& out) const {
   if (!mp_.tp) {
     ops::embedding_forward(ids, params_.value(embed_), out);
     return;
@@ -89,7 +98,10 @@ void Model::embed_backward(const Tensor& ids, const Tensor& dout) {
                                 m_.vocab_size, params_.grad(embed_));
 }
 
-void Model::initialize(uint64_t seed) { params_.initialize(seed, m_.init_method_std); }
+void Model::initialize(uint64_t seed) {
+  params_.initialize(seed, m_.init_method_std);
+  params_.refresh_compute();
+}
 
 const Tensor& Model::rope_cos(int64_t S) {
   if (S != rope_S_) {
@@ -123,7 +135,8 @@ double Model::head_loss(const Tensor& h, const Tensor& targets, size_t norm, flo
   const int64_t first = Vl * mp_.tp_rank;
   DSV3_CHECK(!logits_capture || !mp_.tp, "logits capture needs the whole vocabulary on one rank (tp = 1)");
   OwnedTensor hn_rows = act_out({rows, d}, "head.normed"), rstd = act_out({rows}, "head.rstd"), hn_all;
-  ops::rmsnorm_forward(h, params_.value(norm), static_cast<float>(m_.norm_eps), hn_rows, rstd);
+  ops::rmsnorm_forward(h, params_.compute(norm), static_cast<float>(m_.norm_eps), hn_rows, rstd);
+  round_act(ctx, hn_rows);
   const Tensor hn = tp_gather_rows(mp_, hn_rows, hn_all, "head.normed_all");  // all T rows
   OwnedTensor dhn;
   if (dh) dhn = act_out({T, d}, "head.d_normed");
@@ -142,7 +155,7 @@ double Model::head_loss(const Tensor& h, const Tensor& targets, size_t norm, flo
     const int64_t C = std::min(chunk, T - c0);
     const Tensor lg = logits.t.rows(0, C), ls = losses.t.rows(0, C), ll = lse.t.rows(0, C);
     const Tensor hc = hn.rows(c0, c0 + C), tc = targets.rows(c0, c0 + C);
-    ops::linear_forward(hc, params_.value(head_), lg);
+    linear_fwd(ctx, GemmKind::Bf16, hc, params_.compute(head_), lg);  // bf16 logits, fp32 loss
     if (logits_capture) std::memcpy(logits_capture->t.rows(c0, c0 + C).data(), lg.data(), lg.bytes());
     if (!mp_.tp) {
       ops::cross_entropy_forward(lg, tc, ls, ll);
@@ -170,8 +183,11 @@ double Model::head_loss(const Tensor& h, const Tensor& targets, size_t norm, flo
       ops::cross_entropy_backward(lg, tc, ll, dl);  // lg now holds dlogits
     else
       ops::cross_entropy_shard_backward(lg, tc, first, V, ll, dl);
-    ops::linear_backward_input(lg, params_.value(head_), dhn.t.rows(c0, c0 + C));
-    ops::linear_backward_weight(lg, hc, params_.grad(head_));
+    round_act(ctx, lg);
+    StepContext part = ctx;
+    if (mp_.tp) part.num.bf16 = false;  // vocabulary shards' partial gradients are summed in fp32
+    linear_dgrad(part, GemmKind::Bf16, lg, params_.compute(head_), dhn.t.rows(c0, c0 + C));
+    linear_wgrad(ctx, GemmKind::Bf16, lg, hc, params_.grad(head_));
   }
   if (dh) {
     // Each vocabulary shard contributes to the hidden gradient: sum them onto the stream rows.
@@ -180,8 +196,10 @@ double Model::head_loss(const Tensor& h, const Tensor& targets, size_t norm, flo
       dhn_rows = act_out({rows, d}, "head.d_normed_rows");
       tp_reduce_rows(mp_, dhn, dhn_rows, /*accumulate=*/false);
     }
-    stream_rmsnorm_backward(mp_, h, params_.value(norm), rstd, mp_.tp ? dhn_rows.t : dhn.t, *dh,
+    if (mp_.tp) round_act(ctx, dhn_rows);
+    stream_rmsnorm_backward(mp_, h, params_.compute(norm), rstd, mp_.tp ? dhn_rows.t : dhn.t, *dh,
                             params_.grad(norm));
+    round_act(ctx, *dh);
   }
   return valid ? sum / static_cast<double>(valid) : 0.0;
 }
@@ -221,7 +239,10 @@ StepLosses Model::stage_forward(const Tensor& tokens, const Tensor& input, Micro
   ctx.recompute = recompute_;
   ctx.training = training;
   ctx.grad_scale = grad_scale;
+  ctx.num = num_;
   st.training = training;
+  // The compute weights follow the masters (the optimizer and loads write only the masters).
+  if (num_.bf16 && chunk == 0) params_.refresh_compute();
 
   // Token windows shifted by `shift`: [T] i32 of tokens[b, shift + s].
   auto shifted = [&](int64_t shift, const char* name) {
@@ -250,6 +271,7 @@ StepLosses Model::stage_forward(const Tensor& tokens, const Tensor& input, Micro
   for (int64_t l = 0; l < L; ++l) {
     st.hs.push_back(act_out({rows, d}, "hidden." + std::to_string(ch.layer_begin + l + 1)));
     ch.blocks[l]->forward(params_, st.hs[l], st.hs[l + 1], st.saved[l], ctx);
+    if (training && num_.bf16) store_bf16(st.hs[l]);  // block l's saved input, in bf16 until its backward
   }
 
   StepLosses out;
@@ -347,6 +369,8 @@ void Model::stage_backward(MicroBatchState& st, const Tensor& d_output,
   }
   OwnedTensor dx = act_out({rows, d}, "d_hidden");
   for (int64_t l = L - 1; l >= 0; --l) {
+    load_f32(st.hs[l]);
+    st.saved[l].x = st.hs[l].t;
     ch.blocks[l]->backward(params_, st.saved[l], cur, dx, ctx);
     std::swap(cur, dx);  // cur now holds the gradient of block l's input
     notify(ch.first_param[l]);

@@ -91,6 +91,7 @@ class Model {
   std::vector<int64_t> moe_layers() const;
 
   Recompute recompute() const { return recompute_; }
+  const Numerics& numerics() const { return num_; }
   void set_recompute(Recompute r) { recompute_ = r; }
   int64_t mtp_depth() const { return m_.mtp.depth; }
   // Model chunks on this rank (ModelParallel::vp); the first chunk of the first stage embeds, the last
@@ -107,6 +108,7 @@ class Model {
   double head_loss(const Tensor& h, const Tensor& targets, size_t norm, float coef, const Tensor* dh,
                    OwnedTensor* logits_capture, const StepContext& ctx);
   void embed(const Tensor& ids, const Tensor& out) const;
+  void embed_rows(const Tensor& ids, const Tensor& out) const;
   void embed_backward(const Tensor& ids, const Tensor& dout);
   void check_tokens(const Tensor& tokens) const;
   const Tensor& rope_cos(int64_t S);
@@ -117,6 +119,7 @@ class Model {
   ModelParallel mp_;
   ParamStore params_;
   Recompute recompute_ = Recompute::None;
+  Numerics num_;
   // This rank's model chunks (one per virtual pipeline stage), in layer order.
   struct Chunk {
     int64_t layer_begin = 0, layer_end = 0;

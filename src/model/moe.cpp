@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/lowp.hpp"
 #include "parallel/comm.hpp"
 
 namespace dsv3 {
@@ -47,6 +48,15 @@ MoE::MoE(const ModelConfig& m, ParamStore& ps, const std::string& p, const Model
                                        ParamGroup::Dense, mp);
 }
 
+namespace {
+// rows = the dequantized values of an FP8 operand of the same shape.
+void dequantize_rows(const ops::Fp8Operand& q, const Tensor& rows) {
+  if (q.rows() == 0) return;
+  lowp::dequantize_tiles(static_cast<const uint8_t*>(q.codes.t.data()), q.scales.f32(), q.rows(), q.k(),
+                         rows.f32());
+}
+}  // namespace
+
 int64_t MoE::capacity(int64_t tokens) const {
   if (capacity_factor_ <= 0) return 0;
   return static_cast<int64_t>(std::ceil(capacity_factor_ * static_cast<double>(tokens * K_) / E_));
@@ -55,6 +65,7 @@ int64_t MoE::capacity(int64_t tokens) const {
 void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved& s,
                   const StepContext& ctx) const {
   const int64_t T = ctx.T();
+  constexpr GemmKind kF8 = GemmKind::Fp8;  // routed and shared experts are FP8 GEMMs under use_fp8
   s.input = x;
   s.logits = act_out({T, E_}, "moe.router_logits");
   s.scores = act_out({T, E_}, "moe.scores");
@@ -70,6 +81,11 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
   const int64_t R = s.plan.rows;
   s.xs = act_out({R, d_}, "moe.dispatched");
   ops::dispatch_forward(s.plan, x, s.xs);
+  // FP8 dispatch: the rows become E4M3 with 1 x 128 tile scales before they travel; the experts see
+  // their dequantized values on every layout (with or without an exchange).
+  ops::Fp8Operand xs_fp8;
+  if (ctx.num.fp8_dispatch) xs_fp8 = ops::fp8_quantize(s.xs, /*blocks=*/false);
+  s.dispatch_bytes = 0;
   const int32_t* off = s.plan.offsets.i32();
   s.exchanged = mp_.ep != nullptr || mp_.tp != nullptr;
   if (s.exchanged) {
@@ -85,10 +101,20 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
       hi[e] = r;
     }
     s.exchange = ExpertExchange(mp_, E_, d_, std::move(lo), std::move(hi));
-    s.xe = s.exchange.dispatch(s.xs);
+    if (ctx.num.fp8_dispatch) {
+      s.x_fp8 = s.exchange.dispatch_fp8(xs_fp8, &s.dispatch_bytes);
+      s.xe = act_out(s.x_fp8.codes.t.shape(), "moe.expert_rows");
+      dequantize_rows(s.x_fp8, s.xe);
+    } else {
+      s.xe = s.exchange.dispatch(s.xs, &s.dispatch_bytes);
+    }
     s.expert_offset = s.exchange.expert_offset();
   } else {
     s.expert_offset.assign(off + e0_, off + e0_ + El_ + 1);
+    if (ctx.num.fp8_dispatch) {
+      dequantize_rows(xs_fp8, s.xs);
+      s.x_fp8 = std::move(xs_fp8);
+    }
   }
   const Tensor xin = s.exchanged ? s.xe.t : s.xs.t;
   const int64_t Rl = std::max<int64_t>(s.expert_offset[El_] - s.expert_offset[0], 1);
@@ -103,14 +129,16 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
     const Tensor xe = xin.rows(r0, r1), ge = s.g.t.rows(r0 - base, r1 - base),
                  ue = s.u.t.rows(r0 - base, r1 - base), he = s.h.t.rows(r0 - base, r1 - base),
                  yo = ye.t.rows(r0 - base, r1 - base);
-    ops::linear_forward(xe, ps.value(w_gate_[j]), ge);
-    ops::linear_forward(xe, ps.value(w_up_[j]), ue);
+    linear_fwd(ctx, kF8, xe, ps.compute(w_gate_[j]), ge);
+    linear_fwd(ctx, kF8, xe, ps.compute(w_up_[j]), ue);
     ops::swiglu_forward(ge, ue, he);
-    ops::linear_forward(he, ps.value(w_down_[j]), yo);
+    round_act(ctx, he);
+    linear_fwd(ctx, kF8, he, ps.compute(w_down_[j]), yo);
   }
   if (!s.exchanged) {
     s.ys = std::move(ye);
     ops::combine_forward(s.plan, s.ys.t.rows(0, R), s.weights, y, /*accumulate=*/true);
+    round_act(ctx, y);
   } else {
     s.ys = act({std::max<int64_t>(R, 1), d_}, "moe.expert_out");  // zero outside the owned rows
     s.exchange.combine(ye, s.ys);
@@ -119,9 +147,11 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
       ops::combine_forward(s.plan, s.ys.t.rows(0, R), s.weights, part);
       if (shared_) shared_->forward(ps, x, part, /*accumulate=*/true, s.shared, ctx, /*reduce=*/false);
       tp_reduce_rows(mp_, part, y, /*accumulate=*/true);
+      round_act(ctx, y);
       return;
     }
     ops::combine_forward(s.plan, s.ys.t.rows(0, R), s.weights, y, /*accumulate=*/true);
+    round_act(ctx, y);
   }
   if (shared_) shared_->forward(ps, x, y, /*accumulate=*/true, s.shared, ctx);
 }
@@ -129,9 +159,13 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
 void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dx,
                    const StepContext& ctx) const {
   const int64_t T = ctx.T(), R = s.plan.rows;
+  constexpr GemmKind kF8 = GemmKind::Fp8;  // routed and shared experts are FP8 GEMMs under use_fp8
+  StepContext f32 = ctx;
+  f32.num.bf16 = false;  // partial sums stay unrounded
   OwnedTensor dys = act_out({std::max<int64_t>(R, 1), d_}, "moe.d_expert_out"),
               dw = act_out({T, K_}, "moe.d_topk_weights");
   ops::combine_backward(s.plan, s.ys.t.rows(0, R), s.weights, dy, dys.t.rows(0, R), dw);
+  round_act(ctx, dys);
 
   const Tensor xin = s.exchanged ? s.xe.t : s.xs.t;
   OwnedTensor dye_owned;
@@ -151,19 +185,22 @@ void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const
     const int64_t l0 = r0 - base, l1 = r1 - base;
     const Tensor dyo = dye.rows(r0, r1), dhe = dh.t.rows(l0, l1), dge = dg.t.rows(l0, l1),
                  due = du.t.rows(l0, l1), dxo = dxe.t.rows(r0, r1), xe = xin.rows(r0, r1);
-    ops::linear_backward_input(dyo, ps.value(w_down_[j]), dhe);
-    ops::linear_backward_weight(dyo, s.h.t.rows(l0, l1), ps.grad(w_down_[j]));
+    linear_dgrad(ctx, kF8, dyo, ps.compute(w_down_[j]), dhe);
+    linear_wgrad(ctx, kF8, dyo, s.h.t.rows(l0, l1), ps.grad(w_down_[j]));
     ops::swiglu_backward(s.g.t.rows(l0, l1), s.u.t.rows(l0, l1), dhe, dge, due);
-    ops::linear_backward_input(dge, ps.value(w_gate_[j]), dxo);
-    ops::linear_backward_input(due, ps.value(w_up_[j]), dxo, true);
-    ops::linear_backward_weight(dge, xe, ps.grad(w_gate_[j]));
-    ops::linear_backward_weight(due, xe, ps.grad(w_up_[j]));
+    round_act(ctx, dge), round_act(ctx, due);
+    linear_dgrad(f32, kF8, dge, ps.compute(w_gate_[j]), dxo);  // one fp32 sum of both, rounded once
+    linear_dgrad(ctx, kF8, due, ps.compute(w_up_[j]), dxo, true);
+    linear_wgrad(ctx, kF8, dge, xe, ps.grad(w_gate_[j]));
+    linear_wgrad(ctx, kF8, due, xe, ps.grad(w_up_[j]));
   }
   // Under TP, dxp collects this rank's partial input gradient (its tokens' routed rows, its slice of
   // the shared experts, the router's rows of its tokens) and one reduction sums it.
   OwnedTensor partial;
   if (mp_.tp) partial = act_out({T, d_}, "moe.d_input_partial");
   const Tensor dxp = mp_.tp ? partial.t : dx;
+  // The input gradient sums the routed rows, the shared experts and the router in fp32; it is
+  // rounded once at the end.
   if (!s.exchanged) {
     ops::dispatch_backward(s.plan, dxe.t.rows(0, R), dxp);
   } else {
@@ -172,7 +209,7 @@ void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const
     ops::dispatch_backward(s.plan, dxs.t.rows(0, R), dxp);
     tp_allreduce(mp_, dw);  // each TP rank has the weight gradients of its own tokens
   }
-  if (shared_) shared_->backward(ps, s.shared, dy, dxp, /*accumulate=*/true, /*reduce=*/false);
+  if (shared_) shared_->backward(ps, s.shared, dy, dxp, /*accumulate=*/true, f32, /*reduce=*/false);
 
   // Router: gradient through the gathered weights, plus the balance loss on the scores.
   OwnedTensor dscores;
@@ -182,14 +219,17 @@ void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const
   }
   OwnedTensor dlogits = act_out({T, E_}, "moe.d_router_logits");
   ops::router_backward(router_, s.logits, s.scores, s.idx, dw, alpha_ > 0 ? dscores.t : Tensor(), dlogits);
+  // The router runs in fp32 on the master gate weights.
   ops::linear_backward_weight(dlogits, s.input, ps.grad(gate_));
   if (!mp_.tp) {
     ops::linear_backward_input(dlogits, ps.value(gate_), dx, /*accumulate=*/true);
+    round_act(ctx, dx);
     return;
   }
   const int64_t a = mp_.owned_begin(T), b = mp_.owned_end(T);
   ops::linear_backward_input(dlogits.t.rows(a, b), ps.value(gate_), dxp.rows(a, b), /*accumulate=*/true);
   tp_reduce_rows(mp_, dxp, dx, /*accumulate=*/false);
+  round_act(ctx, dx);
 }
 
 void MoE::drop_recomputable(Saved& s) const {
@@ -197,10 +237,29 @@ void MoE::drop_recomputable(Saved& s) const {
   if (shared_) SwiGLU::drop_recomputable(s.shared);
 }
 
-void MoE::recompute(Saved& s) const {
+void MoE::recompute(Saved& s, const StepContext& ctx) const {
   s.h = act_out(s.g.t.shape(), "moe.h");
   ops::swiglu_forward(s.g, s.u, s.h);
-  if (shared_) SwiGLU::recompute(s.shared);
+  round_act(ctx, s.h);
+  if (shared_) SwiGLU::recompute(s.shared, ctx);
+}
+
+void MoE::store(Saved& s) {
+  // Under FP8 dispatch the expert input rows are kept as their FP8 codes and scales.
+  if (!s.x_fp8.codes.t.empty()) (s.exchanged ? s.xe : s.xs) = {};
+  if (s.exchanged) s.xs = {};  // the backward reads the rows that arrived (xe), not the sent ones
+  for (OwnedTensor* t : {&s.xs, &s.ys, &s.xe, &s.g, &s.u, &s.h}) store_bf16(*t);
+  SwiGLU::store(s.shared);
+}
+
+void MoE::restore(Saved& s) {
+  for (OwnedTensor* t : {&s.xs, &s.ys, &s.xe, &s.g, &s.u, &s.h}) load_f32(*t);
+  SwiGLU::restore(s.shared);
+  if (s.x_fp8.codes.t.empty()) return;
+  OwnedTensor& rows = s.exchanged ? s.xe : s.xs;
+  if (!rows.t.empty()) return;  // not stored yet
+  rows = act_out(s.x_fp8.codes.t.shape(), "moe.expert_rows");
+  dequantize_rows(s.x_fp8, rows);
 }
 
 std::vector<int64_t> MoE::expert_load(const Saved& s) {

@@ -33,6 +33,8 @@ class MoE {
     bool exchanged = false;
     SwiGLU::Saved shared;
     double balance_loss = 0;
+    ops::Fp8Operand x_fp8;       // FP8 dispatch: the expert input rows (xe, or xs) as E4M3 + scales
+    int64_t dispatch_bytes = 0;  // bytes this rank sent to other EP ranks in the dispatch
   };
   // y += MoE(x) (x all T rows, y the stream rows); the balance loss is in s.balance_loss.
   void forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved& s,
@@ -43,7 +45,11 @@ class MoE {
 
   // Selective recompute of the expert and shared-expert SwiGLU products.
   void drop_recomputable(Saved& s) const;
-  void recompute(Saved& s) const;
+  void recompute(Saved& s, const StepContext& ctx) const;
+  // Mixed precision: saved rows and products to bf16 storage (expert inputs as FP8 under FP8
+  // dispatch) after the forward, back to f32 before the backward.
+  static void store(Saved& s);
+  static void restore(Saved& s);
   // Tokens routed to each expert in the last forward (kept assignments), for the bias update.
   static std::vector<int64_t> expert_load(const Saved& s);
   size_t bias_state() const { return bias_; }

@@ -34,46 +34,52 @@ void MTPModule::forward(const ParamStore& ps, const Tensor& e, const Tensor& h_p
   s.e_rstd = act_out({rows}, "mtp.embedding_rstd");
   s.g_n = act_out({rows, d_}, "mtp.hidden_normed");
   s.g_rstd = act_out({rows}, "mtp.hidden_rstd");
-  ops::rmsnorm_forward(s.e, ps.value(enorm_), eps_, s.e_n, s.e_rstd);
-  ops::rmsnorm_forward(h_prev, ps.value(hnorm_), eps_, s.g_n, s.g_rstd);
+  ops::rmsnorm_forward(s.e, ps.compute(enorm_), eps_, s.e_n, s.e_rstd);
+  ops::rmsnorm_forward(h_prev, ps.compute(hnorm_), eps_, s.g_n, s.g_rstd);
+  round_act(ctx, s.e_n), round_act(ctx, s.g_n);
   s.cat = act_out({rows, 2 * d_}, "mtp.concat");
   ops::copy_columns_backward(s.e_n, 0, s.cat);   // cat[:, 0:d] = e_n (embedding half first)
   ops::copy_columns_backward(s.g_n, d_, s.cat);  // cat[:, d:2d] = g_n
   s.hp = act_out({rows, d_}, "mtp.eh_proj_out");
   if (!mp_.sp) {
-    ops::linear_forward(s.cat, ps.value(eh_proj_), s.hp);
+    linear_fwd(ctx, GemmKind::Bf16, s.cat, ps.compute(eh_proj_), s.hp);
   } else {  // the replicated projection runs on all rows, so its gradient is the same on every rank
     tp_gather_rows(mp_, s.cat, s.cat_all, "mtp.concat_all");
     OwnedTensor hp_all = act_out({ctx.T(), d_}, "mtp.eh_proj_out_all");
-    ops::linear_forward(s.cat_all, ps.value(eh_proj_), hp_all);
+    linear_fwd(ctx, GemmKind::Bf16, s.cat_all, ps.compute(eh_proj_), hp_all);
     tp_slice_rows(mp_, hp_all, s.hp, /*accumulate=*/false);
   }
   block_.forward(ps, s.hp, out, s.block, ctx);
+  if (ctx.training && ctx.num.bf16)
+    for (OwnedTensor* t : {&s.e_n, &s.g_n, &s.cat, &s.cat_all, &s.hp}) store_bf16(*t);
 }
 
 void MTPModule::backward(const ParamStore& ps, Saved& s, const Tensor& dout, const Tensor& dh_prev,
                          const Tensor& de, const StepContext& ctx) const {
   const int64_t rows = dout.dim(0);
+  for (OwnedTensor* t : {&s.e_n, &s.g_n, &s.cat, &s.cat_all, &s.hp}) load_f32(*t);
+  s.block.x = s.hp.t;
   OwnedTensor dhp = act_out({rows, d_}, "mtp.d_eh_proj_out");
   block_.backward(ps, s.block, dout, dhp, ctx);
   OwnedTensor dcat = act_out({rows, 2 * d_}, "mtp.d_concat");
   if (!mp_.sp) {
-    ops::linear_backward_input(dhp, ps.value(eh_proj_), dcat);
-    ops::linear_backward_weight(dhp, s.cat, ps.grad(eh_proj_));
+    linear_dgrad(ctx, GemmKind::Bf16, dhp, ps.compute(eh_proj_), dcat);
+    linear_wgrad(ctx, GemmKind::Bf16, dhp, s.cat, ps.grad(eh_proj_));
   } else {
     OwnedTensor dhp_all, dcat_all = act_out({ctx.T(), 2 * d_}, "mtp.d_concat_all");
     const Tensor dhp_in = tp_gather_rows(mp_, dhp, dhp_all, "mtp.d_eh_proj_out_all");
-    ops::linear_backward_input(dhp_in, ps.value(eh_proj_), dcat_all);
-    ops::linear_backward_weight(dhp_in, s.cat_all, ps.grad(eh_proj_));
+    linear_dgrad(ctx, GemmKind::Bf16, dhp_in, ps.compute(eh_proj_), dcat_all);
+    linear_wgrad(ctx, GemmKind::Bf16, dhp_in, s.cat_all, ps.grad(eh_proj_));
     tp_slice_rows(mp_, dcat_all, dcat, /*accumulate=*/false);
   }
   OwnedTensor de_n = act_out({rows, d_}, "mtp.d_embedding_normed"),
               dg_n = act_out({rows, d_}, "mtp.d_hidden_normed");
   ops::copy_columns(dcat, 0, de_n);
   ops::copy_columns(dcat, d_, dg_n);
-  stream_rmsnorm_backward(mp_, s.e, ps.value(enorm_), s.e_rstd, de_n, de, ps.grad(enorm_));
-  stream_rmsnorm_backward(mp_, s.h_prev, ps.value(hnorm_), s.g_rstd, dg_n, dh_prev, ps.grad(hnorm_),
+  stream_rmsnorm_backward(mp_, s.e, ps.compute(enorm_), s.e_rstd, de_n, de, ps.grad(enorm_));
+  stream_rmsnorm_backward(mp_, s.h_prev, ps.compute(hnorm_), s.g_rstd, dg_n, dh_prev, ps.grad(hnorm_),
                           /*accumulate_dx=*/true);
+  round_act(ctx, de), round_act(ctx, dh_prev);
 }
 
 }  // namespace dsv3

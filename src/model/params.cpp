@@ -2,6 +2,7 @@
 #include "model/params.hpp"
 
 #include "core/error.hpp"
+#include "core/lowp.hpp"
 #include "model/init.hpp"
 
 namespace dsv3 {
@@ -120,6 +121,7 @@ void ParamStore::allocate(int64_t dense_quantum, int64_t expert_quantum) {
     e.value = values_.tensor(DType::F32, e.shard.local_shape, e.name, static_cast<size_t>(e.offset) * 4);
     e.grad =
         grads_.tensor(DType::F32, e.shard.local_shape, "grad:" + e.name, static_cast<size_t>(e.offset) * 4);
+    e.compute = e.value;
   }
   for (auto& e : states_)
     e.value =
@@ -149,6 +151,22 @@ const ParamEntry* ParamStore::find(const std::string& name) const {
   auto it = by_name_.find(name);
   if (it == by_name_.end()) return nullptr;
   return it->second.first ? &states_[it->second.second] : &params_[it->second.second];
+}
+
+void ParamStore::enable_bf16_compute() {
+  DSV3_CHECK(allocated_, "ParamStore::enable_bf16_compute before allocate");
+  if (bf16_compute_) return;
+  compute_ = Buffer(static_cast<size_t>(total_) * 2, Device::Host, Fill::Uninitialized);
+  for (auto& e : params_)
+    e.compute = compute_.tensor(DType::BF16, e.shard.local_shape, e.name + ".bf16",
+                                static_cast<size_t>(e.offset) * 2);
+  bf16_compute_ = true;
+  refresh_compute();
+}
+
+void ParamStore::refresh_compute() {
+  if (!bf16_compute_) return;
+  lowp::to_bf16(static_cast<const float*>(values_.data()), static_cast<uint16_t*>(compute_.data()), total_);
 }
 
 Tensor ParamStore::flat_values() const { return values_.tensor(DType::F32, {total_}, "params"); }

@@ -53,6 +53,7 @@ struct ParamEntry {
   bool weight_decay = true;  // false for norms
   int64_t offset = 0;        // element offset in the flat buffers (set by allocate)
   Tensor value, grad;        // views into the flat buffers (grad empty for non-trainable state)
+  Tensor compute;            // the bf16 compute copy under mixed precision (else = value)
 };
 
 class ParamStore {
@@ -87,6 +88,12 @@ class ParamStore {
   const ParamEntry& state(size_t i) const { return states_.at(i); }
   const ParamEntry* find(const std::string& name) const;  // parameter or state, nullptr if absent
   Tensor value(size_t i) const { return params_.at(i).value; }
+  // The weights forward and backward use: value(i), or under bf16 mixed precision a bf16 copy of it
+  // that refresh_compute() rebuilds from the fp32 masters (MODEL.md, "Mixed precision").
+  Tensor compute(size_t i) const { return params_.at(i).compute; }
+  void enable_bf16_compute();  // after allocate
+  void refresh_compute();
+  bool bf16_compute() const { return bf16_compute_; }
   Tensor grad(size_t i) const { return params_.at(i).grad; }
 
   int64_t num_elements() const { return total_; }
@@ -98,7 +105,8 @@ class ParamStore {
  private:
   std::vector<ParamEntry> params_, states_;
   std::map<std::string, std::pair<bool, size_t>> by_name_;  // (is_state, index)
-  Buffer values_, grads_, state_values_;
+  Buffer values_, grads_, state_values_, compute_;
+  bool bf16_compute_ = false;
   int64_t total_ = 0, dense_total_ = 0, state_total_ = 0;
   bool allocated_ = false;
 };

@@ -158,6 +158,8 @@ CommType comm_type_of(DType d) {
       return CommType::F32;
     case DType::BF16:
       return CommType::BF16;
+    case DType::F8E4M3:
+      return CommType::Byte;
     case DType::I32:
       return CommType::I32;
   }

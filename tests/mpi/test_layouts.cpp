@@ -142,21 +142,29 @@ void compare(const Model& model, const float* local, const FlatRanges& designate
 }
 
 // Checks coverage and tolerance tensor by tensor (rank 0 reports); returns the worst relative error.
-double check_tensors(const Comparison& c, const Model& ref_model, double tol, const std::string& what) {
+// With per_tensor false the tolerance applies to all tensors together (one relative norm), for
+// low-precision runs where a routing decision that flips on a rounding changes one expert's
+// gradient a lot and the whole little.
+double check_tensors(const Comparison& c, const Model& ref_model, double tol, const std::string& what,
+                     bool per_tensor = true) {
   const auto& refs = ref_model.params().params();
-  double worst = 0;
+  double worst = 0, diff2 = 0, ref2 = 0;
   std::string worst_name;
   for (size_t k = 0; k < refs.size(); ++k) {
     const double numel = static_cast<double>(refs[k].value.numel());
     EXPECT_EQ(c.count[k], numel) << what << ": " << refs[k].name << " counted " << c.count[k] << " times for "
                                  << numel << " elements";
     const double rel = c.ref2[k] > 0 ? std::sqrt(c.diff2[k] / c.ref2[k]) : std::sqrt(c.diff2[k]);
-    EXPECT_LE(rel, tol) << what << ": " << refs[k].name << " differs by " << rel << " (relative, by norm)";
+    if (per_tensor)
+      EXPECT_LE(rel, tol) << what << ": " << refs[k].name << " differs by " << rel << " (relative, by norm)";
     if (rel >= worst) worst = rel, worst_name = refs[k].name;
+    diff2 += c.diff2[k], ref2 += c.ref2[k];
   }
+  const double all = std::sqrt(diff2 / ref2);
+  if (!per_tensor) EXPECT_LE(all, tol) << what << ": all tensors together differ by " << all;
   if (world_rank() == 0)
-    std::printf("    %s: worst %.2e (%s) over %zu tensors\n", what.c_str(), worst, worst_name.c_str(),
-                refs.size());
+    std::printf("    %s: worst %.2e (%s) over %zu tensors, all together %.2e\n", what.c_str(), worst,
+                worst_name.c_str(), refs.size(), all);
   return worst;
 }
 
@@ -215,9 +223,26 @@ struct RunResult {
   std::vector<float> values;  // this rank's flat values at the end
 };
 
+// How close a layout must stay to the single-rank run: fp32 differs only by summation order; bf16
+// and FP8 round activations, so a different summation order can flip a rounding (one bf16 ulp,
+// 2^-8 relative), which can flip a near-tie in the router, and the differences grow with training.
+// Step 1 stays far closer than bf16 is to fp32 (loss ~1e-6 apart, gradients ~2e-2 by norm).
+struct Tol {
+  double grad = 1e-5, loss_first = 1e-5, loss = 1e-4, values = 1e-4;
+  bool per_tensor = true;
+};
+const Tol kLowPrecisionTol = {5e-3, 1e-7, 3e-2, 6e-2, false};
+// FP8 under TP: the same tiles as one rank (with activation rounding off the step-1 loss agrees to
+// 1e-9), but a bf16 rounding that flips on the TP summation order can move a tile's amax, which
+// re-rounds the whole 128-wide tile; and the expert Wgrad tiles along tokens, which TP splits.
+const Tol kFp8TpTol = {3e-2, 2e-4, 3e-2, 1e-1, false};
+const std::vector<std::string> kBf16 = {"training.precision=bf16"};
+const std::vector<std::string> kFp8 = {"training.precision=bf16", "training.use_fp8=true",
+                                       "model.mla.use_fp8_kv=true", "model.moe.deep_ep_fp8=true"};
+
 // Trains the layout given by `overrides` on all ranks of the world and compares it with the reference.
 RunResult run_layout(const std::string& name, const std::vector<std::string>& parallel,
-                     const std::vector<std::string>& model = {}, bool check = true) {
+                     const std::vector<std::string>& model = {}, bool check = true, const Tol& tol = {}) {
   const Reference& ref = reference(model);
   std::vector<std::string> overrides = model;
   overrides.insert(overrides.end(), parallel.begin(), parallel.end());
@@ -254,7 +279,7 @@ RunResult run_layout(const std::string& name, const std::vector<std::string>& pa
   if (world_rank() == 0) std::printf("  %s (%s)\n", name.c_str(), grid.describe().c_str());
   grads.reduce();
   values.reduce();
-  check_tensors(grads, ref_model, 1e-5, "step 1 gradients");
+  check_tensors(grads, ref_model, tol.grad, "step 1 gradients", tol.per_tensor);
   const auto& losses = out.summary.losses;
   EXPECT_EQ(losses.size(), ref.losses.size());
   double first = 0, worst = 0;
@@ -264,7 +289,7 @@ RunResult run_layout(const std::string& name, const std::vector<std::string>& pa
     const double rel = std::abs(losses[s] - ref.losses[s]) / std::abs(ref.losses[s]);
     if (s == 0) first = rel;
     worst = std::max(worst, rel);
-    EXPECT_LE(rel, s == 0 ? 1e-5 : 1e-4)
+    EXPECT_LE(rel, s == 0 ? tol.loss_first : tol.loss)
         << name << ": step " << s + 1 << " loss " << losses[s] << " vs " << ref.losses[s];
     const std::vector<int64_t> got = flatten_loads(out.summary.loads.at(s));
     int64_t diff = 0;
@@ -277,7 +302,7 @@ RunResult run_layout(const std::string& name, const std::vector<std::string>& pa
     std::printf(
         "    losses: step 1 %.2e, max over %zu steps %.2e\n    routing flips per step: %s (total %lld)\n",
         first, losses.size(), worst, flips.c_str(), static_cast<long long>(total_flips));
-  check_tensors(values, ref_model, 1e-4, "final parameters");
+  check_tensors(values, ref_model, tol.values, "final parameters", tol.per_tensor);
   return out;
 }
 
@@ -326,6 +351,31 @@ TEST(LayoutNp2, Pp2ShortLastStage) {
 }
 TEST(LayoutNp2, Ep2Dp2) {
   if (world_is(2)) run_layout("ep2_dp2", {"parallel.ep=2"});
+}
+// bf16 and FP8 (with the FP8 KV cache and FP8 dispatch) against the single-rank run in the same
+// precision.
+TEST(LayoutNp2, Tp2Bf16) {
+  if (world_is(2)) run_layout("tp2_bf16", {"parallel.tp=2"}, kBf16, true, kLowPrecisionTol);
+}
+// FP8 tiles follow each TP shard; they are the single-rank run's tiles when every split dimension
+// is whole 128-wide tiles per rank, as in this wider variant of tiny.
+TEST(LayoutNp2, Tp2Fp8) {
+  std::vector<std::string> wide = kFp8;
+  wide.insert(wide.end(), {"model.num_heads=16", "model.mla.qk_nope_head_dim=16", "model.mla.v_head_dim=16",
+                           "model.ffn_dim=512", "model.moe.expert_dim=256"});
+  if (world_is(2)) run_layout("tp2_fp8", {"parallel.tp=2"}, wide, true, kFp8TpTol);
+}
+TEST(LayoutNp2, Pp2Bf16) {
+  if (world_is(2)) run_layout("pp2_bf16", {"parallel.pp=2"}, kBf16, true, kLowPrecisionTol);
+}
+TEST(LayoutNp2, Pp2Fp8) {
+  if (world_is(2)) run_layout("pp2_fp8", {"parallel.pp=2"}, kFp8, true, kLowPrecisionTol);
+}
+TEST(LayoutNp2, Ep2Dp2Bf16) {
+  if (world_is(2)) run_layout("ep2_dp2_bf16", {"parallel.ep=2"}, kBf16, true, kLowPrecisionTol);
+}
+TEST(LayoutNp2, Ep2Dp2Fp8) {
+  if (world_is(2)) run_layout("ep2_dp2_fp8", {"parallel.ep=2"}, kFp8, true, kLowPrecisionTol);
 }
 TEST(LayoutNp2, Pp2RunsTwiceToTheSameBits) {
   if (world_is(2)) expect_same_bits("pp2_again", {"parallel.pp=2"});

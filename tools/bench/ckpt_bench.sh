@@ -11,8 +11,8 @@ dir=${2:-$build/ckpt-bench}
 configs=${CONFIGS:-"tiny d512 1b"}
 ranks=${RANKS:-"1 2 4"}
 export OPENBLAS_NUM_THREADS=1 OMPI_MCA_mpi_yield_when_idle=1
-printf '%-10s %5s %10s %10s %10s %8s %10s %8s %10s %10s %10s %10s %10s\n' config ranks "size MB" "raw MB/s" "save MB/s" \
-  "vs raw" "load MB/s" "vs raw" "raw read" "raw 2GiB" "stall s" "memcpy s" "bg write s"
+printf '%-10s %5s %10s %10s %10s %8s %10s %10s %8s %10s %10s %10s %10s\n' config ranks "size MB" "raw MB/s" "save MB/s" \
+  "vs raw" "raw read" "load MB/s" "vs read" "raw 2GiB" "stall s" "memcpy s" "bg write s"
 for c in $configs; do
   for n in $ranks; do
     extra=(--set training.global_batch_size=$((16 * n)) --set training.micro_batch_size=1)
@@ -31,8 +31,8 @@ for c in $configs; do
 done
 cat <<'NOTE'
 Medians of 3 interleaved repetitions. raw: one writer, 1 MiB writes + fsync of as many bytes as the
-checkpoint in the same directory (raw read: those bytes read back cold, 1 MiB at a time; raw 2GiB: the
-write with 2 GiB, as dd bs=1M count=2048 conv=fsync);
+checkpoint in the same directory (raw read: those bytes read back cold, 1 MiB at a time, which load
+is compared with; raw 2GiB: the write with 2 GiB, as dd bs=1M count=2048 conv=fsync);
 save: create + write + fsync + rename (synchronous); load: after posix_fadvise(DONTNEED), every CRC
 checked; stall: the step loop's time in a background save (plan + copy), the slowest rank; memcpy s:
 rank 0's share at this machine's memcpy speed (one in-memory copy); bg write s: the background

@@ -1,0 +1,65 @@
+// Low-precision number formats: bfloat16 and FP8 E4M3 (the "fn" variant: no infinities, one NaN
+// code per sign, largest finite 448), their conversions, and the block scaling of FP8 tensors that
+// DeepSeek-V3 trains with (report section 3.3.2: 1x128 tiles for activations and gradients, 128x128
+// blocks for weights, one fp32 scale per tile or block).
+//
+// Rounding is round-to-nearest-even everywhere. bf16 keeps subnormals and overflows to infinity,
+// as cvt.rn.bf16.f32 does; E4M3 saturates every finite value beyond 448 (and infinity) to +-448, as
+// cvt.rn.satfinite.e4m3x2.f32 does; NaN stays NaN (quiet bf16 NaN, E4M3 code 0x7f with its sign).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace dsv3::lowp {
+
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float float_of(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// ---- bfloat16 (1 sign, 8 exponent, 7 mantissa bits: the top half of an f32) ----
+inline uint16_t to_bf16(float f) {
+  const uint32_t u = bits_of(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline float from_bf16(uint16_t h) { return float_of(static_cast<uint32_t>(h) << 16); }
+// f rounded to the nearest bf16 value, as an f32.
+inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
+
+void to_bf16(const float* x, uint16_t* out, int64_t n);
+void from_bf16(const uint16_t* h, float* out, int64_t n);
+// x[i] = round_bf16(x[i]) in place.
+void round_bf16(float* x, int64_t n);
+
+// ---- FP8 E4M3 (1 sign, 4 exponent with bias 7, 3 mantissa bits) ----
+constexpr float kE4M3Max = 448.0f;
+uint8_t to_e4m3(float f);
+float from_e4m3(uint8_t q);  // exact (table lookup)
+const float* e4m3_table();   // the 256 decoded values
+
+// ---- FP8 block scaling ----
+constexpr int64_t kFp8Tile = 128;
+inline int64_t tiles(int64_t n) { return (n + kFp8Tile - 1) / kFp8Tile; }
+// The scale of a tile or block with largest magnitude `amax`: amax / 448 (1 for an all-zero tile, so
+// zeros stay zeros); its values are stored as to_e4m3(x / scale) and read back as from_e4m3(q) * scale.
+inline float fp8_scale(float amax) { return amax > 0.0f ? amax / kE4M3Max : 1.0f; }
+
+// x [rows, cols] row-major -> codes q [rows, cols] and scales [rows, tiles(cols)]: one scale per
+// 1 x 128 tile along each row (the last tile of a row may be narrower).
+void quantize_tiles(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scales);
+// w [rows, cols] -> codes q [rows, cols] and scales [tiles(rows), tiles(cols)]: one scale per
+// 128 x 128 block.
+void quantize_blocks(const float* w, int64_t rows, int64_t cols, uint8_t* q, float* scales);
+// The inverses: out = from_e4m3(q) * scale of the tile/block.
+void dequantize_tiles(const uint8_t* q, const float* scales, int64_t rows, int64_t cols, float* out);
+void dequantize_blocks(const uint8_t* q, const float* scales, int64_t rows, int64_t cols, float* out);
+
+}  // namespace dsv3::lowp

@@ -1,0 +1,63 @@
+// Mixed-precision helpers of common.hpp: the run's numerics from the config, activation rounding,
+// linear layers in bf16 or FP8, saved activations stored in bf16.
+#include "core/error.hpp"
+#include "core/lowp.hpp"
+#include "model/common.hpp"
+
+namespace dsv3 {
+
+Numerics numerics_of(const Config& c) {
+  Numerics n;
+  n.bf16 = c.training.precision == "bf16";
+  n.fp8 = c.training.use_fp8;
+  n.fp8_kv = c.model.mla.use_fp8_kv;
+  n.fp8_dispatch = c.model.moe.deep_ep_fp8;
+  // load_config refuses FP8 parts without bf16 (config.cpp).
+  return n;
+}
+
+void round_act(const StepContext& ctx, const Tensor& t) {
+  if (!ctx.num.bf16 || t.numel() == 0) return;
+  lowp::round_bf16(t.f32(), t.numel());
+}
+
+void linear_fwd(const StepContext& ctx, GemmKind k, const Tensor& x, const Tensor& w, const Tensor& y,
+                bool accumulate) {
+  if (ctx.num.fp8 && k == GemmKind::Fp8)
+    ops::fp8_linear_forward(x, w, y, accumulate);
+  else
+    ops::linear_forward(x, w, y, accumulate);
+  round_act(ctx, y);
+}
+
+void linear_dgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Tensor& w, const Tensor& dx,
+                  bool accumulate) {
+  if (ctx.num.fp8 && k == GemmKind::Fp8)
+    ops::fp8_linear_backward_input(dy, w, dx, accumulate);
+  else
+    ops::linear_backward_input(dy, w, dx, accumulate);
+  round_act(ctx, dx);
+}
+
+void linear_wgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Tensor& x, const Tensor& dw) {
+  if (ctx.num.fp8 && k == GemmKind::Fp8)
+    ops::fp8_linear_backward_weight(dy, x, dw);
+  else
+    ops::linear_backward_weight(dy, x, dw);
+}
+
+void store_bf16(OwnedTensor& t) {
+  if (t.t.empty() || t.t.dtype() != DType::F32) return;
+  OwnedTensor h(DType::BF16, t.t.shape(), t.t.name(), Device::Host, Fill::Uninitialized);
+  lowp::to_bf16(t.f32(), static_cast<uint16_t*>(h.t.data()), t.t.numel());
+  t = std::move(h);
+}
+
+void load_f32(OwnedTensor& t) {
+  if (t.t.empty() || t.t.dtype() != DType::BF16) return;
+  OwnedTensor f(DType::F32, t.t.shape(), t.t.name(), Device::Host, Fill::Uninitialized);
+  lowp::from_bf16(static_cast<const uint16_t*>(t.t.data()), f.f32(), t.t.numel());
+  t = std::move(f);
+}
+
+}  // namespace dsv3

@@ -1,0 +1,156 @@
+// Mixed precision on the tiny config (MODEL.md, "Mixed precision"): bf16 and FP8 runs store what
+// they say in the formats they say, stay close to fp32 without being fp32, give the same bits under
+// every recompute mode, and impossible combinations are refused naming the key.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "config/config.hpp"
+#include "core/error.hpp"
+#include "core/lowp.hpp"
+#include "model/model.hpp"
+
+using namespace dsv3;
+
+namespace {
+const std::vector<std::string> kBf16 = {"training.precision=bf16"};
+const std::vector<std::string> kFp8 = {"training.precision=bf16", "training.use_fp8=true"};
+const std::vector<std::string> kFp8All = {"training.precision=bf16", "training.use_fp8=true",
+                                          "model.mla.use_fp8_kv=true", "model.moe.deep_ep_fp8=true"};
+
+Config tiny(std::vector<std::string> o, const std::string& extra = "") {
+  if (!extra.empty()) o.push_back(extra);
+  return load_config(resolve_config_path("tiny"), o);
+}
+OwnedTensor tokens(const Config& c, int64_t B, int64_t S, uint64_t seed = 3) {
+  OwnedTensor t(DType::I32, {B, S + c.model.mtp.depth + 1}, "tokens");
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> u(0, static_cast<int32_t>(c.model.vocab_size - 1));
+  for (int64_t i = 0; i < t.t.numel(); ++i) t.i32()[i] = u(rng);
+  return t;
+}
+std::vector<float> grads(const Model& m) {
+  const Tensor g = m.params().flat_grads();
+  return {g.f32(), g.f32() + g.numel()};
+}
+double cosine(const std::vector<float>& a, const std::vector<float>& b) {
+  double ab = 0, aa = 0, bb = 0;
+  for (size_t i = 0; i < a.size(); ++i)
+    ab += double(a[i]) * b[i], aa += double(a[i]) * a[i], bb += double(b[i]) * b[i];
+  return ab / std::sqrt(aa * bb);
+}
+}  // namespace
+
+TEST(Precision, RecomputeModesGiveIdenticalBitsInEveryPrecision) {
+  for (const auto& prec : {kBf16, kFp8, kFp8All}) {
+    const OwnedTensor tok = tokens(tiny(prec), 2, 20);
+    std::vector<float> ref;
+    double ref_loss = 0;
+    for (const char* mode : {"none", "selective", "full"}) {
+      Model m(tiny(prec, std::string("training.recompute=") + mode));
+      const double loss = m.forward_backward(tok).total;
+      const std::vector<float> g = grads(m);
+      if (ref.empty()) {
+        ref = g, ref_loss = loss;
+        continue;
+      }
+      EXPECT_EQ(loss, ref_loss) << prec.back() << " " << mode;
+      EXPECT_EQ(std::memcmp(g.data(), ref.data(), g.size() * 4), 0) << prec.back() << " " << mode;
+    }
+  }
+}
+
+TEST(Precision, EachPrecisionIsCloseToTheNextButNotEqual) {
+  const OwnedTensor tok = tokens(tiny({}), 2, 24);
+  std::vector<std::vector<float>> g;
+  std::vector<double> loss;
+  for (const auto& prec : {std::vector<std::string>{}, kBf16, kFp8, kFp8All}) {
+    Model m(tiny(prec));
+    loss.push_back(m.forward_backward(tok).total);
+    g.push_back(grads(m));
+  }
+  const char* names[] = {"fp32", "bf16", "bf16+fp8", "bf16+fp8+kv+dispatch"};
+  for (size_t i = 1; i < loss.size(); ++i) {
+    // The FP8 KV cache and FP8 dispatch change only the backward: the expert GEMMs quantize their
+    // inputs on the same 1 x 128 tiles the dispatch does, and the forward uses the exact latent.
+    if (i < 3)
+      EXPECT_NE(loss[i], loss[i - 1]) << names[i] << " computed the same loss as " << names[i - 1];
+    else
+      EXPECT_EQ(loss[i], loss[i - 1]) << names[i];
+    EXPECT_NE(std::memcmp(g[i].data(), g[i - 1].data(), g[i].size() * 4), 0)
+        << names[i] << " computed the same gradient bits as " << names[i - 1];
+    EXPECT_NEAR(loss[i], loss[0], 1e-2 * loss[0]) << names[i];
+    const double c = cosine(g[i], g[0]);
+    EXPECT_GT(c, 0.99) << names[i] << " gradient cosine with fp32";
+    EXPECT_LT(c, 1.0 - 1e-9) << names[i] << " gradient equals fp32";
+    std::printf("%-22s loss %.6f (fp32 %.6f), gradient cosine with fp32 %.6f\n", names[i], loss[i], loss[0],
+                c);
+  }
+}
+
+TEST(Precision, SavedActivationsAreStoredInTheirFormats) {
+  for (const auto& prec : {kBf16, kFp8All}) {
+    const Config c = tiny(prec);
+    Model m(c);
+    const OwnedTensor tok = tokens(c, 2, 16);
+    MicroBatchState st;
+    m.stage_forward(tok, Tensor(), st, /*training=*/true);
+    const bool fp8 = prec.size() > 2;
+    ASSERT_FALSE(st.saved.empty());
+    for (const Block::Saved& s : st.saved) {
+      EXPECT_EQ(s.attn.q.t.dtype(), DType::BF16);
+      EXPECT_EQ(s.attn.o.t.dtype(), DType::BF16);
+      EXPECT_EQ(s.attn.lse.t.dtype(), DType::F32);  // statistics stay fp32
+      EXPECT_EQ(s.xn_rstd.t.dtype(), DType::F32);
+      EXPECT_EQ(s.h.t.dtype(), DType::BF16);
+      if (fp8) {  // the KV latent in FP8, keys and values dropped until the backward
+        EXPECT_EQ(s.attn.kv_fp8.codes.t.dtype(), DType::F8E4M3);
+        EXPECT_TRUE(s.attn.k.t.empty());
+        EXPECT_TRUE(s.attn.kva.t.empty());
+      } else {
+        EXPECT_EQ(s.attn.k.t.dtype(), DType::BF16);
+      }
+      if (s.moe.plan.rows > 0) {
+        EXPECT_EQ(s.moe.g.t.dtype(), DType::BF16);
+        EXPECT_EQ(s.moe.scores.t.dtype(), DType::F32);  // the router stays fp32
+        if (fp8) EXPECT_EQ(s.moe.x_fp8.codes.t.dtype(), DType::F8E4M3);
+      }
+    }
+    for (size_t l = 0; l + 1 < st.hs.size(); ++l) EXPECT_EQ(st.hs[l].t.dtype(), DType::BF16) << l;
+    m.stage_backward(st, Tensor());  // restores and differentiates without complaint
+  }
+}
+
+TEST(Precision, ComputeWeightsAreTheRoundedMasters) {
+  Model m(tiny(kBf16));
+  const ParamStore& ps = m.params();
+  ASSERT_TRUE(ps.bf16_compute());
+  for (size_t i = 0; i < ps.params().size(); i += 7) {
+    const Tensor v = ps.value(i), c = ps.compute(i);
+    ASSERT_EQ(c.dtype(), DType::BF16);
+    const auto* h = static_cast<const uint16_t*>(c.data());
+    for (int64_t j = 0; j < v.numel(); j += 13)
+      ASSERT_EQ(h[j], lowp::to_bf16(v.f32()[j])) << ps.param(i).name;
+  }
+  // A change of the masters reaches the next forward.
+  const OwnedTensor tok = tokens(tiny(kBf16), 1, 12);
+  const double before = m.forward(tok).total;
+  const Tensor w = m.params().value(m.embedding_param());
+  for (int64_t j = 0; j < w.numel(); ++j) w.f32()[j] *= 1.5f;
+  EXPECT_NE(m.forward(tok).total, before);
+}
+
+TEST(Precision, Fp8WithoutBf16IsRefusedNamingTheKey) {
+  for (const char* key : {"training.use_fp8", "model.mla.use_fp8_kv", "model.moe.deep_ep_fp8"}) {
+    std::string msg;
+    try {
+      tiny({"training.precision=fp32", std::string(key) + "=true"});
+    } catch (const Error& e) {
+      msg = e.what();
+    }
+    EXPECT_NE(msg.find(key), std::string::npos) << msg;
+    EXPECT_NE(msg.find("training.precision: bf16"), std::string::npos) << msg;
+  }
+}

@@ -1,0 +1,157 @@
+// bf16 and FP8 E4M3 conversions and FP8 block scaling (core/lowp.hpp): every E4M3 code, the ties
+// between neighbours, saturation, NaN, bf16 ties/subnormals/overflow. tests/unit/check_lowp.py
+// compares the same conversions with ml_dtypes.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "core/lowp.hpp"
+
+namespace dsv3::lowp {
+namespace {
+
+TEST(E4M3, EveryCodeDecodesAndRoundTrips) {
+  int nans = 0;
+  for (int c = 0; c < 256; ++c) {
+    const float v = from_e4m3(static_cast<uint8_t>(c));
+    if (std::isnan(v)) {
+      ++nans;
+      EXPECT_EQ(c & 0x7f, 0x7f) << c;
+      continue;
+    }
+    EXPECT_EQ(to_e4m3(v), c) << "code " << c << " value " << v;
+    EXPECT_EQ(std::signbit(v), (c & 0x80) != 0) << c;
+  }
+  EXPECT_EQ(nans, 2);
+  EXPECT_EQ(from_e4m3(0x7e), 448.0f);
+  EXPECT_EQ(from_e4m3(0x01), std::ldexp(1.0f, -9));  // smallest subnormal
+  EXPECT_EQ(from_e4m3(0x07), std::ldexp(7.0f, -9));  // largest subnormal
+  EXPECT_EQ(from_e4m3(0x08), std::ldexp(1.0f, -6));  // smallest normal
+  EXPECT_EQ(from_e4m3(0x38), 1.0f);
+  EXPECT_EQ(from_e4m3(0xb8), -1.0f);
+  // Positive codes are strictly increasing.
+  for (int c = 0; c < 126; ++c) EXPECT_LT(from_e4m3(c), from_e4m3(c + 1)) << c;
+}
+
+TEST(E4M3, TiesGoToEvenAndNeighboursToTheNearest) {
+  for (int c = 0; c < 126; ++c) {
+    const float lo = from_e4m3(c), hi = from_e4m3(c + 1);
+    const float mid = (lo + hi) / 2;  // exact: 5 significant bits at most
+    const int even = (c % 2 == 0) ? c : c + 1;
+    EXPECT_EQ(to_e4m3(mid), even) << "tie between codes " << c << " and " << c + 1;
+    EXPECT_EQ(to_e4m3(-mid), even | 0x80) << c;
+    EXPECT_EQ(to_e4m3(std::nextafter(mid, 0.0f)), c) << c;
+    EXPECT_EQ(to_e4m3(std::nextafter(mid, 1e9f)), c + 1) << c;
+  }
+  // Below half the smallest subnormal: zero, keeping the sign.
+  EXPECT_EQ(to_e4m3(std::ldexp(1.0f, -10)), 0x00);  // tie with 0 -> even (0)
+  EXPECT_EQ(to_e4m3(-std::ldexp(1.0f, -11)), 0x80);
+  EXPECT_EQ(to_e4m3(std::numeric_limits<float>::denorm_min()), 0x00);
+}
+
+TEST(E4M3, SaturatesAndKeepsNaN) {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (float v : {448.0f, 448.5f, 463.9f, 464.0f, 480.0f, 1e4f, 3.4e38f, inf}) {
+    EXPECT_EQ(to_e4m3(v), 0x7e) << v;
+    EXPECT_EQ(to_e4m3(-v), 0xfe) << v;
+  }
+  EXPECT_EQ(to_e4m3(std::nanf("")), 0x7f);
+  EXPECT_EQ(to_e4m3(-std::nanf("")), 0xff);
+  EXPECT_EQ(to_e4m3(0.0f), 0x00);
+  EXPECT_EQ(to_e4m3(-0.0f), 0x80);
+}
+
+TEST(BF16, RoundsToNearestEvenKeepsSubnormalsOverflowsToInfinity) {
+  auto f = [](uint32_t u) { return float_of(u); };
+  EXPECT_EQ(to_bf16(f(0x3f808000u)), 0x3f80);  // tie, even below
+  EXPECT_EQ(to_bf16(f(0x3f818000u)), 0x3f82);  // tie, even above
+  EXPECT_EQ(to_bf16(f(0x3f808001u)), 0x3f81);  // just above the tie
+  EXPECT_EQ(to_bf16(f(0x3f807fffu)), 0x3f80);  // just below
+  EXPECT_EQ(to_bf16(f(0x00018000u)), 0x0002);  // subnormal tie -> even
+  EXPECT_EQ(to_bf16(f(0x00008000u)), 0x0000);  // half the smallest bf16 subnormal -> 0
+  EXPECT_EQ(to_bf16(f(0x00008001u)), 0x0001);
+  EXPECT_EQ(to_bf16(f(0x807f8000u)), 0x8080);   // negative subnormal rounding up into the normals
+  EXPECT_EQ(to_bf16(f(0x7f7fffffu)), 0x7f80);   // FLT_MAX -> +inf
+  EXPECT_EQ(to_bf16(f(0x7f7f7fffu)), 0x7f7f);   // largest finite bf16 stays
+  EXPECT_EQ(to_bf16(f(0xff800000u)), 0xff80);   // -inf
+  const uint16_t qn = to_bf16(f(0x7f800001u));  // signalling NaN whose payload would truncate to inf
+  EXPECT_TRUE(std::isnan(from_bf16(qn)));
+  EXPECT_EQ(qn & 0x0040, 0x0040);
+  EXPECT_TRUE(std::isnan(from_bf16(to_bf16(f(0xffc00000u)))));
+  EXPECT_EQ(to_bf16(f(0xffc00000u)) & 0x8000, 0x8000);
+  // Every bf16 value converts back to itself.
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float v = from_bf16(static_cast<uint16_t>(h));
+    if (!std::isnan(v)) ASSERT_EQ(to_bf16(v), h) << h;
+  }
+  std::vector<float> x = {1.00390625f, -3.0f, 1e-40f};
+  round_bf16(x.data(), 3);
+  EXPECT_EQ(x[0], 1.0f);  // 1 + 2^-8: a tie, even is 1
+  EXPECT_EQ(x[1], -3.0f);
+  EXPECT_EQ(x[2], from_bf16(to_bf16(1e-40f)));
+}
+
+TEST(Fp8Scaling, TilesScaleByTheirOwnAmax) {
+  const int64_t rows = 3, cols = 300;  // tiles of 128, 128, 44
+  std::mt19937 gen(7);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> x(rows * cols);
+  for (auto& v : x) v = nd(gen);
+  for (int64_t c = 128; c < 256; ++c) x[1 * cols + c] *= 1000.0f;  // one loud tile
+  for (int64_t c = 256; c < 300; ++c) x[2 * cols + c] = 0.0f;      // one silent tile
+  std::vector<uint8_t> q(x.size());
+  std::vector<float> s(rows * tiles(cols)), back(x.size());
+  quantize_tiles(x.data(), rows, cols, q.data(), s.data());
+  dequantize_tiles(q.data(), s.data(), rows, cols, back.data());
+  ASSERT_EQ(tiles(cols), 3);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t t = 0; t < 3; ++t) {
+      float amax = 0;
+      for (int64_t c = t * 128; c < std::min<int64_t>(cols, (t + 1) * 128); ++c)
+        amax = std::max(amax, std::fabs(x[r * cols + c]));
+      EXPECT_EQ(s[r * 3 + t], amax > 0 ? amax / 448.0f : 1.0f) << r << "," << t;
+    }
+  for (size_t i = 0; i < x.size(); ++i) {
+    const float scale = s[(i / cols) * 3 + (i % cols) / 128];
+    // Relative error 2^-4 for normals, absolute 2^-10 * scale in the subnormal range.
+    EXPECT_LE(std::fabs(back[i] - x[i]), std::max(std::fabs(x[i]) / 16.0f, std::ldexp(scale, -10)) * 1.0001f)
+        << i;
+  }
+  for (int64_t c = 256; c < 300; ++c) EXPECT_EQ(back[2 * cols + c], 0.0f);
+  // The element holding the amax maps to the largest code (448 * scale ~ amax).
+  int64_t arg = 128;
+  for (int64_t c = 128; c < 256; ++c)
+    if (std::fabs(x[cols + c]) > std::fabs(x[cols + arg])) arg = c;
+  EXPECT_EQ(q[cols + arg] & 0x7f, 0x7e);
+}
+
+TEST(Fp8Scaling, BlocksScaleByTheirOwnAmax) {
+  const int64_t rows = 130, cols = 257;  // 2 x 3 blocks, ragged at the edges
+  std::vector<float> w(rows * cols);
+  for (int64_t i = 0; i < rows * cols; ++i) w[i] = std::sin(0.37f * static_cast<float>(i)) * (1 + (i % 7));
+  w[129 * cols + 256] = 90.0f;  // the corner block's maximum
+  std::vector<uint8_t> q(w.size());
+  std::vector<float> s(tiles(rows) * tiles(cols)), back(w.size());
+  quantize_blocks(w.data(), rows, cols, q.data(), s.data());
+  dequantize_blocks(q.data(), s.data(), rows, cols, back.data());
+  EXPECT_EQ(s[1 * 3 + 2], 90.0f / 448.0f);
+  EXPECT_EQ(back[129 * cols + 256], 90.0f);
+  for (int64_t br = 0; br < 2; ++br)
+    for (int64_t bc = 0; bc < 3; ++bc) {
+      float amax = 0;
+      for (int64_t r = br * 128; r < std::min<int64_t>(rows, br * 128 + 128); ++r)
+        for (int64_t c = bc * 128; c < std::min<int64_t>(cols, bc * 128 + 128); ++c)
+          amax = std::max(amax, std::fabs(w[r * cols + c]));
+      EXPECT_EQ(s[br * 3 + bc], amax / 448.0f);
+    }
+  for (size_t i = 0; i < w.size(); ++i) {
+    const float scale = s[((i / cols) / 128) * 3 + (i % cols) / 128];
+    EXPECT_LE(std::fabs(back[i] - w[i]), std::max(std::fabs(w[i]) / 16.0f, std::ldexp(scale, -10)) * 1.0001f);
+  }
+}
+
+}  // namespace
+}  // namespace dsv3::lowp

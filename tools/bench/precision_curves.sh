@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# make precision-curves: the same training run (same seed, same fortunes data) in fp32, bf16 and
+# bf16 + FP8 (FP8 GEMMs, FP8 KV cache, FP8 dispatch), on tiny and cpu_d512, then the loss curves side
+# by side and the relative gaps of the final smoothed LM loss (tools/bench/precision_report.py).
+#   tools/bench/precision_curves.sh [BUILD_DIR] [OUT_DIR]   (CONFIGS="tiny d512", STEPS=300, DATA=data/fortunes)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+build=${1:-build}
+out=${2:-$build/precision-curves}
+configs=${CONFIGS:-"tiny d512"}
+steps=${STEPS:-300}
+data=${DATA:-data/fortunes}
+[ -f "${data}_train.idx" ] || "$build/bin/dsv3-data" --input /usr/share/games/fortunes --format fortunes \
+  --output-prefix "$data" --valid-fraction 0.02
+export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
+declare -A sets=(
+  [fp32]="--set training.precision=fp32"
+  [bf16]="--set training.precision=bf16"
+  [fp8]="--set training.precision=bf16 --set training.use_fp8=true --set model.mla.use_fp8_kv=true --set model.moe.deep_ep_fp8=true")
+runs=()
+for c in $configs; do
+  case $c in
+    tiny) cfg=configs/deepseek_v3_tiny.yaml ;;
+    d512) cfg=tools/bench/cpu_d512.yaml ;;
+    *) echo "unknown config $c" >&2; exit 2 ;;
+  esac
+  for p in fp32 bf16 fp8; do
+    dir=$out/$c-$p
+    if [ ! -f "$dir/metrics.jsonl" ] || [ "$(grep -c '"step"' "$dir/metrics.jsonl" || true)" -lt "$steps" ]; then
+      rm -rf "$dir"; mkdir -p "$out"
+      # shellcheck disable=SC2086
+      "$build/bin/dsv3-train" --config "$cfg" --data "$data" --run-dir "$dir" --resume none \
+        --set training.train_steps="$steps" --set training.eval_interval=0 --set training.log_interval=50 \
+        --set checkpoint.interval=100000 ${sets[$p]} > "$dir.log" 2>&1 || { echo "run $c $p failed: $dir.log" >&2; exit 1; }
+    fi
+    runs+=("$c:$p:$dir/metrics.jsonl")
+  done
+done
+python3 tools/bench/precision_report.py "${runs[@]}"
