@@ -17,7 +17,7 @@ DEB_PACKAGES := build-essential cmake pkg-config git \
   slurmctld slurmd slurm-client munge clang libclang-rt-14-dev util-linux
 
 .PHONY: all deps build debug cuda test test-release test-debug golden demo format check-format clean help bench bench-dp \
-  sbatch scaling-demo bench-ckpt fuzz test-fuzz fuzz-campaign
+  sbatch scaling-demo bench-ckpt fuzz test-fuzz fuzz-campaign precision-curves
 
 all: build
 
@@ -29,6 +29,7 @@ help:
 	@echo "make golden   regenerate tests/golden/tiny_golden.h5 with the PyTorch reference"
 	@echo "make format   clang-format every C++ source"
 	@echo "make sbatch   regenerate slurm/<config>.sbatch from the configs and the planner"
+	@echo "make precision-curves  fp32 vs bf16 vs bf16+FP8 loss curves (tiny, cpu_d512; 300 steps each)"
 	@echo "make scaling-demo  strong and weak scaling sweeps through a local Slurm (needs root), report and plot"
 
 deps:
@@ -157,5 +158,8 @@ scaling-demo: deps build
 
 # Checkpoint save/load bandwidth against the disk's raw write bandwidth and the stall of a background
 # save (tiny, cpu_d512 and 1b on 1, 2, 4 ranks): tools/bench/ckpt_bench.sh. CONFIGS, RANKS pick rows.
+precision-curves: build
+	tools/bench/precision_curves.sh $(BUILD)
+
 bench-ckpt: build
 	bash tools/bench/ckpt_bench.sh $(BUILD) $(BUILD)/ckpt-bench

@@ -47,10 +47,20 @@ struct Options {
   int64_t steps = 5, warmup = 2, profile_steps = 2;
   std::vector<std::string> configs;
   bool torch = true, json_out = false;
+  bool precisions = false;  // fp32, bf16 and bf16 + FP8 side by side instead of the PyTorch comparison
 };
+
+// The numerics --precisions compares (tokens/s of each, same model and shapes).
+const std::vector<std::pair<std::string, std::vector<std::string>>> kPrecisions = {
+    {"fp32", {"training.precision=fp32"}},
+    {"bf16", {"training.precision=bf16"}},
+    {"bf16+fp8",
+     {"training.precision=bf16", "training.use_fp8=true", "model.mla.use_fp8_kv=true",
+      "model.moe.deep_ep_fp8=true"}}};
 
 const char* kUsage =
     "usage: dsv3-bench [--steps N] [--warmup W] [--profile-steps P] [--config PATH] [--no-torch] [--json]\n"
+    "       dsv3-bench --precisions [--steps N] [--warmup W] [--config PATH] [--json]\n"
     "       dsv3-bench --grid --data PREFIX [--config NAME] [--family dp|tp|pp|ep|4d] [--scaling "
     "strong|weak]\n"
     "                  [--batch B] [--micro-batch M] [--steps N] [--warmup W] [--peak-tflops X]\n"
@@ -70,6 +80,8 @@ const char* kUsage =
     "  Trains each config for W untimed and N timed steps (forward_backward + AdamW on random tokens,\n"
     "  micro_batch_size x seq_length tokens per step), then P profiled steps; runs the PyTorch reference\n"
     "  (tests/reference/bench_torch.py) on the same shapes with the same thread count.\n"
+    "  --precisions: the same training steps in fp32, bf16 and bf16 + FP8 (FP8 GEMMs, KV cache and\n"
+    "  dispatch; the host's FP8 GEMMs are the exact reference, not a fast path), tokens/s side by side.\n"
     "  Default configs: configs/deepseek_v3_tiny.yaml and tools/bench/cpu_d512.yaml.\n"
     "  Threads: OPENBLAS_NUM_THREADS (default all cores) for both implementations.\n";
 
@@ -98,6 +110,8 @@ Options parse(int argc, char** argv) {
       o.configs.push_back(value());
     else if (a == "--no-torch")
       o.torch = false;
+    else if (a == "--precisions")
+      o.precisions = true;
     else if (a == "--json")
       o.json_out = true;
     else if (a == "-h" || a == "--help") {
@@ -153,8 +167,9 @@ json run_torch(const std::string& config, const Options& o, int threads) {
   }
 }
 
-json bench_config(const std::string& path, const Options& o, double peak_tflops, int threads) {
-  const Config cfg = load_config(path, {"training.precision=fp32"});
+json bench_config(const std::string& path, const Options& o, double peak_tflops, int threads,
+                  const std::vector<std::string>& overrides = {"training.precision=fp32"}) {
+  const Config cfg = load_config(path, overrides);
   const ModelConfig& m = cfg.model;
   const int64_t B = cfg.training.micro_batch_size, S = cfg.training.seq_length, W = S + m.mtp.depth + 1;
   Model model(cfg);
@@ -540,6 +555,34 @@ int main(int argc, char** argv) {
           "dsv3-bench: %s; Kokkos threads %d, OpenBLAS threads %d, PyTorch threads %d\n"
           "  measured sgemm peak (1024^3, best of 5): %.1f GFLOP/s\n",
           host_backend_description().c_str(), kthreads, bthreads, bthreads, peak * 1e3);
+    if (o.precisions) {
+      Options q = o;
+      q.torch = false, q.profile_steps = 0;
+      for (const std::string& c : o.configs) {
+        json rows = json::array();
+        for (const auto& [name, sets] : kPrecisions) {
+          json r = bench_config(c, q, peak, bthreads, sets);
+          r["precision"] = name;
+          rows.push_back(r);
+        }
+        all["results"].push_back({{"config", c}, {"precisions", rows}});
+        if (o.json_out) continue;
+        std::printf("\n== %s: %lld x %lld tokens per step, %lld steps after %lld warm-up ==\n", c.c_str(),
+                    rows[0]["batch"].get<long long>(), rows[0]["seq"].get<long long>(), (long long)o.steps,
+                    (long long)o.warmup);
+        std::printf("  %-10s %12s %12s %10s %10s %12s\n", "precision", "tokens/s", "step (med)", "vs fp32",
+                    "GFLOP/s", "last loss");
+        const double base = rows[0]["tokens_per_s"].get<double>();
+        for (const json& r : rows)
+          std::printf("  %-10s %12.1f %11.3fs %9.2fx %10.1f %12.4f\n",
+                      r["precision"].get<std::string>().c_str(), r["tokens_per_s"].get<double>(),
+                      r["median_step_s"].get<double>(), r["tokens_per_s"].get<double>() / base,
+                      r["tflops"].get<double>() * 1e3, r["last_loss"].get<double>());
+        std::fflush(stdout);
+      }
+      if (o.json_out) std::cout << all.dump(2) << std::endl;
+      return 0;
+    }
     for (const std::string& c : o.configs) {
       const json r = bench_config(c, o, peak, bthreads);
       all["results"].push_back(r);

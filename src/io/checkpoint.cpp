@@ -754,6 +754,7 @@ CheckpointInfo read_info(ReadFile& f) {
   info.layout = read_string_attr(root, "layout", f.path);
   info.code_version = read_string_attr(root, "code_version", f.path);
   info.created = read_string_attr(root, "created", f.path);
+  if (H5Aexists(root, "precision") > 0) info.precision = read_string_attr(root, "precision", f.path);
   info.state.step = read_int_attr(root, "step", f.path);
   info.state.consumed_tokens = read_int_attr(root, "consumed_tokens", f.path);
   if (link_exists(root, "/train/rng_and_sampler")) {

@@ -133,6 +133,7 @@ struct CheckpointInfo {
   std::string layout;        // e.g. "tp=1 pp=1 ep=1 dp=1 expert_tp=1 zero_stage=1 world=1"
   std::string code_version;  // DSV3_VERSION of the writer
   std::string created;       // UTC, ISO 8601
+  std::string precision;     // the numerics that trained it ("" in files that predate the attribute)
   bool has_optimizer = false;
   int64_t optimizer_steps = 0;  // the optimizer's step count at save time (skipped updates not counted)
   std::string optimizer_type;   // "adamw"

@@ -51,6 +51,7 @@ void Block::forward(const ParamStore& ps, const Tensor& x, const Tensor& out, Sa
   if (moe_) {
     moe_->forward(ps, hin, out, s.moe, ctx);
     s.balance_loss = s.moe.balance_loss;
+    s.dispatch_bytes = s.moe.dispatch_bytes;
     s.expert_load = MoE::expert_load(s.moe);
   } else {
     mlp_->forward(ps, hin, out, /*accumulate=*/true, s.mlp, ctx);

@@ -23,6 +23,7 @@ class Block {
     SwiGLU::Saved mlp;
     MoE::Saved moe;
     double balance_loss = 0;
+    int64_t dispatch_bytes = 0;        // sent to other EP ranks by the forward's dispatch
     std::vector<int64_t> expert_load;  // kept until backward frees the rest
     bool filled = false;
     bool trimmed = false;  // selective recompute dropped the cheap tensors

@@ -279,6 +279,7 @@ StepLosses Model::stage_forward(const Tensor& tokens, const Tensor& input, Micro
   auto collect = [&](const Block& blk, const Block::Saved& s) {
     if (!blk.is_moe()) return;
     out.balance += s.balance_loss;
+    out.dispatch_bytes += s.dispatch_bytes;
     out.expert_load[blk.layer()] = s.expert_load;
     int64_t kept = 0;
     for (int64_t c : s.expert_load) kept += c;

@@ -18,10 +18,11 @@ namespace dsv3 {
 
 struct StepLosses {
   double total = 0, main = 0, balance = 0;
-  std::vector<double> mtp;  // per depth
-  int64_t tokens = 0;       // B * S predicted positions of the main model
-  int64_t dropped = 0;      // (token, expert) assignments dropped by the capacity factor
-  int64_t assignments = 0;  // (token, expert) assignments routed in all MoE layers
+  std::vector<double> mtp;     // per depth
+  int64_t tokens = 0;          // B * S predicted positions of the main model
+  int64_t dispatch_bytes = 0;  // bytes this rank sent to other EP ranks in the MoE dispatches
+  int64_t dropped = 0;         // (token, expert) assignments dropped by the capacity factor
+  int64_t assignments = 0;     // (token, expert) assignments routed in all MoE layers
   // Kept assignments per expert for every MoE layer (HF layer index -> [E]), for the bias update.
   std::map<int64_t, std::vector<int64_t>> expert_load;
 };

@@ -415,6 +415,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
         agg.total += l.total / nmicro, agg.main += l.main / nmicro, agg.balance += l.balance / nmicro;
         for (size_t k = 0; k < l.mtp.size(); ++k) agg.mtp[k] += l.mtp[k] / nmicro;
         agg.dropped += l.dropped, agg.assignments += l.assignments;
+        agg.dispatch_bytes += l.dispatch_bytes;
         for (const auto& [layer, c] : l.expert_load) {
           auto& a = agg.expert_load[layer];
           if (a.empty()) a.assign(c.size(), 0);
@@ -496,9 +497,11 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
     for (const Comm* c : {rk.tp, rk.ep})  // the model's own collectives
       if (c) comm_s += c->blocking_seconds();
     // Means over the ranks, so that communication, bubble and the rest of a rank's step add up.
-    double times[2] = {comm_s, bubble_s};
-    if (rk.world) rk.world->allreduce(times, 2);
+    // (and the MoE dispatch bytes every rank sent to the others, summed)
+    double times[3] = {comm_s, bubble_s, double(agg.dispatch_bytes)};
+    if (rk.world) rk.world->allreduce(times, 3);
     comm_s = times[0] / double(world), bubble_s = times[1] / double(world);
+    const double dispatch_bytes = times[2];
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     tokens_seen += gb * S;  // over all data-parallel ranks
     const double tps = double(gb * S) / dt;
@@ -530,6 +533,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
                    {"step_time_s", dt},
                    {"comm_time_s", comm_s},
                    {"bubble_time_s", bubble_s},
+                   {"dispatch_bytes", dispatch_bytes},
                    {"skipped", !finite}});
     if ((step + 1) % t.log_interval == 0 || step == 0 || step + 1 == t.train_steps) {
       sum.curve.emplace_back(step + 1, agg.main);
@@ -545,6 +549,9 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
         line << " | comm " << fixed(1e3 * comm_s, 1) << " ms (" << fixed(100 * comm_s / dt, 1) << "%)";
       if (rk.pp)
         line << " | bubble " << fixed(1e3 * bubble_s, 1) << " ms (" << fixed(100 * bubble_s / dt, 1) << "%)";
+      if (dispatch_bytes > 0)
+        line << " | dispatch " << human_bytes(dispatch_bytes) << " (" << (m.moe.deep_ep_fp8 ? "fp8" : "f32")
+             << " rows)";
       log << line.str() << std::endl;
     }
     if (streak >= t.max_nonfinite_steps) {

@@ -13,6 +13,7 @@
 #include "config/config.hpp"
 #include "core/error.hpp"
 #include "data/indexed_dataset.hpp"
+#include "io/checkpoint.hpp"
 #include "model/params.hpp"
 #include "train/optimizer.hpp"
 #include "train/trainer.hpp"
@@ -266,6 +267,44 @@ TEST(Trainer, ResumeContinuesBitwise) {
   // Starting fresh in a run directory that holds checkpoints is refused.
   opt.resume = "none";
   EXPECT_THROW(train(cfg, opt), Error);
+}
+
+TEST(Trainer, MixedPrecisionResumesBitwiseAndRecordsItsNumerics) {
+  // bf16 + FP8 (GEMMs, KV cache, dispatch): 12 steps straight vs 6 + checkpoint + resume + 6.
+  const std::string dir = ::testing::TempDir() + "/dsv3_train_resume_fp8";
+  fs::remove_all(dir);
+  const std::string data = make_dataset(dir + "/data");
+  const Config cfg =
+      small_config({"training.train_steps=12", "training.eval_interval=0", "training.precision=bf16",
+                    "training.use_fp8=true", "model.mla.use_fp8_kv=true", "model.moe.deep_ep_fp8=true"});
+  TrainerOptions opt;
+  opt.data = data;
+  opt.peak_tflops = 1.0;
+  std::ostringstream log;
+  opt.log = &log;
+  opt.run_dir = dir + "/straight";
+  train(cfg, opt);
+  opt.run_dir = dir + "/split";
+  opt.stop_after_steps = 6;
+  const TrainSummary first = train(cfg, opt);
+  EXPECT_EQ(read_checkpoint_info(first.last_checkpoint).precision,
+            "bf16 + fp8 gemms + fp8 kv cache + fp8 dispatch");
+  opt.stop_after_steps = 0;
+  EXPECT_EQ(train(cfg, opt).resumed_from_step, 6);
+  const auto a = losses_of(dir + "/straight"), b = losses_of(dir + "/split");
+  ASSERT_EQ(a.size(), 12u);
+  ASSERT_EQ(b.size(), 12u);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << "step " << i + 1;
+  // And the run is not the fp32 run.
+  const Config f32 = small_config({"training.train_steps=12", "training.eval_interval=0"});
+  opt.run_dir = dir + "/fp32";
+  opt.stop_after_steps = 0;
+  train(f32, opt);
+  const auto c = losses_of(dir + "/fp32");
+  ASSERT_EQ(c.size(), 12u);
+  EXPECT_NE(a[0], c[0]);
+  EXPECT_NEAR(a[0], c[0], 1e-2 * c[0]);
+  EXPECT_EQ(read_checkpoint_info(dir + "/fp32/step_0000012.h5").precision, "fp32");
 }
 
 TEST(Trainer, BackgroundSavesHoldTheStateOfTheirStep) {
