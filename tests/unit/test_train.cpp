@@ -238,63 +238,59 @@ TEST(Trainer, BadDataIsReportedBeforeTraining) {
   }
 }
 
-TEST(Trainer, ResumeContinuesBitwise) {
-  // 20 steps straight vs 10 + checkpoint + resume + 10: identical per-step losses and parameters.
-  const std::string dir = ::testing::TempDir() + "/dsv3_train_resume";
+// `total` steps straight vs `split` + checkpoint + resume + the rest in <TempDir>/<name>: identical
+// per-step losses. Returns the first part of the split run; `opt` is left set up for more runs.
+TrainSummary expect_resume_bitwise(const std::string& name, std::vector<std::string> extra, int64_t total,
+                                   int64_t split, TrainerOptions& opt, std::ostringstream& log) {
+  const std::string dir = ::testing::TempDir() + "/" + name;
   fs::remove_all(dir);
-  const std::string data = make_dataset(dir + "/data");
-  const Config cfg = small_config({"training.train_steps=20", "training.eval_interval=0"});
-  TrainerOptions opt;
-  opt.data = data;
+  extra.insert(extra.end(), {"training.train_steps=" + std::to_string(total), "training.eval_interval=0"});
+  const Config cfg = small_config(extra);
+  opt.data = make_dataset(dir + "/data");
   opt.peak_tflops = 1.0;
-  std::ostringstream log;
   opt.log = &log;
   opt.run_dir = dir + "/straight";
   train(cfg, opt);
   opt.run_dir = dir + "/split";
-  opt.stop_after_steps = 10;
+  opt.stop_after_steps = split;
   const TrainSummary first = train(cfg, opt);
-  EXPECT_EQ(first.steps, 10);
-  EXPECT_NE(first.last_checkpoint.find("step_0000010.h5"), std::string::npos) << first.last_checkpoint;
+  EXPECT_EQ(first.steps, split);
   opt.stop_after_steps = 0;
-  const TrainSummary second = train(cfg, opt);  // --resume auto finds step 10
-  EXPECT_EQ(second.resumed_from_step, 10);
-  EXPECT_EQ(second.steps, 10);
+  const TrainSummary second = train(cfg, opt);  // --resume auto finds the checkpoint of `split`
+  EXPECT_EQ(second.resumed_from_step, split);
+  EXPECT_EQ(second.steps, total - split);
   const auto a = losses_of(dir + "/straight"), b = losses_of(dir + "/split");
-  ASSERT_EQ(a.size(), 20u);
-  ASSERT_EQ(b.size(), 20u);
-  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << "step " << i + 1;
+  EXPECT_EQ(a.size(), size_t(total));
+  EXPECT_EQ(b.size(), size_t(total));
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) EXPECT_EQ(a[i], b[i]) << "step " << i + 1;
+  return first;
+}
+
+TEST(Trainer, ResumeContinuesBitwise) {
+  // 20 steps straight vs 10 + checkpoint + resume + 10: identical per-step losses and parameters.
+  TrainerOptions opt;
+  std::ostringstream log;
+  const TrainSummary first = expect_resume_bitwise("dsv3_train_resume", {}, 20, 10, opt, log);
+  EXPECT_NE(first.last_checkpoint.find("step_0000010.h5"), std::string::npos) << first.last_checkpoint;
   // Starting fresh in a run directory that holds checkpoints is refused.
   opt.resume = "none";
-  EXPECT_THROW(train(cfg, opt), Error);
+  EXPECT_THROW(train(small_config({"training.train_steps=20", "training.eval_interval=0"}), opt), Error);
 }
 
 TEST(Trainer, MixedPrecisionResumesBitwiseAndRecordsItsNumerics) {
   // bf16 + FP8 (GEMMs, KV cache, dispatch): 12 steps straight vs 6 + checkpoint + resume + 6.
-  const std::string dir = ::testing::TempDir() + "/dsv3_train_resume_fp8";
-  fs::remove_all(dir);
-  const std::string data = make_dataset(dir + "/data");
-  const Config cfg =
-      small_config({"training.train_steps=12", "training.eval_interval=0", "training.precision=bf16",
-                    "training.use_fp8=true", "model.mla.use_fp8_kv=true", "model.moe.deep_ep_fp8=true"});
   TrainerOptions opt;
-  opt.data = data;
-  opt.peak_tflops = 1.0;
   std::ostringstream log;
-  opt.log = &log;
-  opt.run_dir = dir + "/straight";
-  train(cfg, opt);
-  opt.run_dir = dir + "/split";
-  opt.stop_after_steps = 6;
-  const TrainSummary first = train(cfg, opt);
+  const std::string dir = ::testing::TempDir() + "/dsv3_train_resume_fp8";
+  const TrainSummary first =
+      expect_resume_bitwise("dsv3_train_resume_fp8",
+                            {"training.precision=bf16", "training.use_fp8=true", "model.mla.use_fp8_kv=true",
+                             "model.moe.deep_ep_fp8=true"},
+                            12, 6, opt, log);
   EXPECT_EQ(read_checkpoint_info(first.last_checkpoint).precision,
             "bf16 + fp8 gemms + fp8 kv cache + fp8 dispatch");
-  opt.stop_after_steps = 0;
-  EXPECT_EQ(train(cfg, opt).resumed_from_step, 6);
-  const auto a = losses_of(dir + "/straight"), b = losses_of(dir + "/split");
+  const auto a = losses_of(dir + "/straight");
   ASSERT_EQ(a.size(), 12u);
-  ASSERT_EQ(b.size(), 12u);
-  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << "step " << i + 1;
   // And the run is not the fp32 run.
   const Config f32 = small_config({"training.train_steps=12", "training.eval_interval=0"});
   opt.run_dir = dir + "/fp32";
