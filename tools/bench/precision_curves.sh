@@ -2,13 +2,17 @@
 # make precision-curves: the same training run (same seed, same fortunes data) in fp32, bf16 and
 # bf16 + FP8 (FP8 GEMMs, FP8 KV cache, FP8 dispatch), on tiny and cpu_d512, then the loss curves side
 # by side and the relative gaps of the final smoothed LM loss (tools/bench/precision_report.py).
-#   tools/bench/precision_curves.sh [BUILD_DIR] [OUT_DIR]   (CONFIGS="tiny d512", STEPS=300, DATA=data/fortunes)
+# With SAMPLES=2 each precision also runs with half the micro-batch (same data and seed, another
+# summation order): low-precision runs leave the fp32 trajectory early, and two samples show how far
+# runs of one precision spread.
+#   tools/bench/precision_curves.sh [BUILD_DIR] [OUT_DIR]   (CONFIGS="tiny d512", STEPS=300, SAMPLES=1, DATA=data/fortunes)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 build=${1:-build}
 out=${2:-$build/precision-curves}
 configs=${CONFIGS:-"tiny d512"}
 steps=${STEPS:-300}
+samples=${SAMPLES:-1}
 data=${DATA:-data/fortunes}
 [ -f "${data}_train.idx" ] || "$build/bin/dsv3-data" --input /usr/share/games/fortunes --format fortunes \
   --output-prefix "$data" --valid-fraction 0.02
@@ -24,16 +28,21 @@ for c in $configs; do
     d512) cfg=tools/bench/cpu_d512.yaml ;;
     *) echo "unknown config $c" >&2; exit 2 ;;
   esac
+  micro=$(sed -n 's/^ *micro_batch_size: *\([0-9]*\).*/\1/p' "$cfg" | head -1)
   for p in fp32 bf16 fp8; do
+   for k in $(seq 1 "$samples"); do
     dir=$out/$c-$p
+    extra=""
+    if [ "$k" = 2 ]; then dir=$out/$c-$p-s2; extra="--set training.micro_batch_size=$(( micro > 1 ? micro / 2 : 1 ))"; fi
     if [ ! -f "$dir/metrics.jsonl" ] || [ "$(grep -c '"step"' "$dir/metrics.jsonl" || true)" -lt "$steps" ]; then
       rm -rf "$dir"; mkdir -p "$out"
       # shellcheck disable=SC2086
       "$build/bin/dsv3-train" --config "$cfg" --data "$data" --run-dir "$dir" --resume none \
         --set training.train_steps="$steps" --set training.eval_interval=0 --set training.log_interval=50 \
-        --set checkpoint.interval=100000 ${sets[$p]} > "$dir.log" 2>&1 || { echo "run $c $p failed: $dir.log" >&2; exit 1; }
+        --set checkpoint.interval=100000 ${sets[$p]} $extra > "$dir.log" 2>&1 || { echo "run $c $p failed: $dir.log" >&2; exit 1; }
     fi
     runs+=("$c:$p:$dir/metrics.jsonl")
+   done
   done
 done
 python3 tools/bench/precision_report.py "${runs[@]}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Loss curves of fp32, bf16 and bf16 + FP8 runs side by side, and the relative gaps of the final
 smoothed LM loss (mean of the last 50 steps): bf16 against fp32 (target 0.5%) and FP8 against bf16
-(target 0.25%, DeepSeek-V3 report section 3.3).
+(target 0.25%, DeepSeek-V3 report section 3.3). Several runs of one precision (samples) are averaged,
+and their spread is printed next to the gaps.
 
 Usage: precision_report.py CONFIG:PRECISION:METRICS_JSONL ...
 """
@@ -23,10 +24,11 @@ def losses(path):
 
 
 def main(args):
-    runs = {}
+    runs, samples = {}, {}
     for a in args:
         cfg, prec, path = a.split(":", 2)
-        runs.setdefault(cfg, {})[prec] = losses(path)
+        samples.setdefault(cfg, {}).setdefault(prec, []).append(losses(path))
+        runs.setdefault(cfg, {}).setdefault(prec, samples[cfg][prec][0])
     ok = True
     for cfg, by in runs.items():
         precs = [p for p in ("fp32", "bf16", "fp8") if p in by]
@@ -37,9 +39,16 @@ def main(args):
         for s in marks:
             print(f"  {s:4d} " + "".join(f"{by[p][s][0]:12.4f}" for p in precs))
         tail = steps[-WINDOW:]
-        final = {p: sum(by[p][s][0] for s in tail) / len(tail) for p in precs}
-        print(f"  final smoothed (mean of steps {tail[0]}-{tail[-1]}): " +
+        per = {p: [sum(r[s][0] for s in tail) / len(tail) for r in samples[cfg][p]] for p in precs}
+        final = {p: sum(v) / len(v) for p, v in per.items()}
+        print(f"  final smoothed (mean of steps {tail[0]}-{tail[-1]}" +
+              (f", mean of the samples" if any(len(v) > 1 for v in per.values()) else "") + "): " +
               ", ".join(f"{p} {final[p]:.4f}" for p in precs))
+        for p in precs:
+            if len(per[p]) > 1:
+                spread = (max(per[p]) - min(per[p])) / final[p]
+                print(f"    {p} samples: " + ", ".join(f"{v:.4f}" for v in per[p]) +
+                      f" (spread {100 * spread:.2f}%)")
         for (a, b), target in TARGETS.items():
             if a in final and b in final:
                 gap = (final[a] - final[b]) / final[b]
