@@ -80,6 +80,14 @@ void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved
   // Key/value latent and the shared rotary key: kva [T, r_kv + R] = [c ; k_pe].
   s.kva = act_out({T, rkv_ + R_}, "mla.kv_a");
   linear_fwd(ctx, kF8, xn, ps.compute(kv_a_), s.kva);
+  if (ctx.num.fp8_kv) {
+    // The FP8 KV cache: the latent continues as its FP8 value in the forward too, so that the
+    // backward, which rebuilds the keys and values from the cached codes, sees the very keys the
+    // forward's attention (and its log-sum-exp) used.
+    s.kv_fp8 = ops::fp8_quantize(s.kva, /*blocks=*/false);
+    lowp::dequantize_tiles(static_cast<const uint8_t*>(s.kv_fp8.codes.t.data()), s.kv_fp8.scales.f32(), T,
+                           rkv_ + R_, s.kva.f32());
+  }
   s.c = act_out({T, rkv_}, "mla.c_kv");
   s.c_rstd = act_out({T}, "mla.c_kv_rstd");
   ops::copy_columns(s.kva, 0, s.c);
@@ -120,10 +128,7 @@ void MLA::keys_values(const ParamStore& ps, Saved& s, const StepContext& ctx) co
 }
 
 void MLA::store(Saved& s, const StepContext& ctx) {
-  if (ctx.num.fp8_kv && !s.kva.t.empty()) {
-    s.kv_fp8 = ops::fp8_quantize(s.kva, /*blocks=*/false);
-    s.kva = {}, s.c = {}, s.c_n = {}, s.k = {}, s.v = {};
-  }
+  if (ctx.num.fp8_kv && !s.kv_fp8.codes.t.empty()) s.kva = {}, s.c = {}, s.c_n = {}, s.k = {}, s.v = {};
   for (OwnedTensor* t : {&s.qa, &s.qa_n, &s.kva, &s.c, &s.c_n, &s.q, &s.k, &s.v, &s.o}) store_bf16(*t);
 }
 

@@ -21,7 +21,7 @@ class MLA {
     OwnedTensor q;                  // [B, S, H, n + R] after RoPE (H: local heads)
     OwnedTensor k, v;               // [B, S, H, n + R], [B, S, H, dv]
     OwnedTensor o, lse;             // [B, S, H, dv], [B, H, S]
-    ops::Fp8Operand kv_fp8;         // use_fp8_kv: kva in FP8 (1 x 128 tiles) instead of kva, c, c_n, k, v
+    ops::Fp8Operand kv_fp8;         // use_fp8_kv: kva in FP8 (1 x 128 tiles); stored instead of kva, c, c_n, k, v
   };
   // y += o_proj(attention(xn)); xn has all T rows, y the stream rows (ModelParallel::stream_rows).
   void forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved& s,
