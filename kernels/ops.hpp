@@ -49,6 +49,8 @@ struct Fp8Operand {
   int64_t k() const { return codes.t.dim(1); }
 };
 Fp8Operand fp8_quantize(const Tensor& a, bool blocks);  // a [rows, K], f32 or bf16
+// out [rows, K] f32 = the operand's values (codes times their scales).
+void fp8_dequantize(const Fp8Operand& q, const Tensor& out);
 // c[M, N] (= or +=) a . b^T with the chunked promotion above; a must be tiled (b either).
 void fp8_gemm(const Fp8Operand& a, const Fp8Operand& b, const Tensor& c, bool accumulate);
 

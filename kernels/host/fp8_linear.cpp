@@ -16,10 +16,7 @@ namespace dsv3::ops {
 
 namespace {
 
-void check_2d(const char* op, const Tensor& t) {
-  DSV3_CHECK(t.ndim() == 2, op, ": tensor '", t.name(), "' has shape ", t.shape_str(),
-             ", expected 2 dimensions");
-}
+using host::check_2d;
 
 // The transpose of a [rows, cols] f32 matrix.
 OwnedTensor transposed(const Tensor& a, const char* name) {
@@ -50,6 +47,17 @@ Fp8Operand fp8_quantize(const Tensor& a, bool blocks) {
   else
     lowp::quantize_tiles(af.data(), rows, k, codes, q.scales.f32());
   return q;
+}
+
+void fp8_dequantize(const Fp8Operand& q, const Tensor& out) {
+  const char* op = "fp8_dequantize";
+  host::check_f32_host(op, out);
+  expect_shape(op, out, {q.rows(), q.k()});
+  const auto* codes = static_cast<const uint8_t*>(q.codes.t.data());
+  if (q.blocks)
+    lowp::dequantize_blocks(codes, q.scales.f32(), q.rows(), q.k(), out.f32());
+  else
+    lowp::dequantize_tiles(codes, q.scales.f32(), q.rows(), q.k(), out.f32());
 }
 
 void fp8_gemm(const Fp8Operand& a, const Fp8Operand& b, const Tensor& c, bool accumulate) {

@@ -19,6 +19,11 @@ void check_f32_host(const char* op, const Tensor& t) {
   check_host(op, t);
 }
 
+void check_2d(const char* op, const Tensor& t) {
+  DSV3_CHECK(t.ndim() == 2, op, ": tensor '", t.name(), "' has shape ", t.shape_str(),
+             ", expected 2 dimensions");
+}
+
 F32Input::F32Input(const char* op, const Tensor& t) {
   check_host(op, t);
   if (t.dtype() == DType::F32) {

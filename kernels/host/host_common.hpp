@@ -26,6 +26,8 @@ using ViewI2 = Kokkos::View<int32_t**, Kokkos::LayoutRight, Kokkos::HostSpace, U
 // Precondition checks shared by every host op: the tensor lives in host memory (and is f32).
 void check_host(const char* op, const Tensor& t);
 void check_f32_host(const char* op, const Tensor& t);
+// The tensor is a matrix (2 dimensions).
+void check_2d(const char* op, const Tensor& t);
 
 // An op input that may be stored in bf16 (compute weights, saved activations under bf16 mixed
 // precision), read as f32: the tensor's own data when it is f32, otherwise an exact f32 copy that

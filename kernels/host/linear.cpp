@@ -18,14 +18,10 @@ namespace dsv3::ops {
 
 namespace {
 
+using host::check_2d;
 using host::check_f32_host;
 using host::check_host;
 using host::F32Input;
-
-void check_2d(const char* op, const Tensor& t) {
-  DSV3_CHECK(t.ndim() == 2, op, ": tensor '", t.name(), "' has shape ", t.shape_str(),
-             ", expected 2 dimensions");
-}
 
 int blas_int(const char* op, int64_t v) {
   DSV3_CHECK(v <= 0x7fffffff, op, ": extent ", v, " is too large for CBLAS");

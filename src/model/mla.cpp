@@ -4,8 +4,6 @@
 
 #include <cmath>
 
-#include "core/lowp.hpp"
-
 namespace dsv3 {
 
 ops::RopeParams rope_params(const ModelConfig& m) {
@@ -85,8 +83,7 @@ void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved
     // backward, which rebuilds the keys and values from the cached codes, sees the very keys the
     // forward's attention (and its log-sum-exp) used.
     s.kv_fp8 = ops::fp8_quantize(s.kva, /*blocks=*/false);
-    lowp::dequantize_tiles(static_cast<const uint8_t*>(s.kv_fp8.codes.t.data()), s.kv_fp8.scales.f32(), T,
-                           rkv_ + R_, s.kva.f32());
+    ops::fp8_dequantize(s.kv_fp8, s.kva);
   }
   s.c = act_out({T, rkv_}, "mla.c_kv");
   s.c_rstd = act_out({T}, "mla.c_kv_rstd");
@@ -138,8 +135,7 @@ void MLA::restore(const ParamStore& ps, Saved& s, const StepContext& ctx) const 
   // The keys and values of the backward come from the FP8 latent.
   const int64_t T = ctx.T();
   s.kva = act_out({T, rkv_ + R_}, "mla.kv_a");
-  lowp::dequantize_tiles(static_cast<const uint8_t*>(s.kv_fp8.codes.t.data()), s.kv_fp8.scales.f32(), T,
-                         rkv_ + R_, s.kva.f32());
+  ops::fp8_dequantize(s.kv_fp8, s.kva);
   s.kv_fp8 = {};
   s.c = act_out({T, rkv_}, "mla.c_kv");
   ops::copy_columns(s.kva, 0, s.c);

@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cmath>
 
-#include "core/lowp.hpp"
 #include "parallel/comm.hpp"
 
 namespace dsv3 {
@@ -47,15 +46,6 @@ MoE::MoE(const ModelConfig& m, ParamStore& ps, const std::string& p, const Model
     shared_ = std::make_unique<SwiGLU>(ps, p + ".shared_experts", d_, F_ * m.moe.num_shared_experts,
                                        ParamGroup::Dense, mp);
 }
-
-namespace {
-// rows = the dequantized values of an FP8 operand of the same shape.
-void dequantize_rows(const ops::Fp8Operand& q, const Tensor& rows) {
-  if (q.rows() == 0) return;
-  lowp::dequantize_tiles(static_cast<const uint8_t*>(q.codes.t.data()), q.scales.f32(), q.rows(), q.k(),
-                         rows.f32());
-}
-}  // namespace
 
 int64_t MoE::capacity(int64_t tokens) const {
   if (capacity_factor_ <= 0) return 0;
@@ -104,7 +94,7 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
     if (ctx.num.fp8_dispatch) {
       s.x_fp8 = s.exchange.dispatch_fp8(xs_fp8, &s.dispatch_bytes);
       s.xe = act_out(s.x_fp8.codes.t.shape(), "moe.expert_rows");
-      dequantize_rows(s.x_fp8, s.xe);
+      ops::fp8_dequantize(s.x_fp8, s.xe);
     } else {
       s.xe = s.exchange.dispatch(s.xs, &s.dispatch_bytes);
     }
@@ -112,7 +102,7 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
   } else {
     s.expert_offset.assign(off + e0_, off + e0_ + El_ + 1);
     if (ctx.num.fp8_dispatch) {
-      dequantize_rows(xs_fp8, s.xs);
+      ops::fp8_dequantize(xs_fp8, s.xs);
       s.x_fp8 = std::move(xs_fp8);
     }
   }
@@ -259,7 +249,7 @@ void MoE::restore(Saved& s) {
   OwnedTensor& rows = s.exchanged ? s.xe : s.xs;
   if (!rows.t.empty()) return;  // not stored yet
   rows = act_out(s.x_fp8.codes.t.shape(), "moe.expert_rows");
-  dequantize_rows(s.x_fp8, rows);
+  ops::fp8_dequantize(s.x_fp8, rows);
 }
 
 std::vector<int64_t> MoE::expert_load(const Saved& s) {
