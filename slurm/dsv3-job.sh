@@ -30,7 +30,7 @@ dsv3_latest() {
 DSV3_EXIT_STOPPED=75
 
 dsv3_forward() {
-  DSV3_FORWARDED=$1
+  DSV3_FORWARDED=$1 DSV3_STOP_SEEN=$1
   if [ -n "${DSV3_SRUN_PID:-}" ] && kill -0 "$DSV3_SRUN_PID" 2>/dev/null; then
     dsv3_log "batch shell received SIG$1: passing it to the ranks through srun"
     kill -s "$1" "$DSV3_SRUN_PID" 2>/dev/null || true
@@ -87,29 +87,64 @@ dsv3_job_run() {
     "resuming from: $latest"
   dsv3_log "srun ${srun_args[*]} $bin/dsv3-train ${args[*]}"
   # dsv3-train's own record of how it ended: srun may report success for a step that never ran.
-  local record=$run_dir/dsv3-train.exit
-  rm -f "$record"
-  DSV3_FORWARDED=
+  # A step that fails to launch (srun: "task N launch failed", "aborted before step completely
+  # launched": a step daemon or the PMIx server of a node that is not ready) with no rank having
+  # ended is launched again, DSV3_LAUNCH_RETRIES times (default 2), DSV3_LAUNCH_RETRY_WAIT seconds
+  # (default 10) apart; srun's own messages are kept in <run dir>/.srun-stderr for that check.
+  local record=$run_dir/dsv3-train.exit errors=$run_dir/.srun-stderr
+  local retries=${DSV3_LAUNCH_RETRIES:-2} pause=${DSV3_LAUNCH_RETRY_WAIT:-10} attempt=1
+  [[ $retries =~ ^[0-9]+$ ]] || dsv3_fail 2 "DSV3_LAUNCH_RETRIES='$retries' is not a count"
+  [[ $pause =~ ^[0-9]+$ ]] || dsv3_fail 2 "DSV3_LAUNCH_RETRY_WAIT='$pause' is not a number of seconds"
+  local rc r seen said
+  DSV3_STOP_SEEN=
   trap 'dsv3_forward USR1' USR1
   trap 'dsv3_forward TERM' TERM
-  srun "${srun_args[@]}" "$bin/dsv3-train" "${args[@]}" &
-  DSV3_SRUN_PID=$!
-  # `wait` returns early (status > 128) when a trapped signal arrives; wait again until srun ends.
-  local rc=0 r seen=
   while :; do
-    DSV3_FORWARDED=
-    wait "$DSV3_SRUN_PID"
-    r=$?
-    if [ $r -eq 127 ] && [ -n "$seen" ]; then break; fi  # already reaped: keep the status seen
-    rc=$r
-    seen=1
-    if [ -z "$DSV3_FORWARDED" ] || [ $r -lt 128 ]; then break; fi
+    rm -f "$record"
+    : >"$errors"
+    # tee ignores the stop signals Slurm sends to every process of the batch step: srun must keep a
+    # stderr to write to while the ranks finish their checkpoint.
+    srun "${srun_args[@]}" "$bin/dsv3-train" "${args[@]}" 2> >(trap '' TERM USR1 USR2 INT HUP; exec tee -a "$errors" >&2) &
+    DSV3_SRUN_PID=$!
+    # `wait` returns early (status > 128) when a trapped signal arrives; wait again until srun ends.
+    rc=0 seen=
+    while :; do
+      DSV3_FORWARDED=
+      wait "$DSV3_SRUN_PID"
+      r=$?
+      if [ $r -eq 127 ] && [ -n "$seen" ]; then break; fi  # already reaped: keep the status seen
+      rc=$r
+      seen=1
+      if [ -z "$DSV3_FORWARDED" ] || [ $r -lt 128 ]; then break; fi
+    done
+    sleep 0.2  # let tee write out srun's last lines
+    said=$(cat "$record" 2>/dev/null | head -1)
+    if [ -z "$said" ] && grep -qE 'launch failed|aborted before step completely launched' "$errors"; then
+      if [ -n "$DSV3_STOP_SEEN" ]; then
+        dsv3_fail 1 "the step did not launch and SIG$DSV3_STOP_SEEN arrived: not launching again." \
+          "A new submission resumes from $(dsv3_latest "$run_dir")"
+      fi
+      if [ "$attempt" -gt "$retries" ]; then
+        dsv3_fail 1 "the step did not launch in $attempt attempts (srun: $(grep -m1 -E 'launch failed|aborted before' "$errors"));" \
+          "see the srun messages above. A new submission resumes from $(dsv3_latest "$run_dir")"
+      fi
+      dsv3_log "the step did not launch (attempt $attempt of $((retries + 1)): $(grep -m1 -E 'launch failed|aborted before' "$errors"));" \
+        "launching again in $pause s"
+      sleep "$pause" &
+      wait $! || true  # a trapped signal ends the pause early
+      if [ -n "$DSV3_STOP_SEEN" ]; then
+        dsv3_fail 1 "SIG$DSV3_STOP_SEEN arrived before the step launched: not launching again." \
+          "A new submission resumes from $(dsv3_latest "$run_dir")"
+      fi
+      attempt=$((attempt + 1))
+      continue
+    fi
+    break
   done
   trap - USR1 TERM
 
-  local now said
+  local now
   now=$(dsv3_latest "$run_dir")
-  said=$(cat "$record" 2>/dev/null | head -1)
   if [ "$rc" -eq 0 ] && [ "${said%% *}" != 0 ]; then
     dsv3_fail 1 "srun reported success but dsv3-train did not finish (no '0 finished' in $record):" \
       "the step did not run; see the srun messages above. A new submission resumes from $now"

@@ -77,6 +77,7 @@ void write_exit_record(const dsv3::TrainSummary& s, int status) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  dsv3::install_stop_handlers();  // before start-up, which can take a while: a stop request is kept
   std::unique_ptr<dsv3::MpiRuntime> mpi;
   try {
     mpi = std::make_unique<dsv3::MpiRuntime>(&argc, &argv);

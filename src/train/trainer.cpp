@@ -1,8 +1,11 @@
 // Implementation of the training loop; see trainer.hpp.
 #include "train/trainer.hpp"
 
+#include <pthread.h>
+#include <signal.h>
 #include <chrono>
 #include <cmath>
+
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -60,12 +63,15 @@ double load_imbalance(const std::map<int64_t, std::vector<int64_t>>& load) {
 }  // namespace
 
 void install_stop_handlers() {
-  g_stop_signal = 0;
   struct sigaction sa {};
   sa.sa_handler = on_signal;
   sigemptyset(&sa.sa_mask);
   sa.sa_flags = SA_RESTART;  // reads and writes in progress (checkpoint, data) continue
-  for (int sig : {SIGINT, SIGTERM, SIGUSR1}) sigaction(sig, &sa, nullptr);
+  sigset_t stops;
+  sigemptyset(&stops);
+  for (int sig : {SIGINT, SIGTERM, SIGUSR1}) sigaction(sig, &sa, nullptr), sigaddset(&stops, sig);
+  // A launcher may start us with these blocked; one that arrived meanwhile is delivered now.
+  pthread_sigmask(SIG_UNBLOCK, &stops, nullptr);
 }
 bool stop_requested() { return g_stop_signal != 0; }
 int stop_signal() { return g_stop_signal; }

@@ -88,9 +88,11 @@ double evaluate(Model& model, WindowSampler& valid, int64_t micro_batch, int64_t
 TrainSummary train(const Config& cfg, const TrainerOptions& opt);
 
 // Stop requests: SIGINT, SIGTERM and SIGUSR1 (Slurm's warning before a time limit or preemption,
-// `#SBATCH --signal=USR1@T`) once install_stop_handlers() ran. The handler only records the signal;
-// training finishes its step, writes a checkpoint and returns with stopped_by_signal. A second SIGINT
-// kills; repeated SIGTERM/SIGUSR1 do not (they arrive twice under some launchers).
+// `#SBATCH --signal=USR1@T`) once install_stop_handlers() ran (train() runs it; dsv3-train runs it
+// first thing, so a signal during start-up is kept too). It also unblocks them, so one a launcher
+// left pending is seen. The handler only records the signal; training finishes its step (the first
+// one, for a signal that came before it), writes a checkpoint and returns with stopped_by_signal.
+// A second SIGINT kills; repeated SIGTERM/SIGUSR1 do not (they arrive twice under some launchers).
 void install_stop_handlers();
 bool stop_requested();
 int stop_signal();                     // the first stop signal received, 0 if none

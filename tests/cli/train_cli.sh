@@ -2,7 +2,7 @@
 # dsv3-train from the command line: bad input exits 2 with a message naming the culprit; SIGUSR1 and
 # SIGTERM mid-run stop cleanly after the current step with a checkpoint, exit 75 and every finished
 # step in metrics.jsonl; the resumed run finishes; a second SIGINT kills; SIGTERM during a background
-# save waits for it.
+# save waits for it; a signal during start-up is kept.
 set -u
 bin=$1
 work=$(mktemp -d)
@@ -81,5 +81,22 @@ grep -q "step 3 | checkpoint .*step_0000003.h5: .*written in the background" "$w
 [ "$(cat "$work/r3/latest")" = "step_$(printf %07d "$stop").h5" ] || fail "latest is $(cat "$work/r3/latest") after stopping at $stop"
 [ -f "$work/r3/step_0000003.h5" ] || fail "the background save is missing"
 ls "$work/r3" | grep -q '\.tmp$' && fail "a .tmp was left"
+
+# SIGUSR1 during start-up (a time-limit warning that comes while the ranks load): started with the
+# stop signals blocked, as some launchers do, and sent one at once, dsv3-train keeps the request,
+# trains its first step and stops with a checkpoint, instead of dying of the signal or losing it.
+/usr/bin/python3 - "$bin/dsv3-train" "$work" <<'PY' > "$work/log5" 2>&1; rc=$?
+import os, signal, subprocess, sys
+exe, work = sys.argv[1], sys.argv[2]
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+p = subprocess.Popen([exe, "--config", "tiny", "--data", work + "/c", "--run-dir", work + "/r4",
+                      "--peak-tflops", "1", "--set", "training.train_steps=30",
+                      "--set", "training.seq_length=32"])
+p.send_signal(signal.SIGUSR1)
+sys.exit(p.wait() if p.wait() >= 0 else 128 - p.wait())
+PY
+[ $rc -eq 75 ] || { cat "$work/log5"; fail "SIGUSR1 at start-up: exit $rc, expected 75"; }
+grep -q "stopping after step 1 on SIGUSR1" "$work/log5" || { cat "$work/log5"; fail "SIGUSR1 at start-up: no stop after step 1"; }
+[ "$(cat "$work/r4/latest")" = "step_0000001.h5" ] || fail "SIGUSR1 at start-up: latest is $(cat "$work/r4/latest")"
 
 echo "train_cli: ok (stopped cleanly after $steps steps on SIGUSR1, exit 75; resumed; a second SIGINT kills)"

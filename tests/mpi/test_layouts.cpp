@@ -155,13 +155,16 @@ double check_tensors(const Comparison& c, const Model& ref_model, double tol, co
     EXPECT_EQ(c.count[k], numel) << what << ": " << refs[k].name << " counted " << c.count[k] << " times for "
                                  << numel << " elements";
     const double rel = c.ref2[k] > 0 ? std::sqrt(c.diff2[k] / c.ref2[k]) : std::sqrt(c.diff2[k]);
-    if (per_tensor)
+    if (per_tensor) {
       EXPECT_LE(rel, tol) << what << ": " << refs[k].name << " differs by " << rel << " (relative, by norm)";
+    }
     if (rel >= worst) worst = rel, worst_name = refs[k].name;
     diff2 += c.diff2[k], ref2 += c.ref2[k];
   }
   const double all = std::sqrt(diff2 / ref2);
-  if (!per_tensor) EXPECT_LE(all, tol) << what << ": all tensors together differ by " << all;
+  if (!per_tensor) {
+    EXPECT_LE(all, tol) << what << ": all tensors together differ by " << all;
+  }
   if (world_rank() == 0)
     std::printf("    %s: worst %.2e (%s) over %zu tensors, all together %.2e\n", what.c_str(), worst,
                 worst_name.c_str(), refs.size(), all);

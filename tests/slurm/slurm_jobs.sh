@@ -2,6 +2,7 @@
 # The Slurm templates under a real Slurm (slurm/testing/local-cluster: munge, slurmctld and slurmd on
 # this machine, 8 CPUs and 8 fake GPUs advertised), through sbatch and srun --mpi=pmix:
 #   1. slurm/tiny.sbatch with 4 ranks trains, checkpoints and exits 0; the log shows grid and losses.
+#      A step that fails to launch is launched again (twice at most), then the job fails clearly.
 #   2. Preemption: SIGUSR1 sent through Slurm mid-run (scancel --signal=USR1, which signals the job
 #      step, then scancel --batch --signal=USR1, which signals only the batch shell) stops every rank
 #      after its step with a checkpoint; the job requeues itself, resumes and finishes the configured
@@ -28,6 +29,9 @@ trap cleanup EXIT
 fail() {
   echo "FAIL: $*"
   for f in "$work"/logs/*.out; do [ -f "$f" ] && { echo "---- $f"; tail -n 40 "$f"; }; done
+  for f in "$cluster"/log/slurmd.log "$cluster"/log/slurmctld.log; do
+    [ -f "$f" ] && { echo "---- $f (last 60 lines)"; tail -n 60 "$f"; }
+  done
   exit 1
 }
 say() { echo "slurm_jobs: $*"; }
@@ -96,6 +100,40 @@ grep -q "step 40/40 | tokens" "$log" || fail "1: no loss line for step 40"
 [ -f "$work/straight/step_0000040.h5" ] || fail "1: no checkpoint step_0000040.h5"
 say "1: job $jid COMPLETED, 4 ranks, 40 steps, $(grep -o 'loss [0-9.]* -> [0-9.]*' "$log")"
 
+# ---- 1b. a step that fails to launch is launched again; one that never launches fails clearly ------
+# An srun earlier in PATH stands for a node whose step daemon is not ready: it prints what Slurm
+# 22.05 prints then and, as that srun does, exits 0. The first wrapper fails once, the second always.
+mkdir -p "$work/srun-once" "$work/srun-never"
+real_srun=$(command -v srun)
+cat >"$work/srun-once/srun" <<EOF
+#!/bin/bash
+if [ ! -e "$work/srun-once/failed" ]; then
+  touch "$work/srun-once/failed"
+  echo "srun: error: task 0 launch failed: Unspecified error" >&2
+  exit 0
+fi
+exec $real_srun "\$@"
+EOF
+printf '#!/bin/bash\necho "srun: error: task 0 launch failed: Unspecified error" >&2\n' >"$work/srun-never/srun"
+chmod +x "$work/srun-once/srun" "$work/srun-never/srun"
+PATH=$work/srun-once:$PATH DSV3_LAUNCH_RETRY_WAIT=1 DSV3_RUN_DIR=$work/relaunch DSV3_STEPS=4 \
+  DSV3_ARGS="$base_args" sbatch --wait --output="$work/logs/relaunch-%j.out" "$src/slurm/tiny.sbatch" \
+  >"$work/sub1b" 2>&1 || fail "1b: a job whose first launch failed did not complete"
+jid=$(grep -o '[0-9]*' "$work/sub1b" | head -1)
+log=$work/logs/relaunch-$jid.out
+grep -q "the step did not launch (attempt 1 of 3: srun: error: task 0 launch failed" "$log" ||
+  fail "1b: no relaunch message"
+grep -q "step 4/4 | tokens" "$log" || fail "1b: the relaunched step did not train"
+PATH=$work/srun-never:$PATH DSV3_LAUNCH_RETRY_WAIT=1 DSV3_RUN_DIR=$work/nolaunch DSV3_STEPS=4 \
+  DSV3_ARGS="$base_args" sbatch --wait --output="$work/logs/nolaunch-%j.out" "$src/slurm/tiny.sbatch" \
+  >"$work/sub1c" 2>&1 && fail "1b: a job that never launched reported success"
+jid2=$(grep -o '[0-9]*' "$work/sub1c" | head -1)
+[ "$(job_state "$jid2")" = FAILED ] || fail "1b: job $jid2 ended $(job_state "$jid2"), expected FAILED"
+grep -q "error: the step did not launch in 3 attempts" "$work/logs/nolaunch-$jid2.out" ||
+  fail "1b: no clear message after the last attempt"
+say "1b: job $jid: the first launch failed, the second trained 4 steps; job $jid2: 3 failed launches," \
+  "FAILED with \"$(grep -o 'the step did not launch in 3 attempts' "$work/logs/nolaunch-$jid2.out")\""
+
 # ---- 2. preemption through Slurm, twice, then the losses of the uninterrupted run -------------------
 pre=$work/pre
 DSV3_RUN_DIR=$pre DSV3_STEPS=40 DSV3_ARGS="$base_args" \
@@ -136,10 +174,12 @@ say "2: job $jid: USR1 via the step after step ${stopped[0]}, via the batch shel
   "losses around the stops: $around"
 
 # ---- 3. the time-limit warning of the template: --signal=USR1@T ------------------------------------
-# A 2-minute limit with USR1 100 s before it (Slurm sends it up to a minute early).
+# A 2-minute limit with USR1 50 s before it. Slurm sends it up to a minute early, so between 10 and
+# 70 s after the start: the ranks are past their start-up by then (a signal that comes while a
+# process is still being exec'ed and loaded kills it before any handler exists).
 tl=$work/timelimit
 DSV3_RUN_DIR=$tl DSV3_STEPS=1000000 DSV3_ARGS="$base_args" \
-  sbatch --parsable --time=00:02:00 --signal=USR1@100 --output="$work/logs/time-%j.out" \
+  sbatch --parsable --time=00:02:00 --signal=USR1@50 --output="$work/logs/time-%j.out" \
   "$src/slurm/tiny.sbatch" >"$work/sub3" || fail "3: sbatch"
 jid=$(cat "$work/sub3")
 wait_state "$jid" 60 RUNNING >/dev/null || fail "3: job $jid did not start"
@@ -152,7 +192,7 @@ log=$work/logs/time-$jid.out
 grep -q "stopped on SIGUSR1 (received by 4 of 4 ranks)" "$log" || fail "3: the warning did not reach every rank"
 ck=$(grep -o 'stopping after step [0-9]*' "$log" | grep -o '[0-9]*$')
 [ -f "$tl/step_$(printf %07d "$ck").h5" ] || fail "3: no checkpoint at step $ck"
-say "3: job $jid: the USR1@100 warning of a 2-minute limit came after $((t1 - t0)) s; 4 of 4 ranks stopped after step $ck and checkpointed; requeued"
+say "3: job $jid: the USR1@50 warning of a 2-minute limit came after $((t1 - t0)) s; 4 of 4 ranks stopped after step $ck and checkpointed; requeued"
 
 # ---- 4. a rank killed with SIGKILL -----------------------------------------------------------------
 kr=$work/killed
