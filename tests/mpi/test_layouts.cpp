@@ -239,6 +239,13 @@ const Tol kLowPrecisionTol = {5e-3, 1e-7, 3e-2, 6e-2, false};
 // 1e-9), but a bf16 rounding that flips on the TP summation order can move a tile's amax, which
 // re-rounds the whole 128-wide tile; and the expert Wgrad tiles along tokens, which TP splits.
 const Tol kFp8TpTol = {3e-2, 2e-4, 3e-2, 1e-1, false};
+// bf16 where a layout splits GEMMs (TP: partial sums in another order; DP/EP: other row counts, so
+// other BLAS kernel paths): fp32 last bits differ, some bf16 roundings flip, and a flipped rounding
+// in the router's input can re-route a token from step 1 on (seen for TP2: 2 tokens at step 1, a
+// step-1 loss 1.3e-5 apart and 2e-2 after 12 steps on one Intel Xeon; 1e-7 on another machine).
+// The step-1 gradients, all tensors together, are the sharp check. Pipeline stages split no GEMM:
+// they keep kLowPrecisionTol.
+const Tol kSplitGemmTol = {5e-3, 2e-4, 5e-2, 1e-1, false};
 const std::vector<std::string> kBf16 = {"training.precision=bf16"};
 const std::vector<std::string> kFp8 = {"training.precision=bf16", "training.use_fp8=true",
                                        "model.mla.use_fp8_kv=true", "model.moe.deep_ep_fp8=true"};
@@ -358,7 +365,7 @@ TEST(LayoutNp2, Ep2Dp2) {
 // bf16 and FP8 (with the FP8 KV cache and FP8 dispatch) against the single-rank run in the same
 // precision.
 TEST(LayoutNp2, Tp2Bf16) {
-  if (world_is(2)) run_layout("tp2_bf16", {"parallel.tp=2"}, kBf16, true, kLowPrecisionTol);
+  if (world_is(2)) run_layout("tp2_bf16", {"parallel.tp=2"}, kBf16, true, kSplitGemmTol);
 }
 // FP8 tiles follow each TP shard; they are the single-rank run's tiles when every split dimension
 // is whole 128-wide tiles per rank, as in this wider variant of tiny.
@@ -375,10 +382,10 @@ TEST(LayoutNp2, Pp2Fp8) {
   if (world_is(2)) run_layout("pp2_fp8", {"parallel.pp=2"}, kFp8, true, kLowPrecisionTol);
 }
 TEST(LayoutNp2, Ep2Dp2Bf16) {
-  if (world_is(2)) run_layout("ep2_dp2_bf16", {"parallel.ep=2"}, kBf16, true, kLowPrecisionTol);
+  if (world_is(2)) run_layout("ep2_dp2_bf16", {"parallel.ep=2"}, kBf16, true, kSplitGemmTol);
 }
 TEST(LayoutNp2, Ep2Dp2Fp8) {
-  if (world_is(2)) run_layout("ep2_dp2_fp8", {"parallel.ep=2"}, kFp8, true, kLowPrecisionTol);
+  if (world_is(2)) run_layout("ep2_dp2_fp8", {"parallel.ep=2"}, kFp8, true, kSplitGemmTol);
 }
 TEST(LayoutNp2, Pp2RunsTwiceToTheSameBits) {
   if (world_is(2)) expect_same_bits("pp2_again", {"parallel.pp=2"});
