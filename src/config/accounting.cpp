@@ -111,6 +111,7 @@ MemoryOptions MemoryOptions::from(const Config& c) {
   o.global_batch_size = c.training.global_batch_size;
   o.precision = c.training.precision;
   o.fp8 = c.training.use_fp8;
+  o.bf16_moments = c.training.optimizer.moment_dtype == "bf16";
   return o;
 }
 
@@ -298,8 +299,10 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
   // Model weights as forward/backward use them; on the host backend a bf16 run also keeps its fp32
   // masters whole on every rank (they are what the optimizer updates).
   const double w_bytes = bf16 ? (o.host ? 2 + 4 : 2) : 4;
-  const double g_bytes = 4;                           // gradients accumulate in fp32
-  const double opt_bytes = bf16 && !o.host ? 12 : 8;  // fp32 master (bf16 only) + Adam m and v
+  const double g_bytes = 4;  // gradients accumulate in fp32
+  const double moment_bytes = o.bf16_moments ? 2 : 4;
+  // fp32 master (bf16 on a GPU; the host keeps it with the weights) + Adam m and v
+  const double opt_bytes = (bf16 && !o.host ? 4 : 0) + 2 * moment_bytes;
   const double act_bytes = bf16 ? 2 : 4;
   const double d = m.d_model;
   const double V = m.vocab_size;
@@ -376,7 +379,8 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
   }
   best.assumptions = {
       "weights " + std::string(bf16 ? "bf16 (2 B)" : "fp32 (4 B)") + ", gradients fp32 (4 B), optimizer " +
-          (bf16 ? "fp32 master + Adam m, v (12 B)" : "Adam m, v (8 B)") + " per parameter",
+          (bf16 && !o.host ? "fp32 master + " : "") + "Adam m, v " + (o.bf16_moments ? "bf16" : "fp32") +
+          " (" + fixed(opt_bytes, 0) + " B) per parameter",
       "ZeRO-" + std::to_string(l.zero_stage) + ": optimizer" + (l.zero_stage >= 2 ? " and gradients" : "") +
           (l.zero_stage >= 1
                ? " sharded over DP=" + std::to_string(dp) + " (experts over expert-DP=" + fixed(edp, 0) + ")"

@@ -49,6 +49,7 @@ struct MemoryOptions {
   int64_t global_batch_size = 1;
   std::string precision = "bf16";  // fp32 | bf16
   bool fp8 = false;                // training.use_fp8 (FP8 GEMMs)
+  bool bf16_moments = false;       // training.optimizer.moment_dtype: bf16 (Adam m, v at 2 B each)
   // The host backend's storage instead of a GPU's: fp32 masters beside the bf16 compute weights on
   // every rank, f32 temporaries, the block in its backward restored to f32, the FP8 GEMMs' copies.
   bool host = false;

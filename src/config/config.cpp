@@ -273,6 +273,7 @@ void bind_all(Visitor& b, C& c) {
   b.optional("training.optimizer.eps", t.optimizer.eps);
   b.optional("training.optimizer.weight_decay", t.optimizer.weight_decay);
   b.optional("training.optimizer.grad_clip", t.optimizer.grad_clip);
+  b.optional("training.optimizer.moment_dtype", t.optimizer.moment_dtype);
   b.optional("training.schedule.style", t.schedule.style);
   b.optional("training.schedule.warmup_steps", t.schedule.warmup_steps);
   b.optional("training.schedule.constant_steps", t.schedule.constant_steps);
@@ -458,6 +459,7 @@ void validate(const Config& c) {
   non_negative("training.eval_iters", t.eval_iters);
   positive("training.max_nonfinite_steps", t.max_nonfinite_steps);
   one_of("training.optimizer.type", t.optimizer.type, {"adamw"});
+  one_of("training.optimizer.moment_dtype", t.optimizer.moment_dtype, {"fp32", "bf16"});
   positive("training.optimizer.lr", t.optimizer.lr);
   non_negative("training.optimizer.min_lr", t.optimizer.min_lr);
   DSV3_CHECK(t.optimizer.min_lr <= t.optimizer.lr, c.where("training.optimizer.min_lr"), " (",
@@ -697,6 +699,7 @@ std::string precision_summary(const Config& c) {
   if (c.training.use_fp8) s += " + fp8 gemms";
   if (c.model.mla.use_fp8_kv) s += " + fp8 kv cache";
   if (c.model.moe.deep_ep_fp8) s += " + fp8 dispatch";
+  if (c.training.optimizer.moment_dtype == "bf16") s += " + bf16 moments";
   return s;
 }
 

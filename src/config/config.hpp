@@ -82,7 +82,8 @@ struct OptimizerConfig {
   double beta2 = 0.95;
   double eps = 1e-8;
   double weight_decay = 0.1;
-  double grad_clip = 1.0;  // global norm; 0 disables
+  double grad_clip = 1.0;             // global norm; 0 disables
+  std::string moment_dtype = "fp32";  // fp32 | bf16: storage of AdamW's m and v
 };
 
 struct ScheduleConfig {

@@ -141,6 +141,7 @@ std::optional<CheckpointInfo> Checkpointer::resume(const std::string& resume, Pa
     }
     if (err.empty()) {
       opt.set_steps(os.steps);
+      opt.state_loaded();
       std::error_code ec;
       const double bytes = double(fs::file_size(path, ec)), s = now_s() - t0;
       resume_s_ = s, resume_bytes_ = static_cast<int64_t>(bytes);

@@ -5,12 +5,14 @@
 #include <cmath>
 
 #include "core/error.hpp"
+#include "core/lowp.hpp"
 
 namespace dsv3 {
 
 AdamWConfig AdamWConfig::from(const OptimizerConfig& o) {
   AdamWConfig c;
   c.beta1 = o.beta1, c.beta2 = o.beta2, c.eps = o.eps, c.weight_decay = o.weight_decay;
+  c.bf16_moments = o.moment_dtype == "bf16";
   return c;
 }
 
@@ -31,11 +33,37 @@ AdamW::AdamW(const ParamStore& ps, AdamWConfig cfg, const std::vector<std::pair<
     moment += e - b;
     prev_end = e;
   }
-  m_.assign(static_cast<size_t>(moment), 0.0f);
-  v_.assign(static_cast<size_t>(moment), 0.0f);
+  moments_ = moment;
+  if (cfg_.bf16_moments) {
+    mh_.assign(static_cast<size_t>(moment), 0);  // bf16 +0
+    vh_.assign(static_cast<size_t>(moment), 0);
+  } else {
+    m_.assign(static_cast<size_t>(moment), 0.0f);
+    v_.assign(static_cast<size_t>(moment), 0.0f);
+  }
+}
+
+void AdamW::drop_copy() {
+  std::vector<float>().swap(m_);
+  std::vector<float>().swap(v_);
+}
+
+void AdamW::state_loaded() {
+  if (!cfg_.bf16_moments) return;
+  DSV3_CHECK(int64_t(m_.size()) == moments_ && int64_t(v_.size()) == moments_,
+             "AdamW::state_loaded: no checkpoint_state() to take the moments from");
+  lowp::to_bf16(m_.data(), mh_.data(), moments_);
+  lowp::to_bf16(v_.data(), vh_.data(), moments_);
+  drop_copy();
 }
 
 OptimizerState AdamW::checkpoint_state() {
+  if (cfg_.bf16_moments) {
+    m_.resize(static_cast<size_t>(moments_));
+    v_.resize(static_cast<size_t>(moments_));
+    lowp::from_bf16(mh_.data(), m_.data(), moments_);
+    lowp::from_bf16(vh_.data(), v_.data(), moments_);
+  }
   OptimizerState st;
   st.type = "adamw";
   st.steps = t_;
@@ -73,6 +101,22 @@ void AdamW::step(double lr) {
   const float eps = static_cast<float>(cfg_.eps);
   float* p = ps_.flat_values().f32();
   const float* g = ps_.flat_grads().f32();
+  if (cfg_.bf16_moments) {
+    drop_copy();  // a checkpoint's copy has been written or staged by now
+    for (const auto& s : segments_) {
+      const float decay = s.decay ? static_cast<float>(1.0 - lr * cfg_.weight_decay) : 1.0f;
+      uint16_t* m = mh_.data() + s.moment;
+      uint16_t* v = vh_.data() + s.moment;
+      for (int64_t i = s.begin; i < s.end; ++i, ++m, ++v) {
+        const float gi = g[i];
+        const float mi = lowp::round_bf16(b1 * lowp::from_bf16(*m) + (1.0f - b1) * gi);
+        const float vi = lowp::round_bf16(b2 * lowp::from_bf16(*v) + (1.0f - b2) * gi * gi);
+        *m = lowp::to_bf16(mi), *v = lowp::to_bf16(vi);
+        p[i] = p[i] * decay - step_size * mi / (std::sqrt(vi) / sqrt_bc2 + eps);
+      }
+    }
+    return;
+  }
   for (const auto& s : segments_) {
     const float decay = s.decay ? static_cast<float>(1.0 - lr * cfg_.weight_decay) : 1.0f;
     float* m = m_.data() + s.moment;

@@ -1,6 +1,9 @@
 // AdamW with decoupled weight decay (PyTorch semantics), on a contiguous range of the flat
-// parameter buffer so that ZeRO can hand each data-parallel rank its own shard. fp32 master weights
-// and moments; no weight decay on norms and non-matrix parameters (ParamEntry::weight_decay).
+// parameter buffer so that ZeRO can hand each data-parallel rank its own shard. fp32 master weights;
+// moments in fp32, or in bf16 (training.optimizer.moment_dtype: bf16, as the DeepSeek-V3 report
+// 3.3.4: each step computes in fp32 from the stored bf16 moments and stores them rounded to nearest
+// even, the update using the stored values). No weight decay on norms and non-matrix parameters
+// (ParamEntry::weight_decay).
 #pragma once
 
 #include <cstdint>
@@ -13,6 +16,7 @@ namespace dsv3 {
 
 struct AdamWConfig {
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
+  bool bf16_moments = false;
   static AdamWConfig from(const OptimizerConfig& o);
 };
 
@@ -33,13 +37,23 @@ class AdamW {
   const std::vector<Range>& ranges() const { return ranges_; }
   // Index into exp_avg() / exp_avg_sq() of flat element `flat`, or -1 when no range holds it.
   int64_t moment_index(int64_t flat) const;
-  // Optimizer state for checkpoints: first and second moments of every range, back to back.
+  // Optimizer state for checkpoints: first and second moments of every range, back to back, in
+  // fp32. With bf16 moments these are an fp32 copy that checkpoint_state() makes (values exactly
+  // representable in bf16) and the next step() drops; empty otherwise.
   std::vector<float>& exp_avg() { return m_; }
   std::vector<float>& exp_avg_sq() { return v_; }
   void set_steps(int64_t t) { t_ = t; }
+  bool bf16_moments() const { return cfg_.bf16_moments; }
+  int64_t num_moments() const { return moments_; }
+  // Bytes the moments take (2 x 4 or 2 x 2 per element), for the memory accounting.
+  int64_t moment_bytes() const { return 2 * moments_ * (cfg_.bf16_moments ? 2 : 4); }
   // The moments as named slices of the parameters they belong to (exp_avg, exp_avg_sq), for the
-  // checkpoint layer: the parts of this optimizer's ranges that fall in each parameter.
+  // checkpoint layer: the parts of this optimizer's ranges that fall in each parameter. They stay
+  // valid until the next step(). After loading into them, call state_loaded().
   OptimizerState checkpoint_state();
+  // Takes the values loaded into checkpoint_state()'s slices (bf16 moments: rounds them to bf16,
+  // exact for a checkpoint written with bf16 moments, and drops the fp32 copy).
+  void state_loaded();
 
  private:
   struct Segment {
@@ -52,7 +66,10 @@ class AdamW {
   std::vector<Range> ranges_;
   int64_t t_ = 0;
   std::vector<Segment> segments_;
-  std::vector<float> m_, v_;
+  int64_t moments_ = 0;
+  std::vector<float> m_, v_;       // fp32 moments, or the fp32 copy of bf16 ones
+  std::vector<uint16_t> mh_, vh_;  // bf16 moments
+  void drop_copy();
 };
 
 // Learning rate at `step` (0-based): linear warm-up to lr over warmup_steps, then cosine decay to

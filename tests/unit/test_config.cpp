@@ -111,6 +111,8 @@ TEST(Config, ImpossibleValues) {
   EXPECT_TRUE(Mentions(error_of({"model.mla.qk_rope_head_dim=7"}), {"qk_rope_head_dim", "even"}));
   EXPECT_TRUE(Mentions(error_of({"training.recompute=some"}), {"training.recompute", "selective"}));
   EXPECT_TRUE(Mentions(error_of({"parallel.order=tp-ep-dp"}), {"parallel.order", "must name"}));
+  EXPECT_TRUE(Mentions(error_of({"training.optimizer.moment_dtype=fp8"}),
+                       {"training.optimizer.moment_dtype", "bf16", "'fp8'"}));
 }
 
 TEST(Config, CrossFieldValidation) {

@@ -4,8 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
+#include <random>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -52,6 +55,93 @@ TEST(AdamW, MatchesTheDecoupledUpdateByHand) {
   EXPECT_NEAR(ps.value(1).f32()[0], 1.0 - 2 * lr, 1e-6);
   EXPECT_FLOAT_EQ(ps.value(1).f32()[1], 1.0f);  // zero gradient, no decay: untouched
   EXPECT_EQ(opt.steps(), 2);
+}
+
+namespace {
+// bf16 rounding written out here (round to nearest, ties to even, on the float's bits), independent
+// of core/lowp.
+float bf16_by_hand(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t lower = u & 0xFFFFu, keep = u & 0xFFFF0000u;
+  uint32_t r = keep;
+  if (lower > 0x8000u || (lower == 0x8000u && (keep & 0x10000u))) r += 0x10000u;
+  float out;
+  std::memcpy(&out, &r, 4);
+  return out;
+}
+bool is_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (u & 0xFFFFu) == 0;
+}
+}  // namespace
+
+// training.optimizer.moment_dtype: bf16: m and v are stored rounded to bf16 after every step and the
+// update uses the stored values; the masters stay fp32. Checked against that computation by hand over
+// 30 steps of random gradients, and the state survives a checkpoint round trip exactly.
+TEST(AdamW, Bf16MomentsMatchTheRoundedUpdateByHand) {
+  const int n = 300;
+  auto store = [&] {
+    auto ps = std::make_unique<ParamStore>();
+    ps->add("w", {n}, ParamInit::Zeros, ParamGroup::Dense, /*weight_decay=*/true);
+    ps->allocate();
+    ps->initialize(1, 1.0);
+    for (int i = 0; i < n; ++i) ps->value(0).f32()[i] = 0.01f * float(i % 17) - 0.08f;
+    return ps;
+  };
+  auto ps = store(), ps32 = store();
+  AdamWConfig c;
+  c.bf16_moments = true;
+  AdamW opt(*ps, c);
+  AdamWConfig c32 = c;
+  c32.bf16_moments = false;
+  AdamW opt32(*ps32, c32);
+  const int64_t N = opt.num_moments();  // the store's flat buffer, padded: w is its first n elements
+  ASSERT_GE(N, n);
+  EXPECT_EQ(opt.moment_bytes(), 2 * N * 2);
+  EXPECT_EQ(opt32.moment_bytes(), 2 * N * 4);
+  std::vector<float> m(n, 0.0f), v(n, 0.0f), w(ps->value(0).f32(), ps->value(0).f32() + n);
+  std::mt19937 gen(7);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const float b1 = 0.9f, b2 = 0.95f, lr = 1e-3f;
+  for (int t = 1; t <= 30; ++t) {
+    for (int i = 0; i < n; ++i) {
+      const float g = nd(gen) * std::pow(10.0f, float(i % 7) - 4.0f);  // magnitudes 1e-4 .. 1e2
+      ps->grad(0).f32()[i] = ps32->grad(0).f32()[i] = g;
+      m[i] = bf16_by_hand(b1 * m[i] + (1.0f - b1) * g);
+      v[i] = bf16_by_hand(b2 * v[i] + (1.0f - b2) * g * g);
+      const double mh = m[i] / (1 - std::pow(0.9, t)), vh = v[i] / (1 - std::pow(0.95, t));
+      w[i] = float(w[i] * (1 - lr * 0.1) - lr * mh / (std::sqrt(vh) + 1e-8));
+    }
+    opt.step(lr);
+    opt32.step(lr);
+  }
+  const OptimizerState st = opt.checkpoint_state();
+  ASSERT_EQ(int64_t(opt.exp_avg().size()), N);
+  int not_bf16_in_fp32 = 0;
+  for (int i = 0; i < n; ++i) {
+    ASSERT_TRUE(is_bf16(opt.exp_avg()[i]) && is_bf16(opt.exp_avg_sq()[i])) << "element " << i;
+    EXPECT_EQ(opt.exp_avg()[i], m[i]) << "m, element " << i;
+    EXPECT_EQ(opt.exp_avg_sq()[i], v[i]) << "v, element " << i;
+    EXPECT_NEAR(ps->value(0).f32()[i], w[i], 1e-6f + 1e-5f * std::fabs(w[i])) << "w, element " << i;
+    not_bf16_in_fp32 += !is_bf16(opt32.exp_avg()[i]);
+  }
+  EXPECT_GT(not_bf16_in_fp32, n / 2) << "fp32 moments should not be bf16 values";
+  // A checkpoint round trip: the state copied into a fresh optimizer, one more step on each, equal.
+  auto ps2 = store();
+  std::memcpy(ps2->value(0).f32(), ps->value(0).f32(), n * sizeof(float));
+  AdamW opt2(*ps2, c);
+  opt2.checkpoint_state();
+  opt2.exp_avg() = opt.exp_avg(), opt2.exp_avg_sq() = opt.exp_avg_sq();
+  opt2.set_steps(opt.steps());
+  opt2.state_loaded();
+  EXPECT_TRUE(opt2.exp_avg().empty()) << "the fp32 copy is dropped after loading";
+  for (int i = 0; i < n; ++i) ps->grad(0).f32()[i] = ps2->grad(0).f32()[i] = nd(gen);
+  opt.step(lr);
+  opt2.step(lr);
+  EXPECT_TRUE(opt.exp_avg().empty()) << "the checkpoint copy is dropped at the next step";
+  EXPECT_EQ(0, std::memcmp(ps->value(0).f32(), ps2->value(0).f32(), n * sizeof(float)));
 }
 
 TEST(Schedule, WarmupCosineAndConstantPhase) {
@@ -278,17 +368,18 @@ TEST(Trainer, ResumeContinuesBitwise) {
 }
 
 TEST(Trainer, MixedPrecisionResumesBitwiseAndRecordsItsNumerics) {
-  // bf16 + FP8 (GEMMs, KV cache, dispatch): 8 steps straight vs 4 + checkpoint + resume + 4.
+  // bf16 + FP8 (GEMMs, KV cache, dispatch) + bf16 Adam moments: 8 steps straight vs 4 + checkpoint +
+  // resume + 4.
   TrainerOptions opt;
   std::ostringstream log;
   const std::string dir = ::testing::TempDir() + "/dsv3_train_resume_fp8";
   const TrainSummary first =
       expect_resume_bitwise("dsv3_train_resume_fp8",
                             {"training.precision=bf16", "training.use_fp8=true", "model.mla.use_fp8_kv=true",
-                             "model.moe.deep_ep_fp8=true"},
+                             "model.moe.deep_ep_fp8=true", "training.optimizer.moment_dtype=bf16"},
                             8, 4, opt, log);
   EXPECT_EQ(read_checkpoint_info(first.last_checkpoint).precision,
-            "bf16 + fp8 gemms + fp8 kv cache + fp8 dispatch");
+            "bf16 + fp8 gemms + fp8 kv cache + fp8 dispatch + bf16 moments");
   const auto a = losses_of(dir + "/straight");
   ASSERT_EQ(a.size(), 8u);
   // And the run is not the fp32 run.
