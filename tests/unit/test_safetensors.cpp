@@ -35,16 +35,8 @@ using dsv3::test_util::tiny;
 
 using dsv3::test_util::error_of;
 
-uint32_t bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using dsv3::test_util::bits;
+using dsv3::test_util::from_bits;
 
 void write_bytes(const fs::path& p, const std::string& s) {
   std::ofstream out(p, std::ios::binary | std::ios::trunc);
@@ -298,8 +290,9 @@ TEST(HfInterop, ConfigJsonBothWays) {
   for (const nlohmann::json v : {nlohmann::json(2.88889e80), nlohmann::json(uint64_t{1} << 63)}) {
     bad = nlohmann::json::parse(j.dump());
     bad["hidden_size"] = v;
-    EXPECT_NE(error_of([&] { hf::model_config_from_json(bad, "c"); }).find("key 'hidden_size' is out of range"),
-              std::string::npos)
+    EXPECT_NE(
+        error_of([&] { hf::model_config_from_json(bad, "c"); }).find("key 'hidden_size' is out of range"),
+        std::string::npos)
         << v.dump();
   }
 }

@@ -18,6 +18,7 @@
 #include "data/indexed_dataset.hpp"
 #include "io/checkpoint.hpp"
 #include "model/params.hpp"
+#include "test_util.hpp"
 #include "train/optimizer.hpp"
 #include "train/trainer.hpp"
 
@@ -61,20 +62,11 @@ namespace {
 // bf16 rounding written out here (round to nearest, ties to even, on the float's bits), independent
 // of core/lowp.
 float bf16_by_hand(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const uint32_t lower = u & 0xFFFFu, keep = u & 0xFFFF0000u;
-  uint32_t r = keep;
-  if (lower > 0x8000u || (lower == 0x8000u && (keep & 0x10000u))) r += 0x10000u;
-  float out;
-  std::memcpy(&out, &r, 4);
-  return out;
+  const uint32_t u = test_util::bits(f), lower = u & 0xFFFFu, keep = u & 0xFFFF0000u;
+  const bool up = lower > 0x8000u || (lower == 0x8000u && (keep & 0x10000u));
+  return test_util::from_bits(up ? keep + 0x10000u : keep);
 }
-bool is_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return (u & 0xFFFFu) == 0;
-}
+bool is_bf16(float f) { return (test_util::bits(f) & 0xFFFFu) == 0; }
 }  // namespace
 
 // training.optimizer.moment_dtype: bf16: m and v are stored rounded to bf16 after every step and the

@@ -1,15 +1,17 @@
 // Small helpers shared by the unit and MPI tests: a fresh scratch folder, the tiny config, an
-// optimizer as checkpoint state, an error's text.
+// optimizer as checkpoint state, an error's text, a float's bits.
 #pragma once
 
 #include <unistd.h>
 
+#include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <string>
 
 #include "config/config.hpp"
 #include "core/error.hpp"
+#include "core/lowp.hpp"
 #include "model/params.hpp"
 #include "train/optimizer.hpp"
 
@@ -22,6 +24,9 @@ inline std::filesystem::path fresh_dir(const std::string& tag) {
   std::filesystem::create_directories(d);
   return d;
 }
+
+inline uint32_t bits(float f) { return lowp::bits_of(f); }
+inline float from_bits(uint32_t u) { return lowp::float_of(u); }
 
 inline const Config& tiny() {
   static const Config c = load_config(resolve_config_path("tiny"));
