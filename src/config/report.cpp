@@ -107,6 +107,7 @@ nlohmann::json info_json(const Config& c) {
       {"usable_bytes_per_gpu", usable_bytes(c.hardware.gpu_memory_gb)},
       {"min_gpus_to_fit", min_gpus_to_fit(c, c.hardware.gpu_memory_gb)},  // any layout, 0: none
       {"layout", layout_json(l)},
+      {"layout_gpus", l.world()},  // tp x pp x dp of that layout
       {"architecture",
        {{"vocab_size", m.vocab_size},
         {"d_model", m.d_model},
@@ -233,8 +234,10 @@ std::string info_text(const Config& c) {
      << " (matmul 6 x active weights " << human_flops(f.matmul) << " + causal attention "
      << human_flops(f.attention) << ")\n\n";
 
-  os << "Memory per GPU, config layout " << layout_text(l) << " on " << c.hardware.gpus_recommended
-     << " GPUs (busiest rank: pipeline stage " << mem.stage << ")\n";
+  os << "Memory per GPU, config layout " << layout_text(l) << " on " << l.world() << " GPUs (";
+  if (l.world() != c.hardware.gpus_recommended)
+    os << "tp x pp x dp; the config recommends " << c.hardware.gpus_recommended << "; ";
+  os << "busiest rank: pipeline stage " << mem.stage << ")\n";
   auto line = [&](const char* what, double b) {
     os << "  " << pad(what, 20) << pad(human_bytes(b), 12, true) << "\n";
   };

@@ -109,3 +109,17 @@ TEST(Planner, RecommendationJsonKeys) {
        {"name", "total_params", "active_params", "flops_per_token", "memory_per_gpu_bytes", "layout"})
     EXPECT_TRUE(info.contains(k)) << k;
 }
+
+// An explicit layout is reported on its own GPU count (tp x pp x dp), not the config's recommendation.
+TEST(Planner, InfoNamesTheGpusOfAnExplicitLayout) {
+  const Config c =
+      load_config(resolve_config_path("671b"), {"parallel.tp=1", "parallel.pp=16", "parallel.ep=64",
+                                                "parallel.dp=128", "training.global_batch_size=15360"});
+  ASSERT_NE(c.hardware.gpus_recommended, 2048);
+  const std::string text = info_text(c);
+  EXPECT_NE(text.find("tp=1 pp=16 ep=64 dp=128 zero=1 on 2048 GPUs (tp x pp x dp; the config recommends " +
+                      std::to_string(c.hardware.gpus_recommended) + "; busiest rank"),
+            std::string::npos)
+      << text.substr(0, 2000);
+  EXPECT_EQ(info_json(c)["layout_gpus"].get<int64_t>(), 2048);
+}
