@@ -4,8 +4,9 @@
 # by side and the relative gaps of the final smoothed LM loss (tools/bench/precision_report.py).
 # With SAMPLES=2 each precision also runs with half the micro-batch (same data and seed, another
 # summation order): low-precision runs leave the fp32 trajectory early, and two samples show how far
-# runs of one precision spread.
-#   tools/bench/precision_curves.sh [BUILD_DIR] [OUT_DIR]   (CONFIGS="tiny d512", STEPS=300, SAMPLES=1, DATA=data/fortunes)
+# runs of one precision spread. SEEDS="1234 1235 ..." repeats everything with each training.seed
+# (other initial weights and data order); the report then also pairs the runs of one seed.
+#   tools/bench/precision_curves.sh [BUILD_DIR] [OUT_DIR]   (CONFIGS="tiny d512", STEPS=300, SAMPLES=1, SEEDS="", DATA=data/fortunes)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 build=${1:-build}
@@ -13,6 +14,7 @@ out=${2:-$build/precision-curves}
 configs=${CONFIGS:-"tiny d512"}
 steps=${STEPS:-300}
 samples=${SAMPLES:-1}
+seeds=${SEEDS:-default}
 data=${DATA:-data/fortunes}
 [ -f "${data}_train.idx" ] || "$build/bin/dsv3-data" --input /usr/share/games/fortunes --format fortunes \
   --output-prefix "$data" --valid-fraction 0.02
@@ -30,10 +32,12 @@ for c in $configs; do
   esac
   micro=$(sed -n 's/^ *micro_batch_size: *\([0-9]*\).*/\1/p' "$cfg" | head -1)
   for p in fp32 bf16 fp8; do
+   for seed in $seeds; do
    for k in $(seq 1 "$samples"); do
     dir=$out/$c-$p
     extra=""
-    if [ "$k" = 2 ]; then dir=$out/$c-$p-s2; extra="--set training.micro_batch_size=$(( micro > 1 ? micro / 2 : 1 ))"; fi
+    if [ "$seed" != default ]; then dir=$dir-seed$seed; extra="--set training.seed=$seed"; fi
+    if [ "$k" = 2 ]; then dir=$dir-s2; extra="$extra --set training.micro_batch_size=$(( micro > 1 ? micro / 2 : 1 ))"; fi
     if [ ! -f "$dir/metrics.jsonl" ] || [ "$(grep -c '"step"' "$dir/metrics.jsonl" || true)" -lt "$steps" ]; then
       rm -rf "$dir"; mkdir -p "$out"
       # shellcheck disable=SC2086
@@ -42,6 +46,7 @@ for c in $configs; do
         --set checkpoint.interval=100000 ${sets[$p]} $extra > "$dir.log" 2>&1 || { echo "run $c $p failed: $dir.log" >&2; exit 1; }
     fi
     runs+=("$c:$p:$dir/metrics.jsonl")
+   done
    done
   done
 done

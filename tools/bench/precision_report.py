@@ -55,6 +55,13 @@ def main(args):
                 verdict = "within" if abs(gap) <= target else "OUTSIDE"
                 ok &= abs(gap) <= target
                 print(f"  {a} vs {b}: {100 * gap:+.3f}% ({verdict} the {100 * target:.2f}% target)")
+                n = len(per[a])
+                if n > 1 and n == len(per[b]):  # runs given in the same order: paired by seed/sample
+                    pg = [(x - y) / y for x, y in zip(per[a], per[b])]
+                    mean = sum(pg) / n
+                    se = (sum((g - mean) ** 2 for g in pg) / (n - 1) / n) ** 0.5
+                    print(f"    paired by sample: " + ", ".join(f"{100 * g:+.3f}%" for g in pg) +
+                          f"; mean {100 * mean:+.3f}% +- {100 * se:.3f}% (standard error)")
     return 0 if ok else 1
 
 
