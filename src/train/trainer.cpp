@@ -3,9 +3,9 @@
 
 #include <pthread.h>
 #include <signal.h>
+
 #include <chrono>
 #include <cmath>
-
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -621,6 +621,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
   if (!sum.aborted_nonfinite && step > start_step && (t.eval_interval == 0 || step % t.eval_interval != 0))
     run_validation(step);
   if (opt.at_end) opt.at_end(model, sync.designated_values());
+  if (sum.stopped_by_signal) g_stop_signal = 0;  // acted on: a later train() in this process starts clean
   sum.run_dir = run_dir;
   sum.final_step = step;
   sum.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
