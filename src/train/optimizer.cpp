@@ -101,32 +101,30 @@ void AdamW::step(double lr) {
   const float eps = static_cast<float>(cfg_.eps);
   float* p = ps_.flat_values().f32();
   const float* g = ps_.flat_grads().f32();
-  if (cfg_.bf16_moments) {
-    drop_copy();  // a checkpoint's copy has been written or staged by now
+  // One loop for both moment storages: `load` reads a stored moment as fp32, `round` gives the value
+  // the storage keeps (the update uses that value), `store` encodes it.
+  auto update = [&](auto* m_base, auto* v_base, auto load, auto round, auto store) {
     for (const auto& s : segments_) {
       const float decay = s.decay ? static_cast<float>(1.0 - lr * cfg_.weight_decay) : 1.0f;
-      uint16_t* m = mh_.data() + s.moment;
-      uint16_t* v = vh_.data() + s.moment;
+      auto* m = m_base + s.moment;
+      auto* v = v_base + s.moment;
       for (int64_t i = s.begin; i < s.end; ++i, ++m, ++v) {
         const float gi = g[i];
-        const float mi = lowp::round_bf16(b1 * lowp::from_bf16(*m) + (1.0f - b1) * gi);
-        const float vi = lowp::round_bf16(b2 * lowp::from_bf16(*v) + (1.0f - b2) * gi * gi);
-        *m = lowp::to_bf16(mi), *v = lowp::to_bf16(vi);
+        const float mi = round(b1 * load(*m) + (1.0f - b1) * gi);
+        const float vi = round(b2 * load(*v) + (1.0f - b2) * gi * gi);
+        *m = store(mi), *v = store(vi);
         p[i] = p[i] * decay - step_size * mi / (std::sqrt(vi) / sqrt_bc2 + eps);
       }
     }
-    return;
-  }
-  for (const auto& s : segments_) {
-    const float decay = s.decay ? static_cast<float>(1.0 - lr * cfg_.weight_decay) : 1.0f;
-    float* m = m_.data() + s.moment;
-    float* v = v_.data() + s.moment;
-    for (int64_t i = s.begin; i < s.end; ++i, ++m, ++v) {
-      const float gi = g[i];
-      *m = b1 * *m + (1.0f - b1) * gi;
-      *v = b2 * *v + (1.0f - b2) * gi * gi;
-      p[i] = p[i] * decay - step_size * *m / (std::sqrt(*v) / sqrt_bc2 + eps);
-    }
+  };
+  if (cfg_.bf16_moments) {
+    drop_copy();  // a checkpoint's copy has been written or staged by now
+    update(
+        mh_.data(), vh_.data(), [](uint16_t h) { return lowp::from_bf16(h); },
+        [](float x) { return lowp::round_bf16(x); }, [](float x) { return lowp::to_bf16(x); });
+  } else {
+    auto same = [](float x) { return x; };
+    update(m_.data(), v_.data(), same, same, same);
   }
 }
 
