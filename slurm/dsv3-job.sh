@@ -95,7 +95,7 @@ dsv3_job_run() {
   local retries=${DSV3_LAUNCH_RETRIES:-2} pause=${DSV3_LAUNCH_RETRY_WAIT:-10} attempt=1
   [[ $retries =~ ^[0-9]+$ ]] || dsv3_fail 2 "DSV3_LAUNCH_RETRIES='$retries' is not a count"
   [[ $pause =~ ^[0-9]+$ ]] || dsv3_fail 2 "DSV3_LAUNCH_RETRY_WAIT='$pause' is not a number of seconds"
-  local rc r seen said
+  local rc r seen said why
   DSV3_STOP_SEEN=
   trap 'dsv3_forward USR1' USR1
   trap 'dsv3_forward TERM' TERM
@@ -119,16 +119,17 @@ dsv3_job_run() {
     done
     sleep 0.2  # let tee write out srun's last lines
     said=$(cat "$record" 2>/dev/null | head -1)
-    if [ -z "$said" ] && grep -qE 'launch failed|aborted before step completely launched' "$errors"; then
+    why=$(grep -m1 -E 'launch failed|aborted before step completely launched' "$errors")
+    if [ -z "$said" ] && [ -n "$why" ]; then
       if [ -n "$DSV3_STOP_SEEN" ]; then
         dsv3_fail 1 "the step did not launch and SIG$DSV3_STOP_SEEN arrived: not launching again." \
           "A new submission resumes from $(dsv3_latest "$run_dir")"
       fi
       if [ "$attempt" -gt "$retries" ]; then
-        dsv3_fail 1 "the step did not launch in $attempt attempts (srun: $(grep -m1 -E 'launch failed|aborted before' "$errors"));" \
+        dsv3_fail 1 "the step did not launch in $attempt attempts ($why);" \
           "see the srun messages above. A new submission resumes from $(dsv3_latest "$run_dir")"
       fi
-      dsv3_log "the step did not launch (attempt $attempt of $((retries + 1)): $(grep -m1 -E 'launch failed|aborted before' "$errors"));" \
+      dsv3_log "the step did not launch (attempt $attempt of $((retries + 1)): $why);" \
         "launching again in $pause s"
       sleep "$pause" &
       wait $! || true  # a trapped signal ends the pause early
