@@ -132,6 +132,12 @@ void mla_assemble_kv_backward(const Tensor& dk, const Tensor& dv, int64_t nope, 
 // SwiGLU: h = silu(g) * u, silu(z) = z / (1 + exp(-z)); g, u, h [T, F].
 void swiglu_forward(const Tensor& g, const Tensor& u, const Tensor& h);
 void swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& dh, const Tensor& dg, const Tensor& du);
+// Rows scaled by a weight each (the routed experts' combine weight applied to their SwiGLU output):
+// y[r, :] = w[r] * x[r, :]; x, y [R, F], w [R]. y may alias x.
+void scale_rows_forward(const Tensor& x, const Tensor& w, const Tensor& y);
+// dx[r, :] = w[r] * dy[r, :], dw[r] = <dy[r, :], x[r, :]> (both overwritten; the dot in double).
+void scale_rows_backward(const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor& dx,
+                         const Tensor& dw);
 
 // ---------------------------------------------------------------------------------------------
 // MoE router (DeepSeek-V3 gate). logits [T, E] = x . W_gate^T (a linear op before this).

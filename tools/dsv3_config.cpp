@@ -23,6 +23,9 @@ const char* kUsage =
   --list                   quick-reference table of configs/*.yaml (computed, not typed in)
   --info NAME              architecture, parameters, FLOPs/token, memory per GPU, hardware, features
   --gpus N --gpu-memory GB recommend a config and a TP/PP/EP/DP/ZeRO layout that fits
+  --layouts NAME --gpus N  the fastest layouts of NAME on N GPUs by the cost model (--top K, default
+                           10; --gpu-memory GB, default the config's), and where the config's own
+                           parallel layout (as --set gives it) ranks among them
       --use-case research|production|learning
       --budget low|medium|high|very-high|extreme
   --sbatch NAME            a Slurm batch script for the config, pre-sized by the planner (stdout):
@@ -41,7 +44,8 @@ NAME is 1b, deepseek_v3_1b, 671b or a path to a YAML file.
 
 struct Args {
   bool list = false, json = false, detect = false, help = false;
-  std::string info, sbatch;
+  std::string info, sbatch, layouts;
+  int64_t top = 10;
   dsv3::SbatchOptions job;
   bool job_options = false;  // any of --nodes/--gpus-per-node/--partition/--time given
   int64_t gpus = 0;
@@ -65,6 +69,10 @@ Args parse(int argc, char** argv) {
       a.help = true;
     else if (s == "--info")
       a.info = value();
+    else if (s == "--layouts")
+      a.layouts = value();
+    else if (s == "--top")
+      a.top = dsv3::cli::parse_int("--top", value());
     else if (s == "--sbatch")
       a.sbatch = value();
     else if (s == "--nodes")
@@ -153,6 +161,14 @@ int run(int argc, char** argv) {
     a.job.config_overrides = a.overrides;
     const dsv3::JobSize size = dsv3::size_job(c, a.job);
     std::cout << (a.json ? dsv3::job_size_json(size).dump(2) + "\n" : dsv3::sbatch_script(c, size));
+    return 0;
+  }
+  if (!a.layouts.empty()) {
+    const auto c = dsv3::load_config(dsv3::resolve_config_path(a.layouts), a.overrides);
+    DSV3_CHECK(a.gpus > 0, "--layouts NAME needs --gpus N");
+    DSV3_CHECK(a.top > 0, "--top must be at least 1, got ", a.top);
+    const double mem = a.gpu_memory > 0 ? a.gpu_memory : c.hardware.gpu_memory_gb;
+    std::cout << dsv3::layouts_text(c, a.gpus, mem, static_cast<size_t>(a.top));
     return 0;
   }
   if (!a.info.empty()) {

@@ -1,4 +1,5 @@
-// SwiGLU gating (kernels/ops.hpp): swiglu_forward and swiglu_backward.
+// SwiGLU gating (kernels/ops.hpp): swiglu_forward and swiglu_backward, and the row scaling that
+// applies the routed experts' combine weights to their SwiGLU output (scale_rows_*).
 //   g, u, h, dh, dg, du [T, F];  h = silu(g) * u,  silu(z) = z * sigmoid(z)
 //   dg = dh * u * sigmoid(g) * (1 + g * (1 - sigmoid(g))),  du = dh * silu(g)   (both overwritten)
 #include <cmath>
@@ -73,6 +74,51 @@ void swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& dh, const T
       pdg[i] = grad * pu[i] * s * (1.0f + z * (1.0f - s));
       pdu[i] = grad * z * s;
     }
+  });
+}
+
+namespace {
+void check_scale_rows(const char* op, const Tensor& x, const Tensor& w,
+                      std::initializer_list<const Tensor*> rows) {
+  check_swiglu(op, x, rows);
+  expect_dtype(op, w, DType::F32);
+  expect_shape(op, w, {x.dim(0)});
+}
+}  // namespace
+
+void scale_rows_forward(const Tensor& x, const Tensor& w, const Tensor& y) {
+  DSV3_PROFILE(Elementwise);
+  check_scale_rows("scale_rows_forward", x, w, {&y});
+  const float* px = x.f32();
+  const float* pw = w.f32();
+  float* py = y.f32();
+  const int64_t F = x.dim(1);
+  host::parallel_for("dsv3::scale_rows_forward", x.dim(0), [=](int64_t r) {
+    const float a = pw[r];
+    for (int64_t f = 0; f < F; ++f) py[r * F + f] = a * px[r * F + f];
+  });
+}
+
+void scale_rows_backward(const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor& dx,
+                         const Tensor& dw) {
+  DSV3_PROFILE(Elementwise);
+  check_scale_rows("scale_rows_backward", x, w, {&dy, &dx});
+  expect_dtype("scale_rows_backward", dw, DType::F32);
+  expect_shape("scale_rows_backward", dw, {x.dim(0)});
+  const float* px = x.f32();
+  const float* pw = w.f32();
+  const float* pdy = dy.f32();
+  float* pdx = dx.f32();
+  float* pdw = dw.f32();
+  const int64_t F = x.dim(1);
+  host::parallel_for("dsv3::scale_rows_backward", x.dim(0), [=](int64_t r) {
+    const float a = pw[r];
+    double dot = 0;
+    for (int64_t f = 0; f < F; ++f) {
+      dot += double(pdy[r * F + f]) * px[r * F + f];
+      pdx[r * F + f] = a * pdy[r * F + f];
+    }
+    pdw[r] = static_cast<float>(dot);
   });
 }
 

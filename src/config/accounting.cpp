@@ -106,6 +106,7 @@ FlopsPerToken training_flops_per_token(const ModelConfig& m, int64_t seq) {
 MemoryOptions MemoryOptions::from(const Config& c) {
   MemoryOptions o;
   o.recompute = c.training.recompute;
+  o.recompute_modules = c.training.recompute_modules;
   o.micro_batch_size = c.training.micro_batch_size;
   o.seq_length = c.training.seq_length;
   o.global_batch_size = c.training.global_batch_size;
@@ -135,35 +136,36 @@ namespace {
 double d_local(const ModelConfig& m, const Layout& l) {
   return l.sequence_parallel ? double(m.d_model) / l.tp : double(m.d_model);
 }
-double mla_saved_elems(const ModelConfig& m, const Layout& l, const std::string& recompute, double elem_bytes,
+double mla_saved_elems(const ModelConfig& m, const Layout& l, const RecomputeSet& r, double elem_bytes,
                        bool fp8_kv) {
   const auto& a = m.mla;
-  const bool none = recompute == "none";
   const double d = d_local(m, l), h = double(m.num_heads) / l.tp;
-  double e = d;                                                    // block input x (held by the model)
-  e += (none ? d : 0) + 1;                                         // xn (selective recomputes it), rstd
-  if (a.q_lora_rank > 0) e += a.q_lora_rank * (none ? 2 : 1) + 1;  // q_a output, its norm, rstd
+  double e = d;                                                       // block input x (held by the model)
+  e += (r.norms ? 0 : d) + 1;                                         // xn, rstd
+  if (a.q_lora_rank > 0) e += a.q_lora_rank * (r.norms ? 1 : 2) + 1;  // q_a output, its norm, rstd
   const double kva = a.d_latent + a.qk_rope_head_dim;
+  const double qkv = r.mla_up_proj ? 0 : 2 * h * m.qk_head_dim() + h * a.v_head_dim;  // q, k, v
   if (fp8_kv) {
     // The kv_a output in FP8 with a 4-byte scale per 1 x 128 tile; c, its norm, k and v are rebuilt
     // from it in the backward. Counted in elements of elem_bytes.
     e += (kva + 4 * std::ceil(kva / 128)) / elem_bytes + 1;  // FP8 latent, rstd
-    e += h * m.qk_head_dim() + h * a.v_head_dim + h;         // q, o, lse
+    e += (r.mla_up_proj ? 0 : h * m.qk_head_dim());          // q
   } else {
-    e += kva;                                                 // kv_a output [c ; k_pe]
-    e += a.d_latent * (none ? 2 : 1) + 1;                     // c, its norm, rstd
-    e += 2 * h * m.qk_head_dim() + 2 * h * a.v_head_dim + h;  // q, k, v, o, lse
+    e += kva;                                 // kv_a output [c ; k_pe]
+    e += a.d_latent * (r.norms ? 1 : 2) + 1;  // c, its norm, rstd
+    e += qkv;
   }
-  e += d;  // h = x + attention (FFN input)
+  e += h * a.v_head_dim + h;  // o, lse
+  e += d;                     // h = x + attention (FFN input)
   return e;
 }
-double swiglu_saved_elems(double width, const std::string& recompute) {
-  return 2 * width + (recompute == "none" ? width : 0);  // gate & up outputs, silu(g)*u
+double swiglu_saved_elems(double width, bool recompute_swiglu) {
+  return 2 * width + (recompute_swiglu ? 0 : width);  // gate & up outputs, silu(g)*u
 }
-double ffn_saved_elems(const ModelConfig& m, const Layout& l, const std::string& recompute, bool moe,
+double ffn_saved_elems(const ModelConfig& m, const Layout& l, const RecomputeSet& r, bool moe,
                        double elem_bytes) {
-  double e = (recompute == "none" ? d_local(m, l) : 0) + 1;  // hn, rstd
-  if (!moe) return e + swiglu_saved_elems(double(m.ffn_dim) / l.tp, recompute);
+  double e = (r.norms ? 0 : d_local(m, l)) + 1;  // hn, rstd
+  if (!moe) return e + swiglu_saved_elems(double(m.ffn_dim) / l.tp, r.swiglu);
   const auto& x = m.moe;
   const double k = x.num_experts_per_token;
   e += 2 * x.num_experts + 2 * k + 2 * k;  // router logits, scores, top-k ids, weights, dispatch plan
@@ -171,10 +173,10 @@ double ffn_saved_elems(const ModelConfig& m, const Layout& l, const std::string&
     e += k * (m.d_model + 4 * std::ceil(m.d_model / 128.0)) / elem_bytes;
   else
     e += k * m.d_model;  // dispatched token copies (expert GEMM input)
-  e += k * swiglu_saved_elems(double(x.expert_dim) / l.expert_tp, recompute);
-  e += k * m.d_model;  // expert outputs (combine weight gradient)
+  e += k * swiglu_saved_elems(double(x.expert_dim) / l.expert_tp, r.swiglu);
+  e += k * 4 / elem_bytes;  // each expert row's combine weight (f32); the expert outputs are not kept
   if (x.num_shared_experts > 0)
-    e += swiglu_saved_elems(double(x.expert_dim * x.num_shared_experts) / l.tp, recompute);
+    e += swiglu_saved_elems(double(x.expert_dim * x.num_shared_experts) / l.tp, r.swiglu);
   return e;
 }
 // Temporaries alive while one block runs its backward (per token): the block's dhn, dh, dxn and
@@ -186,7 +188,9 @@ double block_backward_workspace_elems(const ModelConfig& m, const Layout& l, boo
   if (moe) {
     const auto& x = m.moe;
     const double k = x.num_experts_per_token;
-    ffn = 2 * k * m.d_model + k + 3 * k * double(x.expert_dim) / l.expert_tp + 2 * x.num_experts;
+    // d rows in and out, the weighted product and its gradient, dh, dg, du, the row weights'
+    // gradients and the router's.
+    ffn = 2 * k * m.d_model + 2 * k + 5 * k * double(x.expert_dim) / l.expert_tp + 2 * x.num_experts;
     if (x.num_shared_experts > 0) ffn = std::max(ffn, 3.0 * x.expert_dim * x.num_shared_experts / l.tp);
   } else {
     ffn = 3.0 * m.ffn_dim / l.tp;
@@ -197,29 +201,36 @@ double block_backward_workspace_elems(const ModelConfig& m, const Layout& l, boo
 }
 }  // namespace
 
-double activation_bytes_per_token_dense_layer(const ModelConfig& m, const Layout& l,
-                                              const std::string& recompute, double elem_bytes) {
-  if (recompute == "full") return elem_bytes * d_local(m, l);
-  return elem_bytes * (mla_saved_elems(m, l, recompute, elem_bytes, m.mla.use_fp8_kv) +
-                       ffn_saved_elems(m, l, recompute, false, elem_bytes));
+double activation_bytes_per_token_dense_layer(const ModelConfig& m, const Layout& l, const RecomputeSet& r,
+                                              double elem_bytes) {
+  if (r.full) return elem_bytes * d_local(m, l);
+  return elem_bytes * (mla_saved_elems(m, l, r, elem_bytes, m.mla.use_fp8_kv) +
+                       ffn_saved_elems(m, l, r, false, elem_bytes));
 }
-double activation_bytes_per_token_moe_layer(const ModelConfig& m, const Layout& l,
-                                            const std::string& recompute, double elem_bytes) {
-  if (recompute == "full") return elem_bytes * d_local(m, l);
-  return elem_bytes * (mla_saved_elems(m, l, recompute, elem_bytes, m.mla.use_fp8_kv) +
-                       ffn_saved_elems(m, l, recompute, true, elem_bytes));
+double activation_bytes_per_token_moe_layer(const ModelConfig& m, const Layout& l, const RecomputeSet& r,
+                                            double elem_bytes) {
+  if (r.full) return elem_bytes * d_local(m, l);
+  return elem_bytes * (mla_saved_elems(m, l, r, elem_bytes, m.mla.use_fp8_kv) +
+                       ffn_saved_elems(m, l, r, true, elem_bytes));
 }
 
-double activation_workspace_bytes_per_token(const ModelConfig& m, const Layout& l,
-                                            const std::string& recompute, double elem_bytes) {
+double activation_workspace_bytes_per_token(const ModelConfig& m, const Layout& l, const RecomputeSet& r,
+                                            double elem_bytes) {
   const bool has_moe = m.num_moe_layers() > 0 || m.mtp.depth > 0;
   double ws = block_backward_workspace_elems(m, l, has_moe);
   if (m.num_dense_layers > 0) ws = std::max(ws, block_backward_workspace_elems(m, l, false));
-  // Under full recompute the block being differentiated re-saves everything first.
-  if (recompute == "full") {
-    Layout none = l;
-    ws += std::max(activation_bytes_per_token_moe_layer(m, none, "none", 1.0),
-                   activation_bytes_per_token_dense_layer(m, none, "none", 1.0));
+  // The block being differentiated first rebuilds what it dropped: everything under full, the
+  // selected modules' tensors otherwise.
+  if (r.any()) {
+    const RecomputeSet none;
+    double rebuilt = 0;
+    if (has_moe)
+      rebuilt = activation_bytes_per_token_moe_layer(m, l, none, elem_bytes) -
+                activation_bytes_per_token_moe_layer(m, l, r, elem_bytes);
+    if (m.num_dense_layers > 0)
+      rebuilt = std::max(rebuilt, activation_bytes_per_token_dense_layer(m, l, none, elem_bytes) -
+                                      activation_bytes_per_token_dense_layer(m, l, r, elem_bytes));
+    ws += rebuilt / elem_bytes;
   }
   // The model keeps two gradient buffers of the hidden state (dh, dx) during the backward.
   return elem_bytes * (ws + 2 * d_local(m, l));
@@ -271,22 +282,25 @@ double fp8_gemm_weight_bytes(const ModelConfig& m, const Layout& l) {
 
 double host_workspace_bytes_per_token(const ModelConfig& m, const Layout& l, const MemoryOptions& o,
                                       double act_bytes) {
-  if (!o.host) return activation_workspace_bytes_per_token(m, l, o.recompute, act_bytes);
+  const RecomputeSet r = o.recompute_set();
+  if (!o.host) return activation_workspace_bytes_per_token(m, l, r, act_bytes);
   // Host temporaries are f32. Under bf16 the block in its backward holds its saved tensors back in
-  // f32 (the FP8 latent rebuilt into c, its norm, k and v), in place of their stored copies.
-  double ws = activation_workspace_bytes_per_token(m, l, o.recompute, 4.0);
-  if (o.precision == "bf16" && o.recompute != "full") {
+  // f32 (the FP8 latent rebuilt into c, its norm, k and v), in place of their stored copies, and with
+  // what recompute rebuilds: the whole layer as without recompute, counted here.
+  const bool restored = o.precision == "bf16" && !r.full;
+  double ws = activation_workspace_bytes_per_token(m, l, restored ? RecomputeSet{} : r, 4.0);
+  if (restored) {
     // Restored to f32, with what selective recompute rebuilds: the whole layer as without recompute.
     ModelConfig plain = m;
     plain.mla.use_fp8_kv = false, plain.moe.deep_ep_fp8 = false;
     double extra = 0;
     const bool moe = m.num_moe_layers() > 0 || m.mtp.depth > 0;
     if (moe)
-      extra = activation_bytes_per_token_moe_layer(plain, l, "none", 4.0) -
-              activation_bytes_per_token_moe_layer(m, l, o.recompute, act_bytes);
+      extra = activation_bytes_per_token_moe_layer(plain, l, RecomputeSet{}, 4.0) -
+              activation_bytes_per_token_moe_layer(m, l, r, act_bytes);
     if (m.num_dense_layers > 0)
-      extra = std::max(extra, activation_bytes_per_token_dense_layer(plain, l, "none", 4.0) -
-                                  activation_bytes_per_token_dense_layer(m, l, o.recompute, act_bytes));
+      extra = std::max(extra, activation_bytes_per_token_dense_layer(plain, l, RecomputeSet{}, 4.0) -
+                                  activation_bytes_per_token_dense_layer(m, l, r, act_bytes));
     ws += extra;
   }
   if (o.fp8) ws += fp8_gemm_token_bytes(m, l);
@@ -312,6 +326,7 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
   const double edp = std::max<double>(1.0, double(lay.tp * dp) / (lay.ep * lay.expert_tp));
   const int64_t microbatches = std::max<int64_t>(1, o.global_batch_size / (o.micro_batch_size * dp));
   const double tokens = double(o.micro_batch_size) * o.seq_length;
+  const RecomputeSet rset = o.recompute_set();
 
   MemoryEstimate best;
   for (int64_t s = 0; s < l.pp; ++s) {
@@ -332,8 +347,8 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
       const bool moe = i >= m.num_dense_layers;
       dense += block_dense(moe);
       if (moe) expert += experts_on_rank;
-      act += moe ? activation_bytes_per_token_moe_layer(m, lay, o.recompute, act_bytes)
-                 : activation_bytes_per_token_dense_layer(m, lay, o.recompute, act_bytes);
+      act += moe ? activation_bytes_per_token_moe_layer(m, lay, rset, act_bytes)
+                 : activation_bytes_per_token_dense_layer(m, lay, rset, act_bytes);
     }
     double logits = 0, dispatch = 0;
     if (s == 0) dense += V * d / l.tp;  // embedding (vocab-parallel)
@@ -346,8 +361,8 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
         if (l.pp > 1) dense += V * d / l.tp;  // the MTP modules' copy of the embedding
         // Per module: its block, plus ids, embedding, the two normed halves, their concatenation,
         // eh_proj output, the module output and its gradient (MTPModule::Saved and the model).
-        act += m.mtp.depth * (activation_bytes_per_token_moe_layer(m, lay, o.recompute, act_bytes) +
-                              act_bytes * (9 * d + 3));
+        act += m.mtp.depth *
+               (activation_bytes_per_token_moe_layer(m, lay, rset, act_bytes) + act_bytes * (9 * d + 3));
       }
       // Last hidden state, and the head's normed input, rstd and its gradient.
       act += act_bytes * (3 * d + 1);
@@ -361,8 +376,15 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
       const double row = m.moe.deep_ep_fp8 ? d + 4 * std::ceil(d / 128) : d * act_bytes;
       dispatch = 2 * tokens * m.moe.num_experts_per_token * row * cf;
     }
-    // 1F1B: stage s keeps up to pp - s micro-batches' activations alive.
-    const int64_t in_flight = std::min<int64_t>(microbatches, l.pp - s);
+    // 1F1B: stage s keeps up to pp - s micro-batches' activations alive. Interleaved (vp model chunks
+    // a rank, each 1/vp of its layers): Megatron-Core's warm-up, (pp - s - 1) * 2 + (vp - 1) * pp
+    // chunk passes, plus the one in flight, counted in units of whole micro-batches of the rank.
+    const int64_t vp = std::max<int64_t>(1, l.virtual_stages);
+    const double in_flight_chunks =
+        vp == 1 ? double(std::min<int64_t>(microbatches, l.pp - s))
+                : double(std::min<int64_t>(microbatches * vp, (l.pp - s - 1) * 2 + (vp - 1) * l.pp + 1));
+    const double in_flight_mb = in_flight_chunks / double(vp);
+    const int64_t in_flight = static_cast<int64_t>(std::ceil(in_flight_mb));
     MemoryEstimate e;
     e.stage = s;
     e.in_flight_microbatches = in_flight;
@@ -371,7 +393,8 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
     const bool z1 = l.zero_stage >= 1, z2 = l.zero_stage >= 2;
     e.gradients = dense * g_bytes / (z2 ? dp : 1) + expert * g_bytes / (z2 ? edp : 1);
     e.optimizer = dense * opt_bytes / (z1 ? dp : 1) + expert * opt_bytes / (z1 ? edp : 1);
-    e.activations = act * tokens * in_flight + host_workspace_bytes_per_token(m, lay, o, act_bytes) * tokens +
+    e.activations = act * tokens * in_flight_mb +
+                    host_workspace_bytes_per_token(m, lay, o, act_bytes) * tokens +
                     (o.host && o.fp8 ? fp8_gemm_weight_bytes(m, lay) : 0.0);
     e.logits = logits;
     e.moe_dispatch = dispatch;
@@ -385,10 +408,13 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
           (l.zero_stage >= 1
                ? " sharded over DP=" + std::to_string(dp) + " (experts over expert-DP=" + fixed(edp, 0) + ")"
                : " replicated"),
-      "activations " + std::string(bf16 ? "bf16" : "fp32") + ", recompute=" + o.recompute + ", " +
+      "activations " + std::string(bf16 ? "bf16" : "fp32") + ", recompute " + rset.text() + ", " +
           std::to_string(o.micro_batch_size) + " x " + std::to_string(o.seq_length) +
           " tokens per micro-batch, " + std::to_string(best.in_flight_microbatches) + " in flight on stage " +
-          std::to_string(best.stage) + " (1F1B)",
+          std::to_string(best.stage) +
+          (l.virtual_stages > 1
+               ? " (interleaved 1F1B, " + std::to_string(l.virtual_stages) + " chunks a rank)"
+               : std::string(" (1F1B)")),
       "flash-style attention (no seq^2 buffer); cross-entropy over chunks of 4M logits; backward workspace "
       "of one block",
       "MoE dispatch buffers at " +

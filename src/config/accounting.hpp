@@ -43,7 +43,9 @@ struct FlopsPerToken {
 FlopsPerToken training_flops_per_token(const ModelConfig& m, int64_t seq);
 
 struct MemoryOptions {
-  std::string recompute = "none";  // none | selective | full
+  std::string recompute = "none";              // none | selective | full
+  std::vector<std::string> recompute_modules;  // selective: the modules (empty: the default set)
+  RecomputeSet recompute_set() const { return dsv3::recompute_set(recompute, recompute_modules); }
   int64_t micro_batch_size = 1;
   int64_t seq_length = 0;
   int64_t global_batch_size = 1;
@@ -73,14 +75,15 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& layout, const Memor
 
 // Activation bytes one layer saves per token for backward (one micro-batch), before pipeline
 // in-flight multiplication. Exposed for the model's own accounting tests.
-double activation_bytes_per_token_dense_layer(const ModelConfig& m, const Layout& l,
-                                              const std::string& recompute, double elem_bytes);
-double activation_bytes_per_token_moe_layer(const ModelConfig& m, const Layout& l,
-                                            const std::string& recompute, double elem_bytes);
+double activation_bytes_per_token_dense_layer(const ModelConfig& m, const Layout& l, const RecomputeSet& r,
+                                              double elem_bytes);
+double activation_bytes_per_token_moe_layer(const ModelConfig& m, const Layout& l, const RecomputeSet& r,
+                                            double elem_bytes);
 
-// Temporaries of the backward of one block plus the model's hidden-state gradients, per token.
-double activation_workspace_bytes_per_token(const ModelConfig& m, const Layout& l,
-                                            const std::string& recompute, double elem_bytes);
+// Temporaries of the backward of one block plus the model's hidden-state gradients, per token; with
+// recompute, what the block rebuilds before its backward (all of it under full) on top.
+double activation_workspace_bytes_per_token(const ModelConfig& m, const Layout& l, const RecomputeSet& r,
+                                            double elem_bytes);
 
 // The host backend's temporaries per token (MemoryOptions::host; otherwise the GPU workspace above),
 // and the weight-sized buffers of its largest FP8 GEMM.

@@ -83,6 +83,31 @@ class Binder {
     bind(key, out, false);
   }
 
+  // A list of strings: a YAML sequence of scalars, or one scalar with comma-separated items.
+  void optional(const std::string& key, std::vector<std::string>& out) {
+    known_.insert(key);
+    YAML::Node node = find(key);
+    if (!node.IsDefined() || node.IsNull()) return;
+    out.clear();
+    if (node.IsScalar()) {
+      std::stringstream ss(node.Scalar());
+      for (std::string item; std::getline(ss, item, ',');) {
+        item.erase(0, item.find_first_not_of(" \t"));
+        item.erase(item.find_last_not_of(" \t") + 1);
+        if (!item.empty()) out.push_back(item);
+      }
+    } else {
+      DSV3_CHECK(node.IsSequence(), where(key, node), ": key '", key,
+                 "' must be a list of names, got a mapping");
+      for (const auto& item : node) {
+        DSV3_CHECK(item.IsScalar(), where(key, item), ": key '", key, "' must be a list of names");
+        out.push_back(item.Scalar());
+      }
+    }
+    const auto m = node.Mark();
+    cfg_.lines[key] = overridden_.count(key) ? 0 : m.line + 1;
+  }
+
   // Any key in the tree that was not bound is unknown.
   void reject_unknown() const { walk(root_, ""); }
 
@@ -194,6 +219,11 @@ class Lister {
   static std::string text(int64_t v) { return std::to_string(v); }
   static std::string text(bool v) { return v ? "true" : "false"; }
   static std::string text(const std::string& v) { return v; }
+  static std::string text(const std::vector<std::string>& v) {
+    std::string s = "[";
+    for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + v[i];
+    return s + "]";
+  }
   static std::string text(double v) {  // the shortest text that reads back as the same double
     char b[40];
     for (int prec = 6; prec <= 17; ++prec) {
@@ -260,6 +290,7 @@ void bind_all(Visitor& b, C& c) {
   b.optional("training.precision", t.precision);
   b.optional("training.use_fp8", t.use_fp8);
   b.optional("training.recompute", t.recompute);
+  b.optional("training.recompute_modules", t.recompute_modules);
   b.optional("training.seed", t.seed);
   b.optional("training.log_interval", t.log_interval);
   b.optional("training.eval_interval", t.eval_interval);
@@ -298,6 +329,10 @@ void bind_all(Visitor& b, C& c) {
   b.optional("hardware.gpus_max", h.gpus_max);
   b.optional("hardware.peak_tflops", h.peak_tflops);
   b.optional("hardware.assumed_mfu", h.assumed_mfu);
+  b.optional("hardware.nvlink_gbps", h.nvlink_gbps);
+  b.optional("hardware.ib_gbps", h.ib_gbps);
+  b.optional("hardware.gpus_per_node", h.gpus_per_node);
+  b.optional("hardware.comm_overlap", h.comm_overlap);
   b.optional("hardware.quoted_tokens_per_s", h.quoted_tokens_per_s);
   b.optional("hardware.quoted_gpus", h.quoted_gpus);
 
@@ -454,6 +489,19 @@ void validate(const Config& c) {
     DSV3_CHECK(!on || t.precision == "bf16", c.where(key), ": true needs training.precision: bf16 (got ",
                t.precision, "): FP8 runs inside bf16 mixed precision");
   one_of("training.recompute", t.recompute, {"none", "selective", "full"});
+  DSV3_CHECK(t.recompute_modules.empty() || t.recompute == "selective", c.where("training.recompute_modules"),
+             ": a module list needs training.recompute: selective (got ", t.recompute, ")");
+  for (size_t i = 0; i < t.recompute_modules.size(); ++i) {
+    const std::string& mod = t.recompute_modules[i];
+    const auto& names = recompute_module_names();
+    std::string known;
+    for (const auto& n : names) known += (known.empty() ? "" : ", ") + n;
+    DSV3_CHECK(std::find(names.begin(), names.end(), mod) != names.end(),
+               c.where("training.recompute_modules"), ": unknown module '", mod, "' (known: ", known, ")");
+    for (size_t j = 0; j < i; ++j)
+      DSV3_CHECK(t.recompute_modules[j] != mod, c.where("training.recompute_modules"), ": '", mod,
+                 "' is listed twice");
+  }
   positive("training.log_interval", t.log_interval);
   non_negative("training.eval_interval", t.eval_interval);
   non_negative("training.eval_iters", t.eval_iters);
@@ -511,6 +559,11 @@ void validate(const Config& c) {
              " must be in (0, 1], got ", h.assumed_mfu);
 
   non_negative("hardware.quoted_tokens_per_s", h.quoted_tokens_per_s);
+  non_negative("hardware.nvlink_gbps", h.nvlink_gbps);
+  non_negative("hardware.ib_gbps", h.ib_gbps);
+  non_negative("hardware.gpus_per_node", double(h.gpus_per_node));
+  DSV3_CHECK(h.comm_overlap >= 0 && h.comm_overlap <= 1, c.where("hardware.comm_overlap"),
+             " must be in [0, 1], got ", h.comm_overlap);
   if (h.quoted_tokens_per_s > 0) positive("hardware.quoted_gpus", double(h.quoted_gpus));
 
   positive("checkpoint.interval", c.checkpoint.interval);
@@ -701,6 +754,46 @@ std::string precision_summary(const Config& c) {
   if (c.model.moe.deep_ep_fp8) s += " + fp8 dispatch";
   if (c.training.optimizer.moment_dtype == "bf16") s += " + bf16 moments";
   return s;
+}
+
+const std::vector<std::string>& recompute_module_names() {
+  static const std::vector<std::string> names = {"norms", "mla_up_proj", "swiglu"};
+  return names;
+}
+const std::vector<std::string>& default_recompute_modules() { return recompute_module_names(); }
+
+RecomputeSet recompute_set(const std::string& policy, const std::vector<std::string>& modules) {
+  RecomputeSet r;
+  if (policy == "none") {
+    DSV3_CHECK(modules.empty(), "recompute modules need the selective policy (got ", policy, ")");
+    return r;
+  }
+  if (policy == "full") {
+    DSV3_CHECK(modules.empty(), "recompute modules need the selective policy (got ", policy, ")");
+    r.full = true;
+    return r;
+  }
+  DSV3_CHECK(policy == "selective", "unknown recompute policy '", policy, "' (none, selective, full)");
+  for (const std::string& m : modules.empty() ? default_recompute_modules() : modules) {
+    if (m == "norms")
+      r.norms = true;
+    else if (m == "mla_up_proj")
+      r.mla_up_proj = true;
+    else if (m == "swiglu")
+      r.swiglu = true;
+    else
+      raise("unknown recompute module '", m, "' (norms, mla_up_proj, swiglu)");
+  }
+  return r;
+}
+
+std::string RecomputeSet::text() const {
+  if (full) return "full";
+  std::string s;
+  for (const auto& [on, name] :
+       {std::pair<bool, const char*>{norms, "norms"}, {mla_up_proj, "mla_up_proj"}, {swiglu, "swiglu"}})
+    if (on) s += (s.empty() ? "" : ", ") + std::string(name);
+  return s.empty() ? "none" : "selective (" + s + ")";
 }
 
 }  // namespace dsv3

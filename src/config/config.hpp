@@ -100,6 +100,9 @@ struct TrainingConfig {
   std::string precision = "bf16";  // fp32 | bf16 (weights/activations; master weights always fp32)
   bool use_fp8 = false;            // FP8 GEMMs (GPU)
   std::string recompute = "none";  // none | selective | full
+  // Under recompute: selective, what the backward rebuilds (kRecomputeModules); empty: DeepSeek-V3's
+  // set (report section 3.2.3: the RMSNorms and the MLA up-projections, plus the SwiGLU products).
+  std::vector<std::string> recompute_modules;
   int64_t seed = 1234;
   int64_t log_interval = 10;
   int64_t eval_interval = 0;  // 0: no periodic validation
@@ -129,9 +132,17 @@ struct HardwareConfig {
   double gpu_memory_gb = 80.0;
   int64_t gpus_min = 1;
   int64_t gpus_recommended = 1;
-  int64_t gpus_max = 0;            // 0: no upper bound
-  double peak_tflops = 989.0;      // dense bf16 per GPU
-  double assumed_mfu = 0.40;       // for throughput estimates only
+  int64_t gpus_max = 0;        // 0: no upper bound
+  double peak_tflops = 989.0;  // dense bf16 per GPU
+  double assumed_mfu = 0.40;   // for throughput estimates only
+  // Link bandwidths (GB/s per GPU, one direction) and the GPUs of one NVLink domain for the
+  // planner's cost model; 0: the defaults of gpu_type (src/config/cost.cpp names their source).
+  double nvlink_gbps = 0;
+  double ib_gbps = 0;
+  int64_t gpus_per_node = 0;
+  // Share of the TP and EP communication time hidden behind compute in the cost model: 0 (this
+  // trainer overlaps nothing) to 1 (DeepSeek-V3's DualPipe claims full overlap, report 3.2.1).
+  double comm_overlap = 0;
   double quoted_tokens_per_s = 0;  // a published/seed throughput claim to compare with (0: none)
   int64_t quoted_gpus = 0;         // on this many GPUs
 };
@@ -168,6 +179,27 @@ struct Config {
   // "file:line: key" for messages about a key.
   std::string where(const std::string& key) const;
 };
+
+// What the backward rebuilds instead of keeping (training.recompute and training.recompute_modules;
+// MODEL.md, "Recompute"). Every choice gives the gradient bits of none.
+struct RecomputeSet {
+  bool full = false;         // keep only each block's input and re-run its forward before its backward
+  bool norms = false;        // RMSNorm outputs (block norms, MLA q and kv latent norms), from input + rstd
+  bool mla_up_proj = false;  // MLA per-head q, k and v, from the latents (q_b / kv_b GEMMs and RoPE)
+  bool swiglu = false;       // silu(g) * u of the dense FFNs, shared and routed experts
+  bool any() const { return full || norms || mla_up_proj || swiglu; }
+  // "none", "full", or "selective (norms, mla_up_proj, swiglu)".
+  std::string text() const;
+};
+// The module names training.recompute_modules accepts, and selective's default set.
+const std::vector<std::string>& recompute_module_names();
+const std::vector<std::string>& default_recompute_modules();
+// From a policy (none | selective | full) and a module list (selective only; empty: the default).
+// Throws naming an unknown policy or module.
+RecomputeSet recompute_set(const std::string& policy, const std::vector<std::string>& modules = {});
+inline RecomputeSet recompute_set(const TrainingConfig& t) {
+  return recompute_set(t.recompute, t.recompute_modules);
+}
 
 // A resolved process layout. dense grid: tp * pp * dp = world; expert grid: expert_tp * ep * edp * pp.
 struct Layout {

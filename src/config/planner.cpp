@@ -15,41 +15,12 @@ double usable_bytes(double gpu_memory_gb) {
 
 namespace {
 
-double log2i(int64_t v) { return std::log2(double(std::max<int64_t>(1, v))); }
-
-// Modelled slowdown relative to an ideal run of the same FLOPs; used only to rank layouts.
-double relative_cost(const Layout& l, const std::string& recompute, int64_t microbatches) {
-  const double rc = recompute == "none" ? 1.0 : recompute == "selective" ? 1.03 : 1.33;
-  const double bubble = double(l.pp - 1) / double(std::max<int64_t>(1, microbatches));
-  return rc * (1.0 + bubble) * (1.0 + 0.04 * log2i(l.tp)) * (1.0 + 0.03 * log2i(l.ep)) *
-         (1.0 + (l.zero_stage >= 2 ? 0.01 : 0.0));
-}
-
 // A copy of the config whose global batch is a multiple of micro_batch * dp (rounded up).
 Config with_batch_for(const Config& c, int64_t dp) {
   Config out = c;
   const int64_t unit = c.training.micro_batch_size * dp;
   out.training.global_batch_size = (c.training.global_batch_size + unit - 1) / unit * unit;
   return out;
-}
-
-Plan make_plan(const Config& c, const Layout& l, const std::string& recompute, int64_t gpus) {
-  MemoryOptions o = MemoryOptions::from(c);
-  o.recompute = recompute;
-  Plan p;
-  p.config_path = c.source_path;
-  p.config_name = c.name;
-  p.layout = l;
-  p.recompute = recompute;
-  p.memory = memory_per_gpu(c, l, o);
-  const int64_t micro = std::max<int64_t>(1, c.training.global_batch_size / (o.micro_batch_size * l.dp));
-  p.relative_cost = relative_cost(l, recompute, micro);
-  const double fpt = training_flops_per_token(c.model, c.training.seq_length).total();
-  p.tokens_per_s = gpus * c.hardware.peak_tflops * 1e12 * c.hardware.assumed_mfu / fpt;
-  const auto& cp = c.parallel;
-  p.is_config_layout = l.tp == cp.tp && l.pp == cp.pp && l.ep == cp.ep && l.zero_stage == cp.zero_stage &&
-                       recompute == c.training.recompute;
-  return p;
 }
 
 bool layout_ok(const Config& c, const Layout& l) {
@@ -68,7 +39,40 @@ std::vector<int64_t> divisors(int64_t n, int64_t cap) {
   return out;
 }
 
+// The recompute choices the search tries: none, the elementwise rebuilds only, DeepSeek-V3's set
+// (the default of selective), full.
+const std::vector<std::pair<std::string, std::vector<std::string>>>& recompute_choices() {
+  static const std::vector<std::pair<std::string, std::vector<std::string>>> choices = {
+      {"none", {}}, {"selective", {"norms", "swiglu"}}, {"selective", {}}, {"full", {}}};
+  return choices;
+}
+
 }  // namespace
+
+Plan plan_for(const Config& c, const Layout& l, const std::string& recompute,
+              const std::vector<std::string>& modules, int64_t gpus) {
+  MemoryOptions o = MemoryOptions::from(c);
+  o.recompute = recompute;
+  o.recompute_modules = modules;
+  Plan p;
+  p.config_path = c.source_path;
+  p.config_name = c.name;
+  p.layout = l;
+  p.recompute = recompute;
+  p.recompute_modules = modules;
+  p.memory = memory_per_gpu(c, l, o);
+  Config cr = c;
+  cr.training.recompute = recompute, cr.training.recompute_modules = modules;
+  DSV3_CHECK(gpus == l.world(), "plan: layout of ", l.world(), " GPUs for ", gpus);
+  p.cost = step_cost(cr, l, o.recompute_set(), hardware_spec(c.hardware));
+  p.relative_cost = p.cost.step_s / std::max(1e-30, p.cost.compute_s);
+  p.tokens_per_s = p.cost.tokens_per_s;
+  const auto& cp = c.parallel;
+  p.is_config_layout = l.tp == cp.tp && l.pp == cp.pp && l.ep == cp.ep && l.zero_stage == cp.zero_stage &&
+                       l.virtual_stages == cp.virtual_stages && recompute == c.training.recompute &&
+                       modules == c.training.recompute_modules;
+  return p;
+}
 
 std::optional<Plan> plan_config_layout(const Config& c, int64_t gpus, double gpu_memory_gb) {
   const auto& p = c.parallel;
@@ -76,42 +80,62 @@ std::optional<Plan> plan_config_layout(const Config& c, int64_t gpus, double gpu
   Layout l;
   l.tp = p.tp, l.pp = p.pp, l.ep = p.ep, l.expert_tp = p.expert_tp, l.zero_stage = p.zero_stage;
   l.sequence_parallel = p.sequence_parallel;
+  l.virtual_stages = p.virtual_stages, l.last_stage_layers = p.last_stage_layers;
   l.dp = gpus / (p.tp * p.pp);
   const Config cb = with_batch_for(c, l.dp);
   if (!layout_ok(cb, l)) return std::nullopt;
-  return make_plan(cb, l, c.training.recompute, gpus);
+  return plan_for(cb, l, c.training.recompute, c.training.recompute_modules, gpus);
 }
 
-std::optional<Plan> best_layout(const Config& c, int64_t gpus, double gpu_memory_gb) {
+std::vector<Plan> ranked_layouts(const Config& c, int64_t gpus, double gpu_memory_gb, size_t limit) {
   const double budget = usable_bytes(gpu_memory_gb);
-  std::optional<Plan> best;
+  std::vector<Plan> fits;
   const int64_t experts = std::max<int64_t>(1, c.model.moe.num_experts);
-  for (int64_t tp : {1, 2, 4, 8}) {  // TP stays inside an 8-GPU node
-    if (gpus % tp) continue;
+  const int64_t node = hardware_spec(c.hardware).gpus_per_node;
+  for (int64_t tp : {1, 2, 4, 8}) {  // TP stays inside a node
+    if (gpus % tp || tp > node) continue;
     for (int64_t pp : divisors(gpus / tp, std::min<int64_t>(c.model.num_layers, 64))) {
       const int64_t dp = gpus / (tp * pp);
-      for (int64_t ep : divisors(experts, experts)) {
-        if ((dp * tp) % ep) continue;
-        for (int64_t zero : {0, 1, 2}) {
-          Layout l;
-          l.tp = tp, l.pp = pp, l.ep = ep, l.dp = dp, l.zero_stage = zero;
-          l.expert_tp = c.parallel.expert_tp;
-          l.sequence_parallel = c.parallel.sequence_parallel;
-          const Config cb = with_batch_for(c, dp);
-          if (!layout_ok(cb, l)) continue;
-          for (const char* rc : {"none", "selective", "full"}) {
-            Plan p = make_plan(cb, l, rc, gpus);
-            if (p.memory.total() > budget) continue;
-            const bool better = !best || p.relative_cost < best->relative_cost - 1e-9 ||
-                                (std::fabs(p.relative_cost - best->relative_cost) <= 1e-9 &&
-                                 p.memory.total() < best->memory.total());
-            if (better) best = p;
+      const Config cb = with_batch_for(c, dp);
+      for (int64_t vp : {1, 2, 4}) {
+        if (vp > 1 && (pp == 1 || c.model.num_layers < pp * vp)) continue;
+        for (int64_t ep : divisors(experts, experts)) {
+          if ((dp * tp) % ep) continue;
+          for (int64_t zero : {0, 1, 2}) {
+            if (zero > 0 && dp == 1) continue;  // nothing to shard
+            Layout l;
+            l.tp = tp, l.pp = pp, l.ep = ep, l.dp = dp, l.zero_stage = zero, l.virtual_stages = vp;
+            l.expert_tp = c.parallel.expert_tp;
+            l.sequence_parallel = c.parallel.sequence_parallel;
+            if (!layout_ok(cb, l)) continue;
+            for (const auto& [rc, mods] : recompute_choices()) {
+              Plan p = plan_for(cb, l, rc, mods, gpus);
+              if (p.memory.total() <= budget) fits.push_back(std::move(p));
+            }
           }
         }
       }
     }
   }
-  return best;
+  std::stable_sort(fits.begin(), fits.end(), [](const Plan& a, const Plan& b) {
+    if (std::fabs(a.cost.step_s - b.cost.step_s) > 1e-9 * b.cost.step_s) return a.cost.step_s < b.cost.step_s;
+    return a.memory.total() < b.memory.total();
+  });
+  if (limit > 0 && fits.size() > limit) fits.resize(limit);
+  return fits;
+}
+
+int64_t rank_among(const std::vector<Plan>& ranked, const Plan& p) {
+  int64_t faster = 0;
+  for (const Plan& q : ranked)
+    if (q.cost.step_s < p.cost.step_s * (1 - 1e-9)) ++faster;
+  return faster + 1;
+}
+
+std::optional<Plan> best_layout(const Config& c, int64_t gpus, double gpu_memory_gb) {
+  std::vector<Plan> r = ranked_layouts(c, gpus, gpu_memory_gb, 1);
+  if (r.empty()) return std::nullopt;
+  return r.front();
 }
 
 int64_t min_gpus_to_fit(const Config& c, double gpu_memory_gb, int64_t limit) {
@@ -225,11 +249,17 @@ Recommendation recommend(const std::vector<Config>& configs, const HardwareQuery
   const Plan& p = *chosen;
   r.reasons.push_back("layout tp=" + std::to_string(p.layout.tp) + " pp=" + std::to_string(p.layout.pp) +
                       " ep=" + std::to_string(p.layout.ep) + " dp=" + std::to_string(p.layout.dp) + " ZeRO-" +
-                      std::to_string(p.layout.zero_stage) + " recompute=" + p.recompute + " needs " +
+                      std::to_string(p.layout.zero_stage) +
+                      " recompute=" + recompute_set(p.recompute, p.recompute_modules).text() + " needs " +
                       human_bytes(p.memory.total()) + " of " + human_bytes(usable_bytes(hw.gpu_memory_gb)) +
-                      " usable per GPU and has the lowest modelled overhead (x" + fixed(p.relative_cost, 3) +
-                      ") among fitting layouts");
+                      " usable per GPU and is the fastest fitting layout by the cost model (" +
+                      p.cost.text() + ")");
   r.recommended = p;
+  for (const Config* c : cands)
+    if (c->name == p.config_name) {
+      std::vector<Plan> ranked = ranked_layouts(*c, hw.gpus, hw.gpu_memory_gb, 4);
+      for (size_t i = 1; i < ranked.size(); ++i) r.runner_up_layouts.push_back(ranked[i]);
+    }
   for (auto it = fitting.rbegin(); it != fitting.rend(); ++it)
     if (it->config_name != p.config_name) r.alternatives.push_back(*it);
   return r;

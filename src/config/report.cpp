@@ -25,10 +25,6 @@ std::string gpu_range(const HardwareConfig& h) {
 std::string context_text(int64_t n) {
   return n % 1024 == 0 ? std::to_string(n / 1024) + "K" : std::to_string(n);
 }
-std::string layout_text(const Layout& l) {
-  return "tp=" + std::to_string(l.tp) + " pp=" + std::to_string(l.pp) + " ep=" + std::to_string(l.ep) +
-         " dp=" + std::to_string(l.dp) + " zero=" + std::to_string(l.zero_stage);
-}
 std::vector<std::pair<std::string, bool>> features(const Config& c) {
   const auto& m = c.model;
   return {{"FP8 KV cache", m.mla.use_fp8_kv},
@@ -42,6 +38,13 @@ std::vector<std::pair<std::string, bool>> features(const Config& c) {
           {"token dropping (capacity factor)", m.moe.capacity_factor > 0}};
 }
 }  // namespace
+
+std::string layout_text(const Layout& l) {
+  return "tp=" + std::to_string(l.tp) + " pp=" + std::to_string(l.pp) +
+         (l.virtual_stages > 1 ? " vp=" + std::to_string(l.virtual_stages) : std::string()) +
+         " ep=" + std::to_string(l.ep) + " dp=" + std::to_string(l.dp) +
+         " zero=" + std::to_string(l.zero_stage);
+}
 
 Layout config_layout_on(const Config& c, int64_t gpus) {
   Layout l;
@@ -59,6 +62,7 @@ nlohmann::json layout_json(const Layout& l) {
           {"dp", l.dp},
           {"expert_tp", l.expert_tp},
           {"zero_stage", l.zero_stage},
+          {"virtual_stages", l.virtual_stages},
           {"sequence_parallel", l.sequence_parallel}};
 }
 
@@ -146,11 +150,27 @@ nlohmann::json info_json(const Config& c) {
   };
 }
 
+nlohmann::json cost_json(const StepCost& s) {
+  return {{"step_s", s.step_s},
+          {"compute_s", s.compute_s},
+          {"recompute_s", s.recompute_s},
+          {"tp_s", s.tp_s},
+          {"ep_s", s.ep_s},
+          {"dp_s", s.dp_s},
+          {"bubble_s", s.bubble_s},
+          {"tokens_per_s", s.tokens_per_s},
+          {"mfu", s.mfu},
+          {"ep_inside_node", s.ep_inside_node},
+          {"microbatches", s.microbatches}};
+}
+
 nlohmann::json plan_json(const Plan& p) {
   return {{"config", p.config_name},
           {"path", p.config_path},
           {"layout", layout_json(p.layout)},
           {"recompute", p.recompute},
+          {"recompute_modules", p.recompute_modules},
+          {"cost", cost_json(p.cost)},
           {"memory_per_gpu_bytes", p.memory.total()},
           {"memory", memory_json(p.memory)},
           {"relative_cost", p.relative_cost},
@@ -158,10 +178,12 @@ nlohmann::json plan_json(const Plan& p) {
 }
 
 nlohmann::json recommendation_json(const Recommendation& r) {
-  nlohmann::json alts = nlohmann::json::array();
+  nlohmann::json alts = nlohmann::json::array(), runners = nlohmann::json::array();
   for (const auto& a : r.alternatives) alts.push_back(plan_json(a));
+  for (const auto& a : r.runner_up_layouts) runners.push_back(plan_json(a));
   return {{"recommended", r.recommended ? plan_json(*r.recommended) : nlohmann::json(nullptr)},
           {"alternatives", alts},
+          {"runner_up_layouts", runners},
           {"seed_choice", r.seed_choice},
           {"reasons", r.reasons}};
 }
@@ -255,6 +277,16 @@ std::string info_text(const Config& c) {
      << " reserve)\n";
   os << "  assumptions:\n";
   for (const auto& a : mem.assumptions) os << "    - " << a << "\n";
+  {
+    const HardwareSpec hs = hardware_spec(c.hardware);
+    const StepCost sc = step_cost(c, l, recompute_set(c.training), hs);
+    os << "Step time of that layout by the cost model (global batch " << c.training.global_batch_size << " x "
+       << c.training.seq_length << ", " << sc.microbatches << " micro-batches per DP rank):\n  " << sc.text()
+       << "\n  hardware " << hs.gpu << ": " << fixed(hs.peak_tflops, 0) << " TFLOPS bf16 at MFU "
+       << fixed(100 * c.hardware.assumed_mfu, 0) << "%, NVLink " << fixed(hs.nvlink_gbps, 0)
+       << " GB/s within " << hs.gpus_per_node << " GPUs, InfiniBand " << fixed(hs.ib_gbps, 0) << " GB/s ("
+       << hs.source << ")\n";
+  }
   os << "\n";
 
   const auto& h = c.hardware;
@@ -288,23 +320,68 @@ std::string recommendation_text(const Recommendation& r, const HardwareQuery& hw
   } else {
     const Plan& p = *r.recommended;
     os << "Recommended: " << p.config_name << "  (" << p.config_path << ")\n";
-    os << "  layout   " << layout_text(p.layout) << ", recompute " << p.recompute << "\n";
+    os << "  layout   " << layout_text(p.layout) << ", recompute "
+       << recompute_set(p.recompute, p.recompute_modules).text() << "\n";
     os << "  memory   " << human_bytes(p.memory.total()) << " per GPU (weights "
        << human_bytes(p.memory.weights) << ", grads " << human_bytes(p.memory.gradients) << ", optimizer "
        << human_bytes(p.memory.optimizer) << ", activations " << human_bytes(p.memory.activations) << ")\n";
-    os << "  estimate " << fixed(p.tokens_per_s, 0) << " tokens/s (roofline at the config's assumed MFU)\n";
+    os << "  cost     " << p.cost.text() << "\n";
     os << "  mpirun   mpirun -np " << p.layout.world() << " build/bin/dsv3-train --config " << p.config_path
        << " --set parallel.tp=" << p.layout.tp << " --set parallel.pp=" << p.layout.pp
        << " --set parallel.ep=" << p.layout.ep << " --set parallel.zero_stage=" << p.layout.zero_stage
-       << " --set training.recompute=" << p.recompute << "\n";
+       << (p.layout.virtual_stages > 1
+               ? " --set parallel.virtual_stages=" + std::to_string(p.layout.virtual_stages)
+               : std::string())
+       << " --set training.recompute=" << p.recompute;
+    if (!p.recompute_modules.empty()) {
+      os << " --set training.recompute_modules=[";
+      for (size_t i = 0; i < p.recompute_modules.size(); ++i) os << (i ? "," : "") << p.recompute_modules[i];
+      os << "]";
+    }
+    os << "\n";
   }
   os << "\nWhy:\n";
   for (const auto& s : r.reasons) os << "  - " << s << "\n";
+  if (!r.runner_up_layouts.empty()) {
+    os << "\nNext-best layouts of " << r.recommended->config_name << ":\n";
+    for (const auto& a : r.runner_up_layouts)
+      os << "  " << layout_text(a.layout) << ", recompute "
+         << recompute_set(a.recompute, a.recompute_modules).text() << ", " << human_bytes(a.memory.total())
+         << "/GPU\n    " << a.cost.text() << "\n";
+  }
   if (!r.alternatives.empty()) {
     os << "\nRunners-up:\n";
     for (const auto& a : r.alternatives)
       os << "  " << pad(a.config_name, 18) << layout_text(a.layout) << ", recompute " << a.recompute << ", "
          << human_bytes(a.memory.total()) << "/GPU, ~" << fixed(a.tokens_per_s, 0) << " tokens/s\n";
+  }
+  return os.str();
+}
+
+std::string layouts_text(const Config& c, int64_t gpus, double gpu_memory_gb, size_t top) {
+  std::ostringstream os;
+  const HardwareSpec hs = hardware_spec(c.hardware);
+  const std::vector<Plan> all = ranked_layouts(c, gpus, gpu_memory_gb);
+  os << c.name << " on " << gpus << " x " << hs.gpu << " " << fixed(gpu_memory_gb, 0) << " GB ("
+     << human_bytes(usable_bytes(gpu_memory_gb)) << " usable): " << all.size()
+     << " fitting layout/recompute choices, fastest first by the cost model\n";
+  auto row = [&](const Plan& p) {
+    os << "  " << layout_text(p.layout) << ", recompute "
+       << recompute_set(p.recompute, p.recompute_modules).text() << ", " << human_bytes(p.memory.total())
+       << "/GPU\n      " << p.cost.text() << "\n";
+  };
+  for (size_t i = 0; i < all.size() && i < top; ++i) {
+    os << pad(std::to_string(i + 1) + ".", 4, true);
+    row(all[i]);
+  }
+  if (auto own = plan_config_layout(c, gpus, gpu_memory_gb)) {
+    const bool fits = own->memory.total() <= usable_bytes(gpu_memory_gb);
+    os << "\nThe config's layout: " << (fits ? "fits" : "does NOT fit") << ", rank " << rank_among(all, *own)
+       << " of " << all.size() << "\n    ";
+    row(*own);
+  } else {
+    os << "\nThe config's layout (tp=" << c.parallel.tp << " pp=" << c.parallel.pp << ") does not divide "
+       << gpus << " GPUs or the model\n";
   }
   return os.str();
 }

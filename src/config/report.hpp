@@ -24,4 +24,11 @@ std::string list_table(const std::vector<Config>& configs);
 std::string info_text(const Config& c);
 std::string recommendation_text(const Recommendation& r, const HardwareQuery& hw);
 
+// "tp=2 pp=16 vp=2 ep=64 dp=32 zero=1" (vp only when > 1).
+std::string layout_text(const Layout& l);
+
+// The `top` fastest fitting layouts of c on `gpus` GPUs of `gpu_memory_gb` with their memory and
+// cost breakdown, then the config's own layout (its parallel section on those GPUs) with its rank.
+std::string layouts_text(const Config& c, int64_t gpus, double gpu_memory_gb, size_t top);
+
 }  // namespace dsv3

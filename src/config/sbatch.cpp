@@ -56,9 +56,18 @@ void check_time(const std::string& t) {
              "': expected HH:MM:SS or D-HH:MM:SS");
 }
 
-std::string layout_text(const Layout& l) {
-  return "tp=" + std::to_string(l.tp) + " pp=" + std::to_string(l.pp) + " ep=" + std::to_string(l.ep) +
-         " dp=" + std::to_string(l.dp) + ", ZeRO-" + std::to_string(l.zero_stage);
+std::string job_layout_text(const Layout& l) {
+  return "tp=" + std::to_string(l.tp) + " pp=" + std::to_string(l.pp) +
+         (l.virtual_stages > 1 ? " vp=" + std::to_string(l.virtual_stages) : std::string()) +
+         " ep=" + std::to_string(l.ep) + " dp=" + std::to_string(l.dp) + ", ZeRO-" +
+         std::to_string(l.zero_stage);
+}
+
+// "[norms,swiglu]": a module list as --set takes it.
+std::string module_list(const std::vector<std::string>& m) {
+  std::string s = "[";
+  for (size_t i = 0; i < m.size(); ++i) s += (i ? "," : "") + m[i];
+  return s + "]";
 }
 
 // A word bash reads back as itself: as it is when it is plain, else in single quotes.
@@ -90,16 +99,19 @@ std::string comment(const std::string& text) {
 struct Candidate {
   Layout layout;
   std::string recompute;
+  std::vector<std::string> modules;
   int64_t micro = 1, global = 1;
   MemoryEstimate memory;
 };
 
 // The layout with the micro-batch that divides the global batch (or the global batch rounded up
 // when no micro-batch does); its memory estimate.
-Candidate with_batch(const Config& c, const Layout& l, const std::string& recompute) {
+Candidate with_batch(const Config& c, const Layout& l, const std::string& recompute,
+                     const std::vector<std::string>& modules) {
   Candidate k;
   k.layout = l;
   k.recompute = recompute;
+  k.modules = modules;
   k.global = c.training.global_batch_size;
   k.micro = micro_for(k.global, c.training.micro_batch_size, l.dp);
   if (k.micro == 0) {
@@ -112,6 +124,7 @@ Candidate with_batch(const Config& c, const Layout& l, const std::string& recomp
   cb.training.global_batch_size = k.global;
   MemoryOptions mo = MemoryOptions::from(cb);
   mo.recompute = recompute;
+  mo.recompute_modules = modules;
   k.memory = memory_per_gpu(cb, l, mo);
   return k;
 }
@@ -189,7 +202,7 @@ JobSize size_job(const Config& c, const SbatchOptions& o) {
     l.sequence_parallel = p.sequence_parallel, l.virtual_stages = p.virtual_stages;
     l.last_stage_layers = p.last_stage_layers;
     l.dp = s.ranks / (p.tp * p.pp);
-    Candidate k = with_batch(c, l, c.training.recompute);
+    Candidate k = with_batch(c, l, c.training.recompute, c.training.recompute_modules);
     if (!valid(c, k))
       own_problem = "it is not a valid layout on " + std::to_string(s.ranks) + " ranks";
     else if (!s.cpu && l.tp > gpn)
@@ -213,12 +226,13 @@ JobSize size_job(const Config& c, const SbatchOptions& o) {
     DSV3_CHECK(plan->layout.tp <= gpn, c.source_path, ": the planner's layout needs tp=", plan->layout.tp,
                ", wider than a node of ", gpn, " GPUs");
     Layout l = plan->layout;
-    l.virtual_stages = 1, l.last_stage_layers = 0;
-    chosen = with_batch(c, l, plan->recompute);
+    l.last_stage_layers = 0;
+    chosen = with_batch(c, l, plan->recompute, plan->recompute_modules);
     s.layout_source = "the planner's layout (the config's own does not fit: " + own_problem + ")";
   }
   s.layout = chosen->layout;
   s.recompute = chosen->recompute;
+  s.recompute_modules = chosen->modules;
   s.micro_batch_size = chosen->micro;
   s.global_batch_size = chosen->global;
   s.memory = chosen->memory;
@@ -245,6 +259,8 @@ JobSize size_job(const Config& c, const SbatchOptions& o) {
   if (s.layout.last_stage_layers != p.last_stage_layers)
     set("parallel.last_stage_layers", std::to_string(s.layout.last_stage_layers));
   if (s.recompute != c.training.recompute) set("training.recompute", s.recompute);
+  if (s.recompute_modules != c.training.recompute_modules)
+    set("training.recompute_modules", module_list(s.recompute_modules));
   if (s.micro_batch_size != c.training.micro_batch_size)
     set("training.micro_batch_size", std::to_string(s.micro_batch_size));
   if (s.global_batch_size != c.training.global_batch_size)
@@ -295,7 +311,8 @@ std::vector<std::string> sbatch_commands_for(const Config& c, const Plan& plan, 
   const Layout& l = plan.layout;
   if (committed.ranks == gpus && committed.layout.tp == l.tp && committed.layout.pp == l.pp &&
       committed.layout.ep == l.ep && committed.layout.zero_stage == l.zero_stage &&
-      committed.recompute == plan.recompute)
+      committed.layout.virtual_stages == l.virtual_stages && committed.recompute == plan.recompute &&
+      committed.recompute_modules == plan.recompute_modules)
     return {"sbatch slurm/" + name + ".sbatch"};
   SbatchOptions o;
   o.nodes = nodes, o.gpus_per_node = gpn;
@@ -303,10 +320,15 @@ std::vector<std::string> sbatch_commands_for(const Config& c, const Plan& plan, 
                         "parallel.ep=" + std::to_string(l.ep),
                         "parallel.zero_stage=" + std::to_string(l.zero_stage),
                         "training.recompute=" + plan.recompute};
+  if (l.virtual_stages > 1)
+    o.config_overrides.push_back("parallel.virtual_stages=" + std::to_string(l.virtual_stages));
+  if (!plan.recompute_modules.empty())
+    o.config_overrides.push_back("training.recompute_modules=" + module_list(plan.recompute_modules));
   Config with = c;
   with.parallel.tp = l.tp, with.parallel.pp = l.pp, with.parallel.ep = l.ep,
-  with.parallel.zero_stage = l.zero_stage;
+  with.parallel.zero_stage = l.zero_stage, with.parallel.virtual_stages = l.virtual_stages;
   with.training.recompute = plan.recompute;
+  with.training.recompute_modules = plan.recompute_modules;
   const JobSize js = size_job(with, o);  // throws if the generator would not accept it
   const std::string file =
       "slurm/" + name + "-" + std::to_string(nodes) + "x" + std::to_string(gpn) + ".sbatch";
@@ -325,6 +347,7 @@ nlohmann::json job_size_json(const JobSize& s) {
           {"cpus_per_task", s.cpus_per_task},
           {"layout", layout_json(s.layout)},
           {"recompute", s.recompute},
+          {"recompute_modules", s.recompute_modules},
           {"micro_batch_size", s.micro_batch_size},
           {"global_batch_size", s.global_batch_size},
           {"overrides", s.overrides},
@@ -372,7 +395,8 @@ std::string sbatch_script(const Config& c, const JobSize& s) {
   o << " --set parallel.dp=" << s.layout.dp << "\n"
     << "#   " << s.ranks << " " << rank_word << " = " << s.nodes << " node" << (s.nodes > 1 ? "s" : "")
     << " x " << s.gpus_per_node << (s.cpu ? " ranks" : " GPUs, one rank per GPU") << "; layout "
-    << layout_text(s.layout) << ", recompute " << s.recompute << "\n"
+    << job_layout_text(s.layout) << ", recompute " << recompute_set(s.recompute, s.recompute_modules).text()
+    << "\n"
     << comment("(" + s.layout_source + ")");
   if (s.global_batch_size != c.training.global_batch_size)
     o << comment("global batch rounded up from " + std::to_string(c.training.global_batch_size) + " to " +

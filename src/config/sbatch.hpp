@@ -31,9 +31,10 @@ struct JobSize {
   bool cpu = false;         // a CPU config: ranks, no GPUs
   int64_t nodes = 1, gpus_per_node = 1, ranks = 1;
   int64_t cpus_per_task = 8;
-  Layout layout;                 // dp = ranks / (tp * pp)
-  std::string recompute;         // the recompute setting the memory estimate assumes
-  int64_t micro_batch_size = 1;  // kept global batch, micro-batch reduced where it must divide
+  Layout layout;                               // dp = ranks / (tp * pp)
+  std::string recompute;                       // the recompute setting the memory estimate assumes
+  std::vector<std::string> recompute_modules;  // its modules under selective (empty: the default)
+  int64_t micro_batch_size = 1;                // kept global batch, micro-batch reduced where it must divide
   int64_t global_batch_size = 1;
   std::vector<std::string> overrides;  // --set pairs that turn the config into this sizing
   MemoryEstimate memory;               // per GPU (per rank), busiest stage

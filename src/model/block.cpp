@@ -57,17 +57,19 @@ void Block::forward(const ParamStore& ps, const Tensor& x, const Tensor& out, Sa
     mlp_->forward(ps, hin, out, /*accumulate=*/true, s.mlp, ctx);
   }
   s.filled = true;
-  if (!ctx.training || ctx.recompute == Recompute::Full) {
+  const RecomputeSet& r = ctx.recompute;
+  if (!ctx.training || r.full) {
     s.clear();
-  } else if (ctx.recompute == Recompute::Selective) {
-    // Keep GEMM inputs and statistics; drop what elementwise work rebuilds: norm outputs (their
-    // rstd stays) and SwiGLU products.
-    s.xn = {}, s.hn = {};
-    MLA::drop_recomputable(s.attn);
-    if (moe_)
-      moe_->drop_recomputable(s.moe);
-    else
-      SwiGLU::drop_recomputable(s.mlp);
+  } else if (r.any()) {
+    // Selective: drop what the chosen modules rebuild from the kept inputs and statistics.
+    if (r.norms) s.xn = {}, s.xn_all = {}, s.hn = {}, s.hn_all = {};  // their rstd stays
+    MLA::drop_recomputable(s.attn, r);
+    if (r.swiglu) {
+      if (moe_)
+        moe_->drop_recomputable(s.moe);
+      else
+        SwiGLU::drop_recomputable(s.mlp);
+    }
     s.trimmed = true;
   }
   if (ctx.training && ctx.num.bf16 && s.filled && (ctx.store_saved || ctx.num.fp8_kv || ctx.num.fp8_dispatch))
@@ -101,24 +103,29 @@ void Block::restore(const ParamStore& ps, Saved& s, const StepContext& ctx) cons
 }
 
 void Block::restore_selective(const ParamStore& ps, Saved& s, const StepContext& ctx) const {
+  // Rebuilds, with the forward's own ops, whatever the recompute set dropped.
   const int64_t rows = s.x.dim(0);
-  s.xn = act_out({rows, d_}, "block.xn");
-  ops::rmsnorm_forward(s.x, ps.compute(norm_in_), eps_, s.xn, s.xn_rstd);
-  round_act(ctx, s.xn);
-  s.hn = act_out({rows, d_}, "block.hn");
-  ops::rmsnorm_forward(s.h, ps.compute(norm_post_), eps_, s.hn, s.hn_rstd);
-  round_act(ctx, s.hn);
-  s.attn.xn = tp_gather_rows(mp_, s.xn, s.xn_all, "block.xn_all");
-  attn_.recompute(ps, s.attn, ctx);
-  const Tensor hin = tp_gather_rows(mp_, s.hn, s.hn_all, "block.hn_all");
-  if (moe_) {
-    s.moe.input = hin;
-    s.moe.shared.input = hin;
-    moe_->recompute(s.moe, ctx);
-  } else {
-    s.mlp.input = hin;
-    SwiGLU::recompute(s.mlp, ctx);
+  if (s.xn.t.empty()) {
+    s.xn = act_out({rows, d_}, "block.xn");
+    ops::rmsnorm_forward(s.x, ps.compute(norm_in_), eps_, s.xn, s.xn_rstd);
+    round_act(ctx, s.xn);
+    s.attn.xn = tp_gather_rows(mp_, s.xn, s.xn_all, "block.xn_all");
   }
+  if (s.hn.t.empty()) {
+    s.hn = act_out({rows, d_}, "block.hn");
+    ops::rmsnorm_forward(s.h, ps.compute(norm_post_), eps_, s.hn, s.hn_rstd);
+    round_act(ctx, s.hn);
+    const Tensor hin = tp_gather_rows(mp_, s.hn, s.hn_all, "block.hn_all");
+    if (moe_)
+      s.moe.input = hin, s.moe.shared.input = hin;
+    else
+      s.mlp.input = hin;
+  }
+  attn_.recompute(ps, s.attn, ctx);
+  if (moe_)
+    moe_->recompute(s.moe, ctx);
+  else
+    SwiGLU::recompute(s.mlp, ctx);
   s.trimmed = false;
 }
 
@@ -127,7 +134,7 @@ void Block::backward(const ParamStore& ps, Saved& s, const Tensor& dout, const T
   if (!s.filled) {  // full recompute: rebuild the saved activations from the block input
     OwnedTensor scratch = act_out({s.x.dim(0), d_}, "block.recompute_out");
     StepContext again = ctx;
-    again.recompute = Recompute::None;
+    again.recompute = RecomputeSet{};
     again.store_saved = false;
     const std::vector<int64_t> load = s.expert_load;
     forward(ps, s.x, scratch, s, again);

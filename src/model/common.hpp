@@ -1,5 +1,5 @@
 // Things every layer of the model shares: the shape of the micro-batch, the RoPE tables, the
-// attention scale and the recompute policy, passed explicitly to forward/backward.
+// attention scale and the recompute set, passed explicitly to forward/backward.
 #pragma once
 
 #include <cstdint>
@@ -11,9 +11,6 @@
 #include "ops.hpp"
 
 namespace dsv3 {
-
-enum class Recompute { None, Selective, Full };
-Recompute parse_recompute(const std::string& s);
 
 // The numerics of a run (MODEL.md, "Mixed precision"). fp32: everything f32. bf16: compute weights
 // and activations (and activation gradients) rounded to bf16 where the GPU would store them in bf16,
@@ -35,7 +32,7 @@ struct StepContext {
   int64_t T() const { return B * S; }
   Tensor rope_cos, rope_sin;  // [S, R/2]
   float attn_scale = 1.0f;
-  Recompute recompute = Recompute::None;
+  RecomputeSet recompute;   // what the backward rebuilds (config/config.hpp)
   bool training = true;     // false: forward only, nothing saved for backward
   float grad_scale = 1.0f;  // multiplies every loss term's gradient (gradient accumulation)
   Numerics num;

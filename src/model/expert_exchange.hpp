@@ -35,6 +35,12 @@ class ExpertExchange {
   // by_expert [local_rows(), width] -> rows[lo[e] : hi[e]] for every expert (collective); other rows
   // of `rows` are untouched.
   void combine(const Tensor& by_expert, const Tensor& rows) const;
+  // The same exchange (same rows, same peers) for rows of another width; no collective.
+  ExpertExchange with_width(int64_t width) const {
+    ExpertExchange e = *this;
+    e.d_ = width;
+    return e;
+  }
 
   int64_t local_experts() const { return El_; }
   int64_t local_rows() const { return offset_.empty() ? 0 : offset_.back(); }

@@ -55,12 +55,10 @@ MLA::MLA(const ModelConfig& m, ParamStore& ps, const std::string& p, const Model
 
 void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved& s,
                   const StepContext& ctx) const {
-  const int64_t B = ctx.B, S = ctx.S, T = ctx.T(), qk = n_ + R_;
+  const int64_t B = ctx.B, S = ctx.S, T = ctx.T();
   constexpr GemmKind kF8 = GemmKind::Fp8;  // every MLA projection is an FP8 GEMM under use_fp8
   s.xn = xn;
   // Query: [T, H*(n+R)], through the q latent when q_lora_rank > 0.
-  s.q = act_out({B, S, H_, qk}, "mla.q");
-  const Tensor q2 = s.q.t.view({T, H_ * qk});
   if (rq_ > 0) {
     s.qa = act_out({T, rq_}, "mla.q_a");
     s.qa_n = act_out({T, rq_}, "mla.q_a_normed");
@@ -68,12 +66,8 @@ void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved
     linear_fwd(ctx, kF8, xn, ps.compute(q_a_), s.qa);
     ops::rmsnorm_forward(s.qa, ps.compute(q_a_norm_), eps_, s.qa_n, s.qa_rstd);
     round_act(ctx, s.qa_n);
-    linear_fwd(ctx, kF8, s.qa_n, ps.compute(q_b_), q2);
-  } else {
-    linear_fwd(ctx, kF8, xn, ps.compute(q_), q2);
   }
-  ops::rope_forward(s.q, ctx.rope_cos, ctx.rope_sin, n_);
-  round_act(ctx, s.q);
+  queries(ps, s, ctx);
 
   // Key/value latent and the shared rotary key: kva [T, r_kv + R] = [c ; k_pe].
   s.kva = act_out({T, rkv_ + R_}, "mla.kv_a");
@@ -108,6 +102,18 @@ void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved
   linear_fwd(f32, kF8, s.o.t.view({T, H_ * dv_}), ps.compute(o_), part);
   tp_reduce_rows(mp_, part, y, /*accumulate=*/true);
   round_act(ctx, y);
+}
+
+void MLA::queries(const ParamStore& ps, Saved& s, const StepContext& ctx) const {
+  const int64_t B = ctx.B, S = ctx.S, T = ctx.T(), qk = n_ + R_;
+  s.q = act_out({B, S, H_, qk}, "mla.q");
+  const Tensor q2 = s.q.t.view({T, H_ * qk});
+  if (rq_ > 0)
+    linear_fwd(ctx, GemmKind::Fp8, s.qa_n, ps.compute(q_b_), q2);
+  else
+    linear_fwd(ctx, GemmKind::Fp8, s.xn, ps.compute(q_), q2);
+  ops::rope_forward(s.q, ctx.rope_cos, ctx.rope_sin, n_);
+  round_act(ctx, s.q);
 }
 
 void MLA::keys_values(const ParamStore& ps, Saved& s, const StepContext& ctx) const {
@@ -145,21 +151,25 @@ void MLA::restore(const ParamStore& ps, Saved& s, const StepContext& ctx) const 
   keys_values(ps, s, ctx);
 }
 
-void MLA::drop_recomputable(Saved& s) {
-  s.qa_n = {};
-  s.c_n = {};
+void MLA::drop_recomputable(Saved& s, const RecomputeSet& r) {
+  if (r.norms) s.qa_n = {}, s.c_n = {};
+  if (r.mla_up_proj) s.q = {}, s.k = {}, s.v = {};
 }
 
 void MLA::recompute(const ParamStore& ps, Saved& s, const StepContext& ctx) const {
-  const int64_t T = s.c.t.dim(0);
-  if (rq_ > 0) {
+  const int64_t T = ctx.T();
+  if (rq_ > 0 && s.qa_n.t.empty()) {
     s.qa_n = act_out({T, rq_}, "mla.q_a_normed");
     ops::rmsnorm_forward(s.qa, ps.compute(q_a_norm_), eps_, s.qa_n, s.qa_rstd);
     round_act(ctx, s.qa_n);
   }
-  s.c_n = act_out({T, rkv_}, "mla.c_kv_normed");
-  ops::rmsnorm_forward(s.c, ps.compute(kv_norm_), eps_, s.c_n, s.c_rstd);
-  round_act(ctx, s.c_n);
+  if (s.c_n.t.empty()) {
+    s.c_n = act_out({T, rkv_}, "mla.c_kv_normed");
+    ops::rmsnorm_forward(s.c, ps.compute(kv_norm_), eps_, s.c_n, s.c_rstd);
+    round_act(ctx, s.c_n);
+  }
+  if (s.q.t.empty()) queries(ps, s, ctx);
+  if (s.k.t.empty()) keys_values(ps, s, ctx);
 }
 
 void MLA::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dxn,

@@ -21,7 +21,7 @@ class MLA {
     OwnedTensor q;                  // [B, S, H, n + R] after RoPE (H: local heads)
     OwnedTensor k, v;               // [B, S, H, n + R], [B, S, H, dv]
     OwnedTensor o, lse;             // [B, S, H, dv], [B, H, S]
-    ops::Fp8Operand kv_fp8;         // use_fp8_kv: kva in FP8 (1 x 128 tiles); stored instead of kva, c, c_n, k, v
+    ops::Fp8Operand kv_fp8;  // use_fp8_kv: kva in FP8 (1 x 128 tiles); stored instead of kva, c, c_n, k, v
   };
   // y += o_proj(attention(xn)); xn has all T rows, y the stream rows (ModelParallel::stream_rows).
   void forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved& s,
@@ -30,8 +30,9 @@ class MLA {
   // gradients accumulate.
   void backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dxn,
                 const StepContext& ctx) const;
-  // Selective recompute: frees the latent norm outputs, and rebuilds them from the saved inputs.
-  static void drop_recomputable(Saved& s);
+  // Selective recompute: frees the latent norm outputs (module norms) and the per-head q, k, v
+  // (module mla_up_proj); recompute() rebuilds whatever of them is missing, from the saved latents.
+  static void drop_recomputable(Saved& s, const RecomputeSet& r);
   void recompute(const ParamStore& ps, Saved& s, const StepContext& ctx) const;
   // Mixed precision, after the forward: the saved activations go to bf16 storage, and under
   // use_fp8_kv the KV latent to FP8 (the keys and values derived from it are dropped). restore()
@@ -40,6 +41,8 @@ class MLA {
   void restore(const ParamStore& ps, Saved& s, const StepContext& ctx) const;
 
  private:
+  // The per-head queries after RoPE, from the q latent's norm (or from xn without q_lora_rank).
+  void queries(const ParamStore& ps, Saved& s, const StepContext& ctx) const;
   // k_pe from the kva columns, rotated; the per-head keys and values from the normed latent c_n.
   void keys_values(const ParamStore& ps, Saved& s, const StepContext& ctx) const;
   ModelParallel mp_;

@@ -3,12 +3,6 @@
 
 namespace dsv3 {
 
-Recompute parse_recompute(const std::string& s) {
-  if (s == "selective") return Recompute::Selective;
-  if (s == "full") return Recompute::Full;
-  return Recompute::None;
-}
-
 SwiGLU::SwiGLU(ParamStore& ps, const std::string& prefix, int64_t d, int64_t width, ParamGroup group,
                const ModelParallel& mp)
     : d_(d), width_(width / mp.tp_size), mp_(mp) {
@@ -43,6 +37,7 @@ void SwiGLU::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, boo
 }
 
 void SwiGLU::recompute(Saved& s, const StepContext& ctx) {
+  if (!s.h.t.empty()) return;
   s.h = act_out(s.g.t.shape(), "mlp.h");
   ops::swiglu_forward(s.g, s.u, s.h);
   round_act(ctx, s.h);

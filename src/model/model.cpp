@@ -13,7 +13,7 @@
 namespace dsv3 {
 
 Model::Model(const Config& cfg, const ModelParallel& mp)
-    : m_(cfg.model), mp_(mp), recompute_(parse_recompute(cfg.training.recompute)), num_(numerics_of(cfg)) {
+    : m_(cfg.model), mp_(mp), recompute_(recompute_set(cfg.training)), num_(numerics_of(cfg)) {
   const bool last = mp_.last_stage(), first = mp_.first_stage();
   // The embedding on the first stage; the last stage keeps a tied copy for the MTP modules (replica 1:
   // its gradient is summed with the first stage's, and only the first stage writes it).

@@ -91,9 +91,9 @@ class Model {
   // HF layer indices of every MoE layer of the full model (main trunk then MTP), on every stage.
   std::vector<int64_t> moe_layers() const;
 
-  Recompute recompute() const { return recompute_; }
+  const RecomputeSet& recompute() const { return recompute_; }
   const Numerics& numerics() const { return num_; }
-  void set_recompute(Recompute r) { recompute_ = r; }
+  void set_recompute(const RecomputeSet& r) { recompute_ = r; }
   int64_t mtp_depth() const { return m_.mtp.depth; }
   // Model chunks on this rank (ModelParallel::vp); the first chunk of the first stage embeds, the last
   // chunk of the last stage holds the head and MTP.
@@ -119,7 +119,7 @@ class Model {
   ModelConfig m_;
   ModelParallel mp_;
   ParamStore params_;
-  Recompute recompute_ = Recompute::None;
+  RecomputeSet recompute_;
   Numerics num_;
   // This rank's model chunks (one per virtual pipeline stage), in layer order.
   struct Chunk {

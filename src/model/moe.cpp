@@ -108,41 +108,61 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
   }
   const Tensor xin = s.exchanged ? s.xe.t : s.xs.t;
   const int64_t Rl = std::max<int64_t>(s.expert_offset[El_] - s.expert_offset[0], 1);
+  // The combine weight of every plan row, carried to the expert that runs the row.
+  OwnedTensor wrow = act({std::max<int64_t>(R, 1), 1}, "moe.row_weights");
+  {
+    const int32_t* slot = s.plan.slot_of_row.i32();
+    const float* w = s.weights.t.f32();
+    float* wr = wrow.t.f32();
+    for (int64_t r = 0; r < R; ++r) wr[r] = w[slot[r]];
+  }
+  if (s.exchanged)
+    s.we = s.exchange.with_width(1).dispatch(wrow.t, &s.dispatch_bytes);
+  else
+    s.we = std::move(wrow);
   s.g = act_out({Rl, F_}, "moe.g");
   s.u = act_out({Rl, F_}, "moe.u");
   s.h = act_out({Rl, F_}, "moe.h");
+  OwnedTensor hw = act_out({Rl, F_}, "moe.h_weighted");
   OwnedTensor ye = act_out({Rl, d_}, "moe.expert_rows_out");
   const int64_t base = s.expert_offset[0];
   for (int64_t j = 0; j < El_; ++j) {
     const int64_t r0 = s.expert_offset[j], r1 = s.expert_offset[j + 1];
     if (r1 == r0) continue;
-    const Tensor xe = xin.rows(r0, r1), ge = s.g.t.rows(r0 - base, r1 - base),
-                 ue = s.u.t.rows(r0 - base, r1 - base), he = s.h.t.rows(r0 - base, r1 - base),
-                 yo = ye.t.rows(r0 - base, r1 - base);
+    const int64_t l0 = r0 - base, l1 = r1 - base;
+    const Tensor xe = xin.rows(r0, r1), ge = s.g.t.rows(l0, l1), ue = s.u.t.rows(l0, l1),
+                 he = s.h.t.rows(l0, l1), hwe = hw.t.rows(l0, l1), yo = ye.t.rows(l0, l1);
     linear_fwd(ctx, kF8, xe, ps.compute(w_gate_[j]), ge);
     linear_fwd(ctx, kF8, xe, ps.compute(w_up_[j]), ue);
     ops::swiglu_forward(ge, ue, he);
     round_act(ctx, he);
-    linear_fwd(ctx, kF8, he, ps.compute(w_down_[j]), yo);
+    ops::scale_rows_forward(he, s.we.t.rows(l0, l1).view({l1 - l0}), hwe);
+    round_act(ctx, hwe);
+    linear_fwd(ctx, kF8, hwe, ps.compute(w_down_[j]), yo);
   }
+  // The combine sums the (already weighted) expert outputs of each token.
+  OwnedTensor ones(DType::F32, {T, K_}, "moe.unit_weights");
+  {
+    float* o = ones.t.f32();
+    for (int64_t i = 0; i < T * K_; ++i) o[i] = 1.0f;
+  }
+  OwnedTensor ys;
   if (!s.exchanged) {
-    s.ys = std::move(ye);
-    ops::combine_forward(s.plan, s.ys.t.rows(0, R), s.weights, y, /*accumulate=*/true);
-    round_act(ctx, y);
+    ys = std::move(ye);
   } else {
-    s.ys = act({std::max<int64_t>(R, 1), d_}, "moe.expert_out");  // zero outside the owned rows
-    s.exchange.combine(ye, s.ys);
+    ys = act({std::max<int64_t>(R, 1), d_}, "moe.expert_out");  // zero outside the owned rows
+    s.exchange.combine(ye, ys);
     if (mp_.tp) {  // this rank's tokens and shared-expert slice; one reduction for both
       OwnedTensor part = act_out({T, d_}, "moe.partial");
-      ops::combine_forward(s.plan, s.ys.t.rows(0, R), s.weights, part);
+      ops::combine_forward(s.plan, ys.t.rows(0, R), ones, part);
       if (shared_) shared_->forward(ps, x, part, /*accumulate=*/true, s.shared, ctx, /*reduce=*/false);
       tp_reduce_rows(mp_, part, y, /*accumulate=*/true);
       round_act(ctx, y);
       return;
     }
-    ops::combine_forward(s.plan, s.ys.t.rows(0, R), s.weights, y, /*accumulate=*/true);
-    round_act(ctx, y);
   }
+  ops::combine_forward(s.plan, ys.t.rows(0, R), ones, y, /*accumulate=*/true);
+  round_act(ctx, y);
   if (shared_) shared_->forward(ps, x, y, /*accumulate=*/true, s.shared, ctx);
 }
 
@@ -152,10 +172,9 @@ void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const
   constexpr GemmKind kF8 = GemmKind::Fp8;  // routed and shared experts are FP8 GEMMs under use_fp8
   StepContext f32 = ctx;
   f32.num.bf16 = false;  // partial sums stay unrounded
-  OwnedTensor dys = act_out({std::max<int64_t>(R, 1), d_}, "moe.d_expert_out"),
-              dw = act_out({T, K_}, "moe.d_topk_weights");
-  ops::combine_backward(s.plan, s.ys.t.rows(0, R), s.weights, dy, dys.t.rows(0, R), dw);
-  round_act(ctx, dys);
+  // Every expert row receives its token's output gradient unweighted (the weight is inside the expert).
+  OwnedTensor dys = act_out({std::max<int64_t>(R, 1), d_}, "moe.d_expert_out");
+  ops::dispatch_forward(s.plan, dy, dys.t.rows(0, R));
 
   const Tensor xin = s.exchanged ? s.xe.t : s.xs.t;
   OwnedTensor dye_owned;
@@ -167,22 +186,45 @@ void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const
   const int64_t base = s.expert_offset[0];
   const int64_t Rl = std::max<int64_t>(s.expert_offset[El_] - base, 1);
   OwnedTensor dxe = act_out({s.exchanged ? Rl : std::max<int64_t>(R, 1), d_}, "moe.d_expert_rows");
-  OwnedTensor dh = act_out({Rl, F_}, "moe.dh"), dg = act_out({Rl, F_}, "moe.dg"),
+  OwnedTensor dhw = act_out({Rl, F_}, "moe.dh_weighted"), hw = act_out({Rl, F_}, "moe.h_weighted"),
+              dh = act_out({Rl, F_}, "moe.dh"), dg = act_out({Rl, F_}, "moe.dg"),
               du = act_out({Rl, F_}, "moe.du");
+  OwnedTensor dwe = act({Rl, 1}, "moe.d_row_weights");
   for (int64_t j = 0; j < El_; ++j) {
     const int64_t r0 = s.expert_offset[j], r1 = s.expert_offset[j + 1];
     if (r1 == r0) continue;
     const int64_t l0 = r0 - base, l1 = r1 - base;
-    const Tensor dyo = dye.rows(r0, r1), dhe = dh.t.rows(l0, l1), dge = dg.t.rows(l0, l1),
-                 due = du.t.rows(l0, l1), dxo = dxe.t.rows(r0, r1), xe = xin.rows(r0, r1);
-    linear_dgrad(ctx, kF8, dyo, ps.compute(w_down_[j]), dhe);
-    linear_wgrad(ctx, kF8, dyo, s.h.t.rows(l0, l1), ps.grad(w_down_[j]));
+    const Tensor dyo = dye.rows(r0, r1), dhwe = dhw.t.rows(l0, l1), hwe = hw.t.rows(l0, l1),
+                 dhe = dh.t.rows(l0, l1), dge = dg.t.rows(l0, l1), due = du.t.rows(l0, l1),
+                 dxo = dxe.t.rows(r0, r1), xe = xin.rows(r0, r1), he = s.h.t.rows(l0, l1),
+                 we = s.we.t.rows(l0, l1).view({l1 - l0});
+    ops::scale_rows_forward(he, we, hwe);  // the down projection's input, as the forward rounded it
+    round_act(ctx, hwe);
+    linear_dgrad(ctx, kF8, dyo, ps.compute(w_down_[j]), dhwe);
+    linear_wgrad(ctx, kF8, dyo, hwe, ps.grad(w_down_[j]));
+    ops::scale_rows_backward(he, we, dhwe, dhe, dwe.t.rows(l0, l1).view({l1 - l0}));
+    round_act(ctx, dhe);
     ops::swiglu_backward(s.g.t.rows(l0, l1), s.u.t.rows(l0, l1), dhe, dge, due);
     round_act(ctx, dge), round_act(ctx, due);
     linear_dgrad(f32, kF8, dge, ps.compute(w_gate_[j]), dxo);  // one fp32 sum of both, rounded once
     linear_dgrad(ctx, kF8, due, ps.compute(w_up_[j]), dxo, true);
     linear_wgrad(ctx, kF8, dge, xe, ps.grad(w_gate_[j]));
     linear_wgrad(ctx, kF8, due, xe, ps.grad(w_up_[j]));
+  }
+  // The combine weights' gradients go back to the token's slots (0 for dropped slots).
+  OwnedTensor dw = act({T, K_}, "moe.d_topk_weights");
+  {
+    OwnedTensor dwr_owned;
+    Tensor dwr = dwe.t;
+    if (s.exchanged) {
+      dwr_owned = act({std::max<int64_t>(R, 1), 1}, "moe.d_plan_row_weights");  // zero outside the owned rows
+      s.exchange.with_width(1).combine(dwe, dwr_owned);
+      dwr = dwr_owned.t;
+    }
+    const int32_t* slot = s.plan.slot_of_row.i32();
+    const float* src = dwr.f32();
+    float* d = dw.t.f32();
+    for (int64_t r = 0; r < R; ++r) d[slot[r]] = src[r];
   }
   // Under TP, dxp collects this rank's partial input gradient (its tokens' routed rows, its slice of
   // the shared experts, the router's rows of its tokens) and one reduction sums it.
@@ -228,9 +270,11 @@ void MoE::drop_recomputable(Saved& s) const {
 }
 
 void MoE::recompute(Saved& s, const StepContext& ctx) const {
-  s.h = act_out(s.g.t.shape(), "moe.h");
-  ops::swiglu_forward(s.g, s.u, s.h);
-  round_act(ctx, s.h);
+  if (s.h.t.empty()) {
+    s.h = act_out(s.g.t.shape(), "moe.h");
+    ops::swiglu_forward(s.g, s.u, s.h);
+    round_act(ctx, s.h);
+  }
   if (shared_) SwiGLU::recompute(s.shared, ctx);
 }
 
@@ -238,12 +282,12 @@ void MoE::store(Saved& s) {
   // Under FP8 dispatch the expert input rows are kept as their FP8 codes and scales.
   if (!s.x_fp8.codes.t.empty()) (s.exchanged ? s.xe : s.xs) = {};
   if (s.exchanged) s.xs = {};  // the backward reads the rows that arrived (xe), not the sent ones
-  for (OwnedTensor* t : {&s.xs, &s.ys, &s.xe, &s.g, &s.u, &s.h}) store_bf16(*t);
+  for (OwnedTensor* t : {&s.xs, &s.xe, &s.g, &s.u, &s.h}) store_bf16(*t);  // the weights stay f32
   SwiGLU::store(s.shared);
 }
 
 void MoE::restore(Saved& s) {
-  for (OwnedTensor* t : {&s.xs, &s.ys, &s.xe, &s.g, &s.u, &s.h}) load_f32(*t);
+  for (OwnedTensor* t : {&s.xs, &s.xe, &s.g, &s.u, &s.h}) load_f32(*t);
   SwiGLU::restore(s.shared);
   if (s.x_fp8.codes.t.empty()) return;
   OwnedTensor& rows = s.exchanged ? s.xe : s.xs;

@@ -22,10 +22,14 @@ class MoE {
     Tensor input;                              // [T, d] (owned by the block)
     OwnedTensor logits, scores, idx, weights;  // [T, E], [T, E], [T, K] i32, [T, K]
     ops::DispatchPlan plan;
-    OwnedTensor xs, ys;  // [R, d] rows of the plan: dispatched inputs, expert outputs
+    OwnedTensor xs;  // [R, d] rows of the plan: dispatched inputs
     // Rows of this rank's experts, grouped by local expert (= xs when nothing is exchanged).
     OwnedTensor xe;       // [Rl, d] (empty when xs serves)
     OwnedTensor g, u, h;  // [Rl, F]
+    // [Rl, 1] the combine weight of each expert row (f32). The experts apply it to their SwiGLU
+    // output before the down projection, so the combine is a plain sum and its weight gradient comes
+    // from the expert's own backward: the expert outputs are not kept.
+    OwnedTensor we;
     // Rows [lo[e], hi[e]) of the plan go to expert e's owner (when `exchanged`); local expert j's
     // rows start at expert_offset[j] of xe (or of xs).
     ExpertExchange exchange;
@@ -43,7 +47,8 @@ class MoE {
   void backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dx,
                 const StepContext& ctx) const;
 
-  // Selective recompute of the expert and shared-expert SwiGLU products.
+  // Selective recompute of the expert and shared-expert SwiGLU products (recompute module swiglu);
+  // recompute() rebuilds what was dropped.
   void drop_recomputable(Saved& s) const;
   void recompute(Saved& s, const StepContext& ctx) const;
   // Mixed precision: saved rows and products to bf16 storage (expert inputs as FP8 under FP8

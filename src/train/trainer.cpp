@@ -298,14 +298,15 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
                         : ", no validation data")
       << "\n  batch " << gb << " x " << S << " tokens (" << nmicro << " micro-batches of " << micro
       << " per data-parallel rank), " << t.train_steps << " steps, lr " << t.optimizer.lr << " ("
-      << t.schedule.style << ", warm-up " << t.schedule.warmup_steps << "), recompute " << t.recompute
-      << "\n  ZeRO-" << layout.zero_stage << ", " << sync.buckets() << " gradient buckets of up to "
-      << opt.bucket_elements << " elements on this rank\n  peak " << fixed(peak, 3) << " TFLOP/s ("
-      << (opt.peak_tflops > 0 ? "given" : "measured sgemm") << " per rank x " << world << "), "
-      << human_flops(flops_per_token) << " per token; run dir " << run_dir << std::endl;
+      << t.schedule.style << ", warm-up " << t.schedule.warmup_steps << "), recompute "
+      << recompute_set(t).text() << "\n  ZeRO-" << layout.zero_stage << ", " << sync.buckets()
+      << " gradient buckets of up to " << opt.bucket_elements << " elements on this rank\n  peak "
+      << fixed(peak, 3) << " TFLOP/s (" << (opt.peak_tflops > 0 ? "given" : "measured sgemm")
+      << " per rank x " << world << "), " << human_flops(flops_per_token) << " per token; run dir " << run_dir
+      << std::endl;
   {
     const MemoryEstimate me = memory_per_gpu(cfg, layout, MemoryOptions::from(cfg));
-    log << "  memory per rank by the accounting (" << t.precision << ", recompute " << t.recompute
+    log << "  memory per rank by the accounting (" << t.precision << ", recompute " << recompute_set(t).text()
         << ", busiest: pipeline stage " << me.stage << "): " << human_bytes(me.total()) << " = weights "
         << human_bytes(me.weights) << " + gradients " << human_bytes(me.gradients) << " + optimizer "
         << human_bytes(me.optimizer) << " + activations " << human_bytes(me.activations) << " + MoE dispatch "

@@ -33,18 +33,22 @@ dsv3::OwnedTensor tokens(const dsv3::Config& c, int64_t B, int64_t S) {
 
 int main(int argc, char** argv) {
   try {
-    // argv[1]: recompute mode; argv[2] == "train" adds an AdamW step (moments in the estimate too);
-    // argv[3]: a config (default tiny); argv[4]: fp32 (default), bf16, or fp8 (bf16 with FP8 GEMMs,
-    // the FP8 KV cache and FP8 dispatch); argv[5]: allowed deviation (default 0.2); argv[6]: AdamW
-    // moment storage, fp32 (default) or bf16.
+    // argv[1]: recompute policy (none, selective, full, or selective:<module,...>); argv[2] == "train" adds
+    // an AdamW step (moments in the estimate too); argv[3]: a config (default tiny); argv[4]: fp32 (default),
+    // bf16, or fp8 (bf16 with FP8 GEMMs, the FP8 KV cache and FP8 dispatch); argv[5]: allowed deviation
+    // (default 0.2); argv[6]: AdamW moment storage, fp32 (default) or bf16.
     const std::string recompute = argc > 1 ? argv[1] : "none";
     const bool with_optimizer = argc > 2 && std::string(argv[2]) == "train";
     const std::string config = argc > 3 ? argv[3] : "tiny";
     const std::string precision = argc > 4 ? argv[4] : "fp32";
     const double allowed = argc > 5 ? std::stod(argv[5]) : 0.2;
     const std::string moments = argc > 6 ? argv[6] : "fp32";
-    std::vector<std::string> sets = {"training.recompute=" + recompute,
+    // "selective:norms,swiglu" names the modules of a selective policy.
+    const auto colon = recompute.find(':');
+    std::vector<std::string> sets = {"training.recompute=" + recompute.substr(0, colon),
                                      "training.optimizer.moment_dtype=" + moments};
+    if (colon != std::string::npos)
+      sets.push_back("training.recompute_modules=[" + recompute.substr(colon + 1) + "]");
     if (precision == "fp32") {
       sets.push_back("training.precision=fp32");
     } else {

@@ -95,8 +95,14 @@ TEST(Model, RecomputeModesGiveIdenticalBits) {
   OwnedTensor tok = random_tokens(tiny(), 2, 20);
   std::vector<float> ref;
   double ref_loss = 0;
-  for (const char* mode : {"none", "selective", "full"}) {
-    Model m(tiny({std::string("training.recompute=") + mode}));
+  // Every policy, and every module of selective on its own (each rebuilds different tensors).
+  for (const std::string mode : {"none", "selective", "full", "selective:norms", "selective:mla_up_proj",
+                                 "selective:swiglu", "selective:mla_up_proj,swiglu"}) {
+    const auto colon = mode.find(':');
+    std::vector<std::string> o = {"training.recompute=" + mode.substr(0, colon)};
+    if (colon != std::string::npos)
+      o.push_back("training.recompute_modules=[" + mode.substr(colon + 1) + "]");
+    Model m(tiny(o));
     const StepLosses l = m.forward_backward(tok);
     const Tensor g = m.params().flat_grads();
     std::vector<float> v(g.f32(), g.f32() + g.numel());

@@ -48,8 +48,13 @@ TEST(Precision, RecomputeModesGiveIdenticalBitsInEveryPrecision) {
     const OwnedTensor tok = tokens(tiny(prec), 2, 20);
     std::vector<float> ref;
     double ref_loss = 0;
-    for (const char* mode : {"none", "selective", "full"}) {
-      Model m(tiny(prec, std::string("training.recompute=") + mode));
+    for (const std::string mode : {"none", "selective", "full", "selective:norms", "selective:mla_up_proj"}) {
+      const auto colon = mode.find(':');
+      std::vector<std::string> o = prec;
+      o.push_back("training.recompute=" + mode.substr(0, colon));
+      if (colon != std::string::npos)
+        o.push_back("training.recompute_modules=[" + mode.substr(colon + 1) + "]");
+      Model m(tiny(o));
       const double loss = m.forward_backward(tok).total;
       const std::vector<float> g = grads(m);
       if (ref.empty()) {

@@ -1,7 +1,8 @@
 // Op-registry cases of the dense ops (linear, add_inplace, scale, copy_columns, embedding,
-// embedding_shard, rmsnorm, rope, attention, mla_assemble_kv, swiglu) against reference_dense.hpp, plus
-// direct tests of the error messages (shape mismatch, embedding id out of range, shard outside the
-// vocabulary, unsupported device), of vocabulary shards summing to the full embedding and of zero().
+// embedding_shard, rmsnorm, rope, attention, mla_assemble_kv, swiglu, scale_rows) against
+// reference_dense.hpp, plus direct tests of the error messages (shape mismatch, embedding id out of range,
+// shard outside the vocabulary, unsupported device), of vocabulary shards summing to the full embedding and
+// of zero().
 //
 // Overwrite / accumulate semantics are checked inside the backward functions: gradients that must be
 // overwritten are first filled with NaN; gradients that accumulate are first filled with a known
@@ -473,6 +474,39 @@ void swiglu_cases(std::vector<OpCase>& out, std::mt19937_64& rng) {
   }
 }
 
+// scale_rows: y[r, :] = w[r] * x[r, :] (the routed experts' combine weight on their SwiGLU output),
+// with a zero weight and negative weights among the rows.
+void scale_rows_cases(std::vector<OpCase>& out, std::mt19937_64& rng) {
+  struct V {
+    int64_t R, F;
+  };
+  for (const V& v : {V{7, 33}, V{1, 1}, V{12, 64}}) {
+    const int64_t R = v.R, F = v.F;
+    OpCase c;
+    c.op = "scale_rows";
+    c.variant = dims({{"R", R}, {"F", F}});
+    RefTensor w = randn("w", {R}, rng);
+    if (R > 2) w.f[1] = 0.0;
+    c.inputs = {randn("x", {R, F}, rng), w};
+    c.differentiable = {true, true};
+    c.outputs = {output("y", {R, F})};
+    c.forward = [](const std::vector<Tensor>& in, const std::vector<Tensor>& o) {
+      ops::scale_rows_forward(in[0], in[1], o[0]);
+    };
+    c.reference = [R, F](const std::vector<RefTensor>& in, std::vector<RefTensor>& o) {
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t f = 0; f < F; ++f) o[0].f[r * F + f] = in[1].f[r] * in[0].f[r * F + f];
+    };
+    c.backward = [](const std::vector<Tensor>& in, const std::vector<Tensor>&,
+                    const std::vector<Tensor>& dout, const std::vector<Tensor>& din) {
+      fill_nan(din[0]);
+      fill_nan(din[1]);
+      ops::scale_rows_backward(in[0], in[1], dout[0], din[0], din[1]);
+    };
+    out.push_back(std::move(c));
+  }
+}
+
 std::vector<OpCase> dense_cases(std::mt19937_64& rng) {
   std::vector<OpCase> out;
   linear_cases(out, rng);
@@ -486,6 +520,7 @@ std::vector<OpCase> dense_cases(std::mt19937_64& rng) {
   attention_cases(out, rng);
   mla_cases(out, rng);
   swiglu_cases(out, rng);
+  scale_rows_cases(out, rng);
   return out;
 }
 

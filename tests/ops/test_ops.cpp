@@ -25,10 +25,24 @@ INSTANTIATE_TEST_SUITE_P(Ops, OpRegistry, ::testing::ValuesIn(dsv3::optest::all_
 
 // The registry must hold a case for every op of kernels/ops.hpp.
 TEST(OpRegistryCoverage, EveryOpHasACase) {
-  const char* ops[] = {
-      "linear",   "add_inplace", "scale",         "copy_columns",        "embedding",       "embedding_shard",
-      "rmsnorm",  "rope",        "attention",     "mla_assemble_kv",     "swiglu",          "router",
-      "dispatch", "combine",     "cross_entropy", "cross_entropy_shard", "seq_balance_loss"};
+  const char* ops[] = {"linear",
+                       "add_inplace",
+                       "scale",
+                       "copy_columns",
+                       "embedding",
+                       "embedding_shard",
+                       "rmsnorm",
+                       "rope",
+                       "attention",
+                       "mla_assemble_kv",
+                       "swiglu",
+                       "scale_rows",
+                       "router",
+                       "dispatch",
+                       "combine",
+                       "cross_entropy",
+                       "cross_entropy_shard",
+                       "seq_balance_loss"};
   const auto cases = dsv3::optest::all_op_cases();
   for (const char* op : ops) {
     const bool found = std::any_of(cases.begin(), cases.end(), [&](const auto& c) { return c.op == op; });

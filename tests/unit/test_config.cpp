@@ -10,6 +10,8 @@
 using dsv3::Config;
 using dsv3::load_config;
 using dsv3::load_config_from_string;
+using dsv3::recompute_set;
+using dsv3::resolve_config_path;
 
 namespace {
 
@@ -110,9 +112,34 @@ TEST(Config, ImpossibleValues) {
   EXPECT_TRUE(Mentions(error_of({"parallel.zero_stage=3"}), {"parallel.zero_stage", "0, 1 or 2"}));
   EXPECT_TRUE(Mentions(error_of({"model.mla.qk_rope_head_dim=7"}), {"qk_rope_head_dim", "even"}));
   EXPECT_TRUE(Mentions(error_of({"training.recompute=some"}), {"training.recompute", "selective"}));
+  EXPECT_TRUE(Mentions(error_of({"training.recompute=selective", "training.recompute_modules=[norms, attn]"}),
+                       {"training.recompute_modules", "unknown module 'attn'", "mla_up_proj"}));
+  EXPECT_TRUE(Mentions(error_of({"training.recompute=full", "training.recompute_modules=[norms]"}),
+                       {"training.recompute_modules", "needs training.recompute: selective", "full"}));
+  EXPECT_TRUE(
+      Mentions(error_of({"training.recompute=selective", "training.recompute_modules=[swiglu, swiglu]"}),
+               {"training.recompute_modules", "'swiglu' is listed twice"}));
+  EXPECT_TRUE(
+      Mentions(error_of({"training.recompute_modules={a: 1}"}), {"training.recompute_modules", "list"}));
   EXPECT_TRUE(Mentions(error_of({"parallel.order=tp-ep-dp"}), {"parallel.order", "must name"}));
   EXPECT_TRUE(Mentions(error_of({"training.optimizer.moment_dtype=fp8"}),
                        {"training.optimizer.moment_dtype", "bf16", "'fp8'"}));
+}
+
+TEST(Config, RecomputeModulesReadAsAListOrCommaText) {
+  const Config d = load_config(resolve_config_path("tiny"), {"training.recompute=selective"});
+  EXPECT_EQ(recompute_set(d.training).text(), "selective (norms, mla_up_proj, swiglu)");
+  const Config l = load_config(resolve_config_path("tiny"), {"training.recompute=selective",
+                                                             "training.recompute_modules=[swiglu, norms]"});
+  EXPECT_EQ(l.training.recompute_modules, (std::vector<std::string>{"swiglu", "norms"}));
+  EXPECT_EQ(recompute_set(l.training).text(), "selective (norms, swiglu)");
+  const Config t = load_config(resolve_config_path("tiny"),
+                               {"training.recompute=selective", "training.recompute_modules=mla_up_proj"});
+  EXPECT_EQ(recompute_set(t.training).text(), "selective (mla_up_proj)");
+  EXPECT_EQ(
+      recompute_set(load_config(resolve_config_path("tiny"), {"training.recompute=full"}).training).text(),
+      "full");
+  EXPECT_FALSE(recompute_set(load_config(resolve_config_path("tiny")).training).any());
 }
 
 TEST(Config, CrossFieldValidation) {
