@@ -23,6 +23,7 @@
 #include "backend_info.hpp"
 #include "config/accounting.hpp"
 #include "config/config.hpp"
+#include "config/cost.hpp"
 #include "core/cli.hpp"
 #include "core/error.hpp"
 #include "core/format.hpp"
@@ -48,7 +49,32 @@ struct Options {
   std::vector<std::string> configs;
   bool torch = true, json_out = false;
   bool precisions = false;  // fp32, bf16 and bf16 + FP8 side by side instead of the PyTorch comparison
+  bool recompute = false;   // every recompute policy side by side, against the planner's cost model
 };
+
+// The recompute policies --recompute compares.
+const std::vector<std::pair<std::string, std::vector<std::string>>> kRecomputePolicies = {
+    {"none", {"training.recompute=none"}},
+    {"norms", {"training.recompute=selective", "training.recompute_modules=[norms]"}},
+    {"swiglu", {"training.recompute=selective", "training.recompute_modules=[swiglu]"}},
+    {"mla_up_proj", {"training.recompute=selective", "training.recompute_modules=[mla_up_proj]"}},
+    {"selective", {"training.recompute=selective"}},
+    {"full", {"training.recompute=full"}}};
+
+// Streaming bandwidth of this machine (GB/s): the best of 3 copies of 256 MiB, read + write counted.
+double measure_copy_gbps() {
+  const size_t n = size_t(64) << 20;
+  std::vector<float> a(n, 1.0f), b(n, 0.0f);
+  double best = 0;
+  for (int r = 0; r < 3; ++r) {
+    const auto t0 = Clock::now();
+    std::copy(a.begin(), a.end(), b.begin());
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    best = std::max(best, 2.0 * double(n) * sizeof(float) / s / 1e9);
+    a[r] = b[n - 1 - r];  // keep the copies observable
+  }
+  return best;
+}
 
 // The numerics --precisions compares (tokens/s of each, same model and shapes).
 const std::vector<std::pair<std::string, std::vector<std::string>>> kPrecisions = {
@@ -61,6 +87,7 @@ const std::vector<std::pair<std::string, std::vector<std::string>>> kPrecisions 
 const char* kUsage =
     "usage: dsv3-bench [--steps N] [--warmup W] [--profile-steps P] [--config PATH] [--no-torch] [--json]\n"
     "       dsv3-bench --precisions [--steps N] [--warmup W] [--config PATH] [--json]\n"
+    "       dsv3-bench --recompute [--steps N] [--warmup W] [--config PATH] [--json]\n"
     "       dsv3-bench --grid --data PREFIX [--config NAME] [--family dp|tp|pp|ep|4d] [--scaling "
     "strong|weak]\n"
     "                  [--batch B] [--micro-batch M] [--steps N] [--warmup W] [--peak-tflops X]\n"
@@ -82,6 +109,10 @@ const char* kUsage =
     "  (tests/reference/bench_torch.py) on the same shapes with the same thread count.\n"
     "  --precisions: the same training steps in fp32, bf16 and bf16 + FP8 (FP8 GEMMs, KV cache and\n"
     "  dispatch; the host's FP8 GEMMs are the exact reference, not a fast path), tokens/s side by side.\n"
+    "  --recompute: the same training steps (fp32) under every recompute policy and each selective module\n"
+    "  alone, tokens/s side by side with the step-time ratio the planner's cost model predicts (its\n"
+    "  compute and recompute terms, at this machine's measured sgemm rate, the none run's MFU and its\n"
+    "  measured copy bandwidth).\n"
     "  Default configs: configs/deepseek_v3_tiny.yaml and tools/bench/cpu_d512.yaml.\n"
     "  Threads: OPENBLAS_NUM_THREADS (default all cores) for both implementations.\n";
 
@@ -112,6 +143,8 @@ Options parse(int argc, char** argv) {
       o.torch = false;
     else if (a == "--precisions")
       o.precisions = true;
+    else if (a == "--recompute")
+      o.recompute = true;
     else if (a == "--json")
       o.json_out = true;
     else if (a == "-h" || a == "--help") {
@@ -555,6 +588,60 @@ int main(int argc, char** argv) {
           "dsv3-bench: %s; Kokkos threads %d, OpenBLAS threads %d, PyTorch threads %d\n"
           "  measured sgemm peak (1024^3, best of 5): %.1f GFLOP/s\n",
           host_backend_description().c_str(), kthreads, bthreads, bthreads, peak * 1e3);
+    if (o.recompute) {
+      Options q = o;
+      q.torch = false, q.profile_steps = 0;
+      const double copy_gbps = measure_copy_gbps();
+      all["copy_gbps"] = copy_gbps;
+      if (!o.json_out) std::printf("  measured copy bandwidth (256 MiB): %.1f GB/s\n", copy_gbps);
+      for (const std::string& c : o.configs) {
+        json rows = json::array();
+        for (const auto& [name, sets] : kRecomputePolicies) {
+          std::vector<std::string> s = sets;
+          s.push_back("training.precision=fp32");
+          json r = bench_config(c, q, peak, bthreads, s);
+          r["policy"] = name;
+          rows.push_back(r);
+        }
+        // The cost model on this machine: one rank, compute at the none run's achieved rate.
+        Config cfg = load_config(c, {"training.precision=fp32"});
+        cfg.hardware.peak_tflops = peak;
+        cfg.hardware.assumed_mfu = std::min(1.0, rows[0]["mfu"].get<double>());
+        cfg.training.global_batch_size = cfg.training.micro_batch_size;
+        HardwareSpec hs = hardware_spec(cfg.hardware);
+        hs.hbm_gbps = copy_gbps;
+        Layout one;
+        double predicted_base = 0;
+        for (size_t i = 0; i < rows.size(); ++i) {
+          const Config ci = load_config(c, [&] {
+            std::vector<std::string> s = kRecomputePolicies[i].second;
+            s.push_back("training.precision=fp32");
+            return s;
+          }());
+          const StepCost sc = step_cost(cfg, one, recompute_set(ci.training), hs);
+          if (i == 0) predicted_base = sc.step_s;
+          rows[i]["predicted_ratio"] = sc.step_s / predicted_base;
+          rows[i]["measured_ratio"] =
+              rows[0]["tokens_per_s"].get<double>() / rows[i]["tokens_per_s"].get<double>();
+        }
+        all["results"].push_back({{"config", c}, {"recompute", rows}});
+        if (o.json_out) continue;
+        std::printf("\n== %s: %lld x %lld tokens per step, %lld steps after %lld warm-up (fp32) ==\n",
+                    c.c_str(), rows[0]["batch"].get<long long>(), rows[0]["seq"].get<long long>(),
+                    (long long)o.steps, (long long)o.warmup);
+        std::printf("  %-12s %12s %12s %14s %15s %12s\n", "recompute", "tokens/s", "step (med)",
+                    "time vs none", "cost model", "model/meas.");
+        for (const json& r : rows)
+          std::printf("  %-12s %12.1f %11.3fs %13.3fx %14.3fx %12.3f\n",
+                      r["policy"].get<std::string>().c_str(), r["tokens_per_s"].get<double>(),
+                      r["median_step_s"].get<double>(), r["measured_ratio"].get<double>(),
+                      r["predicted_ratio"].get<double>(),
+                      r["predicted_ratio"].get<double>() / r["measured_ratio"].get<double>());
+        std::fflush(stdout);
+      }
+      if (o.json_out) std::cout << all.dump(2) << std::endl;
+      return 0;
+    }
     if (o.precisions) {
       Options q = o;
       q.torch = false, q.profile_steps = 0;

@@ -140,8 +140,10 @@ double mla_saved_elems(const ModelConfig& m, const Layout& l, const RecomputeSet
                        bool fp8_kv) {
   const auto& a = m.mla;
   const double d = d_local(m, l), h = double(m.num_heads) / l.tp;
+  // Under sequence parallelism a block keeps its normed inputs as gathered to all T rows.
+  const double normed = l.sequence_parallel ? double(m.d_model) : d;
   double e = d;                                                       // block input x (held by the model)
-  e += (r.norms ? 0 : d) + 1;                                         // xn, rstd
+  e += (r.norms ? 0 : normed) + 1;                                    // xn, rstd
   if (a.q_lora_rank > 0) e += a.q_lora_rank * (r.norms ? 1 : 2) + 1;  // q_a output, its norm, rstd
   const double kva = a.d_latent + a.qk_rope_head_dim;
   const double qkv = r.mla_up_proj ? 0 : 2 * h * m.qk_head_dim() + h * a.v_head_dim;  // q, k, v
@@ -164,7 +166,7 @@ double swiglu_saved_elems(double width, bool recompute_swiglu) {
 }
 double ffn_saved_elems(const ModelConfig& m, const Layout& l, const RecomputeSet& r, bool moe,
                        double elem_bytes) {
-  double e = (r.norms ? 0 : d_local(m, l)) + 1;  // hn, rstd
+  double e = (r.norms ? 0 : (l.sequence_parallel ? double(m.d_model) : d_local(m, l))) + 1;  // hn, rstd
   if (!moe) return e + swiglu_saved_elems(double(m.ffn_dim) / l.tp, r.swiglu);
   const auto& x = m.moe;
   const double k = x.num_experts_per_token;

@@ -42,12 +42,14 @@ void Block::forward(const ParamStore& ps, const Tensor& x, const Tensor& out, Sa
   s.h = act_out({rows, d_}, "block.h");
   std::memcpy(s.h.t.data(), x.data(), x.bytes());  // residual
   attn_.forward(ps, tp_gather_rows(mp_, s.xn, s.xn_all, "block.xn_all"), s.h, s.attn, ctx);
+  if (mp_.sp) s.xn = {};  // the gathered rows are what the backward reads
   s.hn = act_out({rows, d_}, "block.hn");
   s.hn_rstd = act_out({rows}, "block.hn_rstd");
   ops::rmsnorm_forward(s.h, ps.compute(norm_post_), eps_, s.hn, s.hn_rstd);
   round_act(ctx, s.hn);
   std::memcpy(out.data(), s.h.t.data(), out.bytes());  // residual
   const Tensor hin = tp_gather_rows(mp_, s.hn, s.hn_all, "block.hn_all");
+  if (mp_.sp) s.hn = {};
   if (moe_) {
     moe_->forward(ps, hin, out, s.moe, ctx);
     s.balance_loss = s.moe.balance_loss;
@@ -105,13 +107,13 @@ void Block::restore(const ParamStore& ps, Saved& s, const StepContext& ctx) cons
 void Block::restore_selective(const ParamStore& ps, Saved& s, const StepContext& ctx) const {
   // Rebuilds, with the forward's own ops, whatever the recompute set dropped.
   const int64_t rows = s.x.dim(0);
-  if (s.xn.t.empty()) {
+  if ((mp_.sp ? s.xn_all : s.xn).t.empty()) {
     s.xn = act_out({rows, d_}, "block.xn");
     ops::rmsnorm_forward(s.x, ps.compute(norm_in_), eps_, s.xn, s.xn_rstd);
     round_act(ctx, s.xn);
     s.attn.xn = tp_gather_rows(mp_, s.xn, s.xn_all, "block.xn_all");
   }
-  if (s.hn.t.empty()) {
+  if ((mp_.sp ? s.hn_all : s.hn).t.empty()) {
     s.hn = act_out({rows, d_}, "block.hn");
     ops::rmsnorm_forward(s.h, ps.compute(norm_post_), eps_, s.hn, s.hn_rstd);
     round_act(ctx, s.hn);

@@ -98,6 +98,7 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
     } else {
       s.xe = s.exchange.dispatch(s.xs, &s.dispatch_bytes);
     }
+    s.xs = {};  // the backward reads the rows that arrived (xe), not the sent ones
     s.expert_offset = s.exchange.expert_offset();
   } else {
     s.expert_offset.assign(off + e0_, off + e0_ + El_ + 1);
@@ -281,7 +282,6 @@ void MoE::recompute(Saved& s, const StepContext& ctx) const {
 void MoE::store(Saved& s) {
   // Under FP8 dispatch the expert input rows are kept as their FP8 codes and scales.
   if (!s.x_fp8.codes.t.empty()) (s.exchanged ? s.xe : s.xs) = {};
-  if (s.exchanged) s.xs = {};  // the backward reads the rows that arrived (xe), not the sent ones
   for (OwnedTensor* t : {&s.xs, &s.xe, &s.g, &s.u, &s.h}) store_bf16(*t);  // the weights stay f32
   SwiGLU::store(s.shared);
 }
