@@ -320,6 +320,8 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
   // fp32 master (bf16 on a GPU; the host keeps it with the weights) + Adam m and v
   const double opt_bytes = (bf16 && !o.host ? 4 : 0) + 2 * moment_bytes;
   const double act_bytes = bf16 ? 2 : 4;
+  // Hidden states and gradients the model holds outside the blocks: f32 on the host backend.
+  const double held = o.host ? 4.0 : act_bytes;
   const double d = m.d_model;
   const double V = m.vocab_size;
   const int64_t dp = std::max<int64_t>(1, l.dp);
@@ -361,13 +363,14 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
         dense += m.mtp.depth * (3 * d + 2 * d * d + block_dense(true));
         expert += m.mtp.depth * experts_on_rank;
         if (l.pp > 1) dense += V * d / l.tp;  // the MTP modules' copy of the embedding
-        // Per module: its block, plus ids, embedding, the two normed halves, their concatenation,
-        // eh_proj output, the module output and its gradient (MTPModule::Saved and the model).
-        act += m.mtp.depth *
-               (activation_bytes_per_token_moe_layer(m, lay, rset, act_bytes) + act_bytes * (9 * d + 3));
+        // Per module: its block, the concatenation of the two normed halves and the eh_proj output
+        // (MTPModule::Saved), ids and two rstd; the embedding, the module output and its gradient
+        // (held by the model: f32 on the host).
+        act += m.mtp.depth * (activation_bytes_per_token_moe_layer(m, lay, rset, act_bytes) +
+                              act_bytes * 3 * d + held * 3 * d + 4 * 3);
       }
       // Last hidden state, and the head's normed input, rstd and its gradient.
-      act += act_bytes * (3 * d + 1);
+      act += held * (3 * d + 1);
       // Chunked cross-entropy: one chunk of fp32 logits and their gradient at a time.
       const double chunk = std::min(tokens, std::max(1.0, std::floor(double(1 << 22) / (V / l.tp))));
       logits = 4 * chunk * (V / l.tp + 3);  // one chunk of logits (its gradient in place), losses, lse, dloss

@@ -40,6 +40,7 @@ void MTPModule::forward(const ParamStore& ps, const Tensor& e, const Tensor& h_p
   s.cat = act_out({rows, 2 * d_}, "mtp.concat");
   ops::copy_columns_backward(s.e_n, 0, s.cat);   // cat[:, 0:d] = e_n (embedding half first)
   ops::copy_columns_backward(s.g_n, d_, s.cat);  // cat[:, d:2d] = g_n
+  s.e_n = {}, s.g_n = {};                        // the backward reads their concatenation only
   s.hp = act_out({rows, d_}, "mtp.eh_proj_out");
   if (!mp_.sp) {
     linear_fwd(ctx, GemmKind::Bf16, s.cat, ps.compute(eh_proj_), s.hp);
@@ -51,16 +52,17 @@ void MTPModule::forward(const ParamStore& ps, const Tensor& e, const Tensor& h_p
   }
   block_.forward(ps, s.hp, out, s.block, ctx);
   if (ctx.training && ctx.num.bf16)
-    for (OwnedTensor* t : {&s.e_n, &s.g_n, &s.cat, &s.cat_all, &s.hp}) store_bf16(*t);
+    for (OwnedTensor* t : {&s.cat, &s.cat_all, &s.hp}) store_bf16(*t);
 }
 
 void MTPModule::backward(const ParamStore& ps, Saved& s, const Tensor& dout, const Tensor& dh_prev,
                          const Tensor& de, const StepContext& ctx) const {
   const int64_t rows = dout.dim(0);
-  for (OwnedTensor* t : {&s.e_n, &s.g_n, &s.cat, &s.cat_all, &s.hp}) load_f32(*t);
+  load_f32(s.hp);  // the block's input; the concatenation is restored after the block's backward
   s.block.x = s.hp.t;
   OwnedTensor dhp = act_out({rows, d_}, "mtp.d_eh_proj_out");
   block_.backward(ps, s.block, dout, dhp, ctx);
+  for (OwnedTensor* t : {&s.cat, &s.cat_all}) load_f32(*t);
   OwnedTensor dcat = act_out({rows, 2 * d_}, "mtp.d_concat");
   if (!mp_.sp) {
     linear_dgrad(ctx, GemmKind::Bf16, dhp, ps.compute(eh_proj_), dcat);

@@ -14,8 +14,8 @@ class MTPModule {
   struct Saved {
     Tensor h_prev;            // [T, d] h^{k-1} (owned by the model)
     Tensor e;                 // [T, d] embedding of the tokens t_{i+k} (owned by the model)
-    OwnedTensor e_n, e_rstd;  // [T, d] normed embedding, [T]
-    OwnedTensor g_n, g_rstd;  // [T, d] normed h^{k-1}, [T]
+    OwnedTensor e_n, e_rstd;  // [T, d] normed embedding (freed after the forward), [T]
+    OwnedTensor g_n, g_rstd;  // [T, d] normed h^{k-1} (freed after the forward), [T]
     OwnedTensor cat, hp;      // [rows, 2d] = [e_n ; g_n], [rows, d] eh_proj output
     OwnedTensor cat_all;      // sequence parallelism: cat gathered to all T rows
     Block::Saved block;
