@@ -113,9 +113,9 @@ StepCost step_cost(const Config& c, const Layout& l, const RecomputeSet& r, cons
   const double node = double(hw.gpus_per_node);
   const double layers_per_rank = double(m.num_layers + m.mtp.depth) / l.pp;
   const double tokens_per_rank = tokens / dp;  // each DP rank's share, seen by all its TP peers
-  // TP: per layer 2 exchanges of the [T, d] bf16 hidden state forward (attention and FFN exits and
-  // entries: an all-gather and a reduce-scatter each under sequence parallelism, an all-reduce
-  // otherwise: the same bytes), twice that backward, plus the forward's again under full recompute.
+  // TP: per layer, forward, the attention and the FFN each move the [T, d] bf16 hidden state twice
+  // (an all-gather in and a reduce-scatter out under sequence parallelism, or one all-reduce out,
+  // which moves the same bytes): 4 units; the backward 4 more; full recompute repeats the forward's.
   if (l.tp > 1) {
     s.tp_inside_node = l.tp <= node;
     const double per_layer = (8.0 + (r.full ? 4.0 : 0.0)) * (l.tp - 1.0) / l.tp * m.d_model * 2.0;
