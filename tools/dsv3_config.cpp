@@ -166,6 +166,7 @@ int run(int argc, char** argv) {
   if (!a.layouts.empty()) {
     const auto c = dsv3::load_config(dsv3::resolve_config_path(a.layouts), a.overrides);
     DSV3_CHECK(a.gpus > 0, "--layouts NAME needs --gpus N");
+    DSV3_CHECK(!a.json, "--layouts prints a table only; --json is not available with it");
     DSV3_CHECK(a.top > 0, "--top must be at least 1, got ", a.top);
     const double mem = a.gpu_memory > 0 ? a.gpu_memory : c.hardware.gpu_memory_gb;
     std::cout << dsv3::layouts_text(c, a.gpus, mem, static_cast<size_t>(a.top));
