@@ -787,6 +787,12 @@ RecomputeSet recompute_set(const std::string& policy, const std::vector<std::str
   return r;
 }
 
+std::string recompute_modules_arg(const std::vector<std::string>& modules) {
+  std::string s = "[";
+  for (size_t i = 0; i < modules.size(); ++i) s += (i ? "," : "") + modules[i];
+  return s + "]";
+}
+
 std::string RecomputeSet::text() const {
   if (full) return "full";
   std::string s;

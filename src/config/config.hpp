@@ -197,6 +197,8 @@ const std::vector<std::string>& default_recompute_modules();
 // From a policy (none | selective | full) and a module list (selective only; empty: the default).
 // Throws naming an unknown policy or module.
 RecomputeSet recompute_set(const std::string& policy, const std::vector<std::string>& modules = {});
+// "[norms,swiglu]": a module list as --set training.recompute_modules= takes it.
+std::string recompute_modules_arg(const std::vector<std::string>& modules);
 inline RecomputeSet recompute_set(const TrainingConfig& t) {
   return recompute_set(t.recompute, t.recompute_modules);
 }

@@ -333,11 +333,8 @@ std::string recommendation_text(const Recommendation& r, const HardwareQuery& hw
                ? " --set parallel.virtual_stages=" + std::to_string(p.layout.virtual_stages)
                : std::string())
        << " --set training.recompute=" << p.recompute;
-    if (!p.recompute_modules.empty()) {
-      os << " --set training.recompute_modules=[";
-      for (size_t i = 0; i < p.recompute_modules.size(); ++i) os << (i ? "," : "") << p.recompute_modules[i];
-      os << "]";
-    }
+    if (!p.recompute_modules.empty())
+      os << " --set training.recompute_modules=" << recompute_modules_arg(p.recompute_modules);
     os << "\n";
   }
   os << "\nWhy:\n";

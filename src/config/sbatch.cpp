@@ -63,13 +63,6 @@ std::string job_layout_text(const Layout& l) {
          std::to_string(l.zero_stage);
 }
 
-// "[norms,swiglu]": a module list as --set takes it.
-std::string module_list(const std::vector<std::string>& m) {
-  std::string s = "[";
-  for (size_t i = 0; i < m.size(); ++i) s += (i ? "," : "") + m[i];
-  return s + "]";
-}
-
 // A word bash reads back as itself: as it is when it is plain, else in single quotes.
 std::string shell_word(const std::string& w) {
   const bool plain = !w.empty() && std::all_of(w.begin(), w.end(), [](char ch) {
@@ -260,7 +253,7 @@ JobSize size_job(const Config& c, const SbatchOptions& o) {
     set("parallel.last_stage_layers", std::to_string(s.layout.last_stage_layers));
   if (s.recompute != c.training.recompute) set("training.recompute", s.recompute);
   if (s.recompute_modules != c.training.recompute_modules)
-    set("training.recompute_modules", module_list(s.recompute_modules));
+    set("training.recompute_modules", recompute_modules_arg(s.recompute_modules));
   if (s.micro_batch_size != c.training.micro_batch_size)
     set("training.micro_batch_size", std::to_string(s.micro_batch_size));
   if (s.global_batch_size != c.training.global_batch_size)
@@ -323,7 +316,8 @@ std::vector<std::string> sbatch_commands_for(const Config& c, const Plan& plan, 
   if (l.virtual_stages > 1)
     o.config_overrides.push_back("parallel.virtual_stages=" + std::to_string(l.virtual_stages));
   if (!plan.recompute_modules.empty())
-    o.config_overrides.push_back("training.recompute_modules=" + module_list(plan.recompute_modules));
+    o.config_overrides.push_back("training.recompute_modules=" +
+                                 recompute_modules_arg(plan.recompute_modules));
   Config with = c;
   with.parallel.tp = l.tp, with.parallel.pp = l.pp, with.parallel.ep = l.ep,
   with.parallel.zero_stage = l.zero_stage, with.parallel.virtual_stages = l.virtual_stages;
