@@ -242,35 +242,41 @@ namespace {
 // The FP8 GEMMs of the host backend (ops::fp8_linear_*): per token the decoded f32 and E4M3 copies of
 // the activation operand and its transpose (9 B per element of K and N), the fp32 accumulator and
 // the chunk partials (8 B per output); per GEMM the weight's codes, decoded values, transpose and
-// wgrad accumulator (13 B per weight). The largest of the FP8 projections counts.
+// wgrad accumulator (13 B per weight). The largest of the FP8 projections counts, among those of the
+// layer whose backward runs while the stage still holds every saved activation: its last layer, an
+// MoE block whenever the stage has one (dense layers come first). A routed expert's GEMM takes only
+// the rows routed to it: each token at most once from each of the EP ranks, min(top-k, EP) rows per
+// local token at most.
 struct GemmShape {
   double k, n, rows_per_token;
 };
-std::vector<GemmShape> fp8_gemms(const ModelConfig& m, const Layout& l) {
+std::vector<GemmShape> fp8_gemms(const ModelConfig& m, const Layout& l, bool moe) {
   const auto& a = m.mla;
   const double h = double(m.num_heads) / l.tp, d = m.d_model;
   std::vector<GemmShape> g = {{d, a.d_latent + double(a.qk_rope_head_dim), 1},
                               {double(a.d_latent), h * (a.qk_nope_head_dim + a.v_head_dim), 1},
-                              {h * a.v_head_dim, d, 1},
-                              {d, double(m.ffn_dim) / l.tp, 1},
-                              {double(m.ffn_dim) / l.tp, d, 1}};
+                              {h * a.v_head_dim, d, 1}};
   if (a.q_lora_rank > 0)
     g.push_back({d, double(a.q_lora_rank), 1}), g.push_back({double(a.q_lora_rank), h * m.qk_head_dim(), 1});
   else
     g.push_back({d, h * m.qk_head_dim(), 1});
-  if (m.num_moe_layers() > 0 || m.mtp.depth > 0) {
-    const double k = m.moe.num_experts_per_token, f = double(m.moe.expert_dim) / l.expert_tp;
-    g.push_back({d, f, k}), g.push_back({f, d, k});
-    if (m.moe.num_shared_experts > 0) {
-      const double fs = double(m.moe.expert_dim * m.moe.num_shared_experts) / l.tp;
-      g.push_back({d, fs, 1}), g.push_back({fs, d, 1});
-    }
+  if (!moe) {
+    g.push_back({d, double(m.ffn_dim) / l.tp, 1}), g.push_back({double(m.ffn_dim) / l.tp, d, 1});
+    return g;
+  }
+  const double rows = double(std::min<int64_t>(m.moe.num_experts_per_token, std::max<int64_t>(1, l.ep)));
+  const double f = double(m.moe.expert_dim) / l.expert_tp;
+  g.push_back({d, f, rows}), g.push_back({f, d, rows});
+  if (m.moe.num_shared_experts > 0) {
+    const double fs = double(m.moe.expert_dim * m.moe.num_shared_experts) / l.tp;
+    g.push_back({d, fs, 1}), g.push_back({fs, d, 1});
   }
   return g;
 }
+bool last_layer_is_moe(const ModelConfig& m) { return m.num_moe_layers() > 0 || m.mtp.depth > 0; }
 double fp8_gemm_token_bytes(const ModelConfig& m, const Layout& l) {
   double worst = 0;
-  for (const GemmShape& s : fp8_gemms(m, l))
+  for (const GemmShape& s : fp8_gemms(m, l, last_layer_is_moe(m)))
     worst = std::max(worst, s.rows_per_token * (9 * (s.k + s.n) + 8 * s.n));
   return worst;
 }
@@ -278,7 +284,7 @@ double fp8_gemm_token_bytes(const ModelConfig& m, const Layout& l) {
 
 double fp8_gemm_weight_bytes(const ModelConfig& m, const Layout& l) {
   double worst = 0;
-  for (const GemmShape& s : fp8_gemms(m, l)) worst = std::max(worst, 13 * s.k * s.n);
+  for (const GemmShape& s : fp8_gemms(m, l, last_layer_is_moe(m))) worst = std::max(worst, 13 * s.k * s.n);
   return worst;
 }
 

@@ -81,12 +81,24 @@ class Buffer {
 
  private:
   struct Free {
+    Free() : bytes(0) {}
+    explicit Free(size_t b) : bytes(b) {}
+    size_t bytes;
     void operator()(void* p) const;
   };
   std::unique_ptr<void, Free> ptr_;
   size_t bytes_ = 0;
   Device device_ = Device::Host;
 };
+
+// Bytes of host storage held by Buffers now, and the most held at once since the last reset: what the
+// tensors themselves occupy, without the allocator's own overhead or other heap use.
+struct HostBufferStats {
+  int64_t live = 0;
+  int64_t peak = 0;
+};
+HostBufferStats host_buffer_stats();
+void reset_host_buffer_peak();
 
 // A tensor together with its own storage (activations, test data).
 struct OwnedTensor {

@@ -7,6 +7,7 @@
 
 #include "config/accounting.hpp"
 #include "config/config.hpp"
+#include "core/tensor.hpp"
 
 using namespace dsv3;
 
@@ -170,4 +171,50 @@ TEST(Accounting, MemoryMonotonicInRecomputeAndSplits) {
   const auto m1 = memory_per_gpu(tiny, one, MemoryOptions::from(tiny));
   const ParamCounts pc = count_parameters(tiny.model);
   EXPECT_EQ(m1.params_on_rank, pc.total_with_mtp());
+}
+
+// The count of bytes the tensors hold, which the memory check prints beside the resident set.
+TEST(Accounting, HostBufferStatsCountLiveAndPeakBytes) {
+  const HostBufferStats before = host_buffer_stats();
+  reset_host_buffer_peak();
+  {
+    OwnedTensor a(DType::F32, {1000}, "a");  // 4000 B, rounded to 4032
+    EXPECT_EQ(host_buffer_stats().live - before.live, 4032);
+    {
+      OwnedTensor b(DType::BF16, {7}, "b");  // 14 B, rounded to 64
+      EXPECT_EQ(host_buffer_stats().live - before.live, 4096);
+    }
+    EXPECT_EQ(host_buffer_stats().live - before.live, 4032);
+    OwnedTensor moved = std::move(a);
+    EXPECT_EQ(host_buffer_stats().live - before.live, 4032);
+  }
+  EXPECT_EQ(host_buffer_stats().live, before.live);
+  EXPECT_EQ(host_buffer_stats().peak - before.live, 4096);
+}
+
+// The host's FP8 GEMM workspace: a routed expert takes each token at most once from each EP rank, so
+// its GEMM rows grow with min(top-k, EP), not with top-k alone.
+TEST(Accounting, HostFp8ExpertGemmRowsBoundedByEp) {
+  Config c = load("tiny");
+  c.model.moe.expert_dim = 2048;  // the routed experts' GEMMs are the largest
+  c.model.moe.num_shared_experts = 0;
+  MemoryOptions fp8 = MemoryOptions::from(c);
+  fp8.host = true, fp8.fp8 = true, fp8.precision = "bf16";
+  MemoryOptions plain = fp8;
+  plain.fp8 = false;
+  // What FP8 adds to the workspace per token.
+  auto fp8_part = [&](const ModelConfig& m, const Layout& l) {
+    return host_workspace_bytes_per_token(m, l, fp8, 2.0) - host_workspace_bytes_per_token(m, l, plain, 2.0);
+  };
+  const double d = c.model.d_model, f = c.model.moe.expert_dim;
+  const double one_row = 9 * (d + f) + 8 * f;  // f32 and E4M3 copies of both operands, accumulators
+  Layout one, ep2;
+  ep2.ep = 2, ep2.dp = 2;
+  for (int64_t k : {2, 4}) {
+    c.model.moe.num_experts_per_token = k;
+    EXPECT_DOUBLE_EQ(fp8_part(c.model, one), one_row) << "top-" << k;
+    EXPECT_DOUBLE_EQ(fp8_part(c.model, ep2), 2 * one_row) << "top-" << k;
+  }
+  c.model.moe.num_experts_per_token = 1;
+  EXPECT_DOUBLE_EQ(fp8_part(c.model, ep2), one_row);
 }
