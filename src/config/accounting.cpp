@@ -216,17 +216,21 @@ double activation_bytes_per_token_moe_layer(const ModelConfig& m, const Layout& 
                        ffn_saved_elems(m, l, r, true, elem_bytes));
 }
 
+namespace {
+// Whether the model has an MoE block (the MTP modules' blocks are MoE).
+bool has_moe_block(const ModelConfig& m) { return m.num_moe_layers() > 0 || m.mtp.depth > 0; }
+}  // namespace
+
 double activation_workspace_bytes_per_token(const ModelConfig& m, const Layout& l, const RecomputeSet& r,
                                             double elem_bytes) {
-  const bool has_moe = m.num_moe_layers() > 0 || m.mtp.depth > 0;
-  double ws = block_backward_workspace_elems(m, l, has_moe);
+  double ws = block_backward_workspace_elems(m, l, has_moe_block(m));
   if (m.num_dense_layers > 0) ws = std::max(ws, block_backward_workspace_elems(m, l, false));
   // The block being differentiated first rebuilds what it dropped: everything under full, the
   // selected modules' tensors otherwise.
   if (r.any()) {
     const RecomputeSet none;
     double rebuilt = 0;
-    if (has_moe)
+    if (has_moe_block(m))
       rebuilt = activation_bytes_per_token_moe_layer(m, l, none, elem_bytes) -
                 activation_bytes_per_token_moe_layer(m, l, r, elem_bytes);
     if (m.num_dense_layers > 0)
@@ -273,10 +277,9 @@ std::vector<GemmShape> fp8_gemms(const ModelConfig& m, const Layout& l, bool moe
   }
   return g;
 }
-bool last_layer_is_moe(const ModelConfig& m) { return m.num_moe_layers() > 0 || m.mtp.depth > 0; }
 double fp8_gemm_token_bytes(const ModelConfig& m, const Layout& l) {
   double worst = 0;
-  for (const GemmShape& s : fp8_gemms(m, l, last_layer_is_moe(m)))
+  for (const GemmShape& s : fp8_gemms(m, l, has_moe_block(m)))
     worst = std::max(worst, s.rows_per_token * (9 * (s.k + s.n) + 8 * s.n));
   return worst;
 }
@@ -284,7 +287,7 @@ double fp8_gemm_token_bytes(const ModelConfig& m, const Layout& l) {
 
 double fp8_gemm_weight_bytes(const ModelConfig& m, const Layout& l) {
   double worst = 0;
-  for (const GemmShape& s : fp8_gemms(m, l, last_layer_is_moe(m))) worst = std::max(worst, 13 * s.k * s.n);
+  for (const GemmShape& s : fp8_gemms(m, l, has_moe_block(m))) worst = std::max(worst, 13 * s.k * s.n);
   return worst;
 }
 
@@ -302,8 +305,7 @@ double host_workspace_bytes_per_token(const ModelConfig& m, const Layout& l, con
     ModelConfig plain = m;
     plain.mla.use_fp8_kv = false, plain.moe.deep_ep_fp8 = false;
     double extra = 0;
-    const bool moe = m.num_moe_layers() > 0 || m.mtp.depth > 0;
-    if (moe)
+    if (has_moe_block(m))
       extra = activation_bytes_per_token_moe_layer(plain, l, RecomputeSet{}, 4.0) -
               activation_bytes_per_token_moe_layer(m, l, r, act_bytes);
     if (m.num_dense_layers > 0)

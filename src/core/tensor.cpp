@@ -130,23 +130,17 @@ void expect_same_shape(const char* op, const Tensor& a, const Tensor& b) {
 namespace {
 std::atomic<int64_t> g_live_bytes{0};
 std::atomic<int64_t> g_peak_bytes{0};
-}  // namespace
 
 // glibc serves a block of 128 KiB to 32 MiB with a mapping of its own at first and, once such a
 // mapping is freed, raises its threshold and serves later blocks of that size from the heap. Under a
 // training step's mix of saved activations and temporaries that switch leaves several MiB of freed
 // heap resident at the peak (10-17% of the tiny config's footprint). A fixed threshold at glibc's own
 // maximum keeps every tensor below 32 MiB on the heap, where freed blocks are reused without page
-// faults, and maps the larger ones alone. Set once, before the first tensor.
-void fix_malloc_thresholds() {
+// faults, and maps the larger ones alone. Set when the library loads, before the first tensor.
 #ifdef __GLIBC__
-  static const bool done = [] {
-    mallopt(M_MMAP_THRESHOLD, 32 << 20);
-    return true;
-  }();
-  (void)done;
+const bool g_malloc_threshold_fixed = [] { return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1; }();
 #endif
-}
+}  // namespace
 
 HostBufferStats host_buffer_stats() { return {g_live_bytes.load(), g_peak_bytes.load()}; }
 void reset_host_buffer_peak() { g_peak_bytes.store(g_live_bytes.load()); }
@@ -158,7 +152,6 @@ void Buffer::Free::operator()(void* p) const {
 
 Buffer::Buffer(size_t bytes, Device device, Fill fill) : bytes_(bytes), device_(device) {
   DSV3_CHECK(device == Device::Host, "Buffer: only host storage exists in this build");
-  fix_malloc_thresholds();
   const size_t rounded = (bytes + 63) / 64 * 64;
   void* p = rounded ? std::aligned_alloc(64, rounded) : nullptr;
   DSV3_CHECK(rounded == 0 || p != nullptr, "out of host memory allocating ", bytes, " bytes");
