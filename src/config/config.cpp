@@ -289,6 +289,7 @@ void bind_all(Visitor& b, C& c) {
   b.optional("training.train_steps", t.train_steps);
   b.optional("training.precision", t.precision);
   b.optional("training.use_fp8", t.use_fp8);
+  b.optional("training.fp8_passes", t.fp8_passes);
   b.optional("training.recompute", t.recompute);
   b.optional("training.recompute_modules", t.recompute_modules);
   b.optional("training.seed", t.seed);
@@ -488,6 +489,18 @@ void validate(const Config& c) {
                                 {"model.moe.deep_ep_fp8", c.model.moe.deep_ep_fp8}})
     DSV3_CHECK(!on || t.precision == "bf16", c.where(key), ": true needs training.precision: bf16 (got ",
                t.precision, "): FP8 runs inside bf16 mixed precision");
+  if (c.lines.count("training.fp8_passes")) {
+    const std::string where = c.where("training.fp8_passes");
+    DSV3_CHECK(t.use_fp8, where, ": a list of FP8 passes needs training.use_fp8: true");
+    DSV3_CHECK(!t.fp8_passes.empty(), where,
+               ": an empty list (for no FP8 GEMMs set training.use_fp8: false)");
+    for (size_t i = 0; i < t.fp8_passes.size(); ++i) {
+      const std::string& p = t.fp8_passes[i];
+      DSV3_CHECK(p == "fprop" || p == "dgrad" || p == "wgrad", where, ": unknown pass '", p,
+                 "' (known: fprop, dgrad, wgrad)");
+      for (size_t j = 0; j < i; ++j) DSV3_CHECK(t.fp8_passes[j] != p, where, ": '", p, "' is listed twice");
+    }
+  }
   one_of("training.recompute", t.recompute, {"none", "selective", "full"});
   DSV3_CHECK(t.recompute_modules.empty() || t.recompute == "selective", c.where("training.recompute_modules"),
              ": a module list needs training.recompute: selective (got ", t.recompute, ")");
@@ -749,7 +762,15 @@ std::vector<std::pair<std::string, std::string>> model_config_items(const ModelC
 
 std::string precision_summary(const Config& c) {
   std::string s = c.training.precision;
-  if (c.training.use_fp8) s += " + fp8 gemms";
+  if (c.training.use_fp8) {
+    s += " + fp8 gemms";
+    const auto& p = c.training.fp8_passes;
+    if (!p.empty() && p.size() < 3) {
+      s += " (";
+      for (size_t i = 0; i < p.size(); ++i) s += (i ? ", " : "") + p[i];
+      s += " only)";
+    }
+  }
   if (c.model.mla.use_fp8_kv) s += " + fp8 kv cache";
   if (c.model.moe.deep_ep_fp8) s += " + fp8 dispatch";
   if (c.training.optimizer.moment_dtype == "bf16") s += " + bf16 moments";

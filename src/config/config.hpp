@@ -99,6 +99,9 @@ struct TrainingConfig {
   int64_t train_steps = 0;
   std::string precision = "bf16";  // fp32 | bf16 (weights/activations; master weights always fp32)
   bool use_fp8 = false;            // FP8 GEMMs (GPU)
+  // Under use_fp8, the passes of each FP8 projection that run in FP8 (kFp8Passes: fprop, dgrad,
+  // wgrad; the others stay bf16), as Transformer Engine's override_linear_precision; empty: all three.
+  std::vector<std::string> fp8_passes;
   std::string recompute = "none";  // none | selective | full
   // Under recompute: selective, what the backward rebuilds (kRecomputeModules); empty: DeepSeek-V3's
   // set (report section 3.2.3: the RMSNorms and the MLA up-projections, plus the SwiGLU products).

@@ -19,8 +19,11 @@ namespace dsv3 {
 // fp8 (on top of bf16): the attention and FFN/expert projections run as FP8 GEMMs (ops::fp8_linear_*).
 // fp8_kv: MLA keeps its KV latent for backward in FP8 with 1 x 128 tile scales and rebuilds the keys
 // and values from it. fp8_dispatch: routed-expert inputs travel (and are kept) as FP8 rows + scales.
+// fp8_fprop / fp8_dgrad / fp8_wgrad: which passes of those projections are FP8 (training.fp8_passes;
+// all three under use_fp8 by default), the others bf16.
 struct Numerics {
   bool bf16 = false, fp8 = false, fp8_kv = false, fp8_dispatch = false;
+  bool fp8_fprop = false, fp8_dgrad = false, fp8_wgrad = false;
 };
 // From training.precision, training.use_fp8, model.mla.use_fp8_kv and model.moe.deep_ep_fp8; a
 // combination without an implementation throws naming the key.

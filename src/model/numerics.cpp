@@ -1,5 +1,7 @@
 // Mixed-precision helpers of common.hpp: the run's numerics from the config, activation rounding,
 // linear layers in bf16 or FP8, saved activations stored in bf16.
+#include <algorithm>
+
 #include "core/error.hpp"
 #include "core/lowp.hpp"
 #include "model/common.hpp"
@@ -10,6 +12,11 @@ Numerics numerics_of(const Config& c) {
   Numerics n;
   n.bf16 = c.training.precision == "bf16";
   n.fp8 = c.training.use_fp8;
+  const auto& passes = c.training.fp8_passes;
+  const auto in = [&](const char* p) {
+    return n.fp8 && (passes.empty() || std::find(passes.begin(), passes.end(), p) != passes.end());
+  };
+  n.fp8_fprop = in("fprop"), n.fp8_dgrad = in("dgrad"), n.fp8_wgrad = in("wgrad");
   n.fp8_kv = c.model.mla.use_fp8_kv;
   n.fp8_dispatch = c.model.moe.deep_ep_fp8;
   // load_config refuses FP8 parts without bf16 (config.cpp).
@@ -23,7 +30,7 @@ void round_act(const StepContext& ctx, const Tensor& t) {
 
 void linear_fwd(const StepContext& ctx, GemmKind k, const Tensor& x, const Tensor& w, const Tensor& y,
                 bool accumulate) {
-  if (ctx.num.fp8 && k == GemmKind::Fp8)
+  if (ctx.num.fp8_fprop && k == GemmKind::Fp8)
     ops::fp8_linear_forward(x, w, y, accumulate);
   else
     ops::linear_forward(x, w, y, accumulate);
@@ -32,7 +39,7 @@ void linear_fwd(const StepContext& ctx, GemmKind k, const Tensor& x, const Tenso
 
 void linear_dgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Tensor& w, const Tensor& dx,
                   bool accumulate) {
-  if (ctx.num.fp8 && k == GemmKind::Fp8)
+  if (ctx.num.fp8_dgrad && k == GemmKind::Fp8)
     ops::fp8_linear_backward_input(dy, w, dx, accumulate);
   else
     ops::linear_backward_input(dy, w, dx, accumulate);
@@ -40,7 +47,7 @@ void linear_dgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Te
 }
 
 void linear_wgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Tensor& x, const Tensor& dw) {
-  if (ctx.num.fp8 && k == GemmKind::Fp8)
+  if (ctx.num.fp8_wgrad && k == GemmKind::Fp8)
     ops::fp8_linear_backward_weight(dy, x, dw);
   else
     ops::linear_backward_weight(dy, x, dw);

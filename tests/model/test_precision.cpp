@@ -90,6 +90,35 @@ TEST(Precision, EachPrecisionIsCloseToTheNextButNotEqual) {
   }
 }
 
+// training.fp8_passes: the forward of [dgrad, wgrad] is bf16's to the bit and that of [fprop] is
+// FP8's; the gradients of every partial list differ from both bf16 and all-FP8, and listing all three
+// passes is the default.
+TEST(Precision, Fp8PassesPickWhichGemmsRunInFp8) {
+  const OwnedTensor tok = tokens(tiny({}), 2, 24);
+  const auto run = [&](std::vector<std::string> o, const std::string& passes) {
+    if (!passes.empty()) o.push_back("training.fp8_passes=" + passes);
+    Model m(tiny(o));
+    const double loss = m.forward_backward(tok).total;
+    return std::make_pair(loss, grads(m));
+  };
+  const auto bf16 = run(kBf16, ""), all = run(kFp8, ""), listed = run(kFp8, "[wgrad, fprop, dgrad]");
+  EXPECT_EQ(listed.first, all.first);
+  EXPECT_EQ(std::memcmp(listed.second.data(), all.second.data(), all.second.size() * 4), 0);
+  ASSERT_NE(all.first, bf16.first);
+  const auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+  };
+  for (const std::string passes : {"[fprop]", "[dgrad]", "[wgrad]", "[fprop, dgrad]", "[dgrad, wgrad]"}) {
+    const auto r = run(kFp8, passes);
+    const bool fprop = passes.find("fprop") != std::string::npos;
+    EXPECT_EQ(r.first, fprop ? all.first : bf16.first) << passes;
+    EXPECT_FALSE(same_bits(r.second, bf16.second)) << passes << " gave bf16's gradient";
+    EXPECT_FALSE(same_bits(r.second, all.second)) << passes << " gave all-FP8's gradient";
+  }
+  EXPECT_EQ(precision_summary(tiny(kFp8, "training.fp8_passes=[fprop, wgrad]")),
+            "bf16 + fp8 gemms (fprop, wgrad only)");
+}
+
 TEST(Precision, SavedActivationsAreStoredInTheirFormats) {
   for (const auto& prec : {kBf16, kFp8All}) {
     const Config c = tiny(prec);
@@ -115,7 +144,9 @@ TEST(Precision, SavedActivationsAreStoredInTheirFormats) {
       if (s.moe.plan.rows > 0) {
         EXPECT_EQ(s.moe.g.t.dtype(), DType::BF16);
         EXPECT_EQ(s.moe.scores.t.dtype(), DType::F32);  // the router stays fp32
-        if (fp8) EXPECT_EQ(s.moe.x_fp8.codes.t.dtype(), DType::F8E4M3);
+        if (fp8) {
+          EXPECT_EQ(s.moe.x_fp8.codes.t.dtype(), DType::F8E4M3);
+        }
       }
     }
     for (size_t l = 0; l + 1 < st.hs.size(); ++l) EXPECT_EQ(st.hs[l].t.dtype(), DType::BF16) << l;

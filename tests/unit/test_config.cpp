@@ -124,6 +124,20 @@ TEST(Config, ImpossibleValues) {
   EXPECT_TRUE(Mentions(error_of({"parallel.order=tp-ep-dp"}), {"parallel.order", "must name"}));
   EXPECT_TRUE(Mentions(error_of({"training.optimizer.moment_dtype=fp8"}),
                        {"training.optimizer.moment_dtype", "bf16", "'fp8'"}));
+  const std::vector<std::string> fp8 = {"training.precision=bf16", "training.use_fp8=true"};
+  const auto with_fp8 = [&](const std::string& extra) {
+    std::vector<std::string> o = fp8;
+    o.push_back(extra);
+    return o;
+  };
+  EXPECT_TRUE(Mentions(error_of({"training.precision=bf16", "training.fp8_passes=[fprop]"}),
+                       {"training.fp8_passes", "needs training.use_fp8: true"}));
+  EXPECT_TRUE(Mentions(error_of(with_fp8("training.fp8_passes=[fprop, bprop]")),
+                       {"training.fp8_passes", "unknown pass 'bprop'", "wgrad"}));
+  EXPECT_TRUE(Mentions(error_of(with_fp8("training.fp8_passes=[dgrad, dgrad]")),
+                       {"training.fp8_passes", "'dgrad' is listed twice"}));
+  EXPECT_TRUE(Mentions(error_of(with_fp8("training.fp8_passes=[]")),
+                       {"training.fp8_passes", "empty list", "training.use_fp8: false"}));
 }
 
 TEST(Config, RecomputeModulesReadAsAListOrCommaText) {

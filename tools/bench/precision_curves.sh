@@ -6,7 +6,9 @@
 # summation order): low-precision runs leave the fp32 trajectory early, and two samples show how far
 # runs of one precision spread. SEEDS="1234 1235 ..." repeats everything with each training.seed
 # (other initial weights and data order); the report then also pairs the runs of one seed.
-#   tools/bench/precision_curves.sh [BUILD_DIR] [OUT_DIR]   (CONFIGS="tiny d512", STEPS=300, SAMPLES=1, SEEDS="", DATA=data/fortunes)
+# PRECISIONS picks a subset; SETS="--set key=value ..." goes to every run (e.g. another learning rate).
+#   tools/bench/precision_curves.sh [BUILD_DIR] [OUT_DIR]
+#   (CONFIGS="tiny d512", PRECISIONS="fp32 bf16 fp8", STEPS=300, SAMPLES=1, SEEDS="", SETS="", DATA=data/fortunes)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 build=${1:-build}
@@ -15,6 +17,8 @@ configs=${CONFIGS:-"tiny d512"}
 steps=${STEPS:-300}
 samples=${SAMPLES:-1}
 seeds=${SEEDS:-default}
+precisions=${PRECISIONS:-"fp32 bf16 fp8"}
+common=${SETS:-}
 data=${DATA:-data/fortunes}
 [ -f "${data}_train.idx" ] || "$build/bin/dsv3-data" --input /usr/share/games/fortunes --format fortunes \
   --output-prefix "$data" --valid-fraction 0.02
@@ -31,7 +35,8 @@ for c in $configs; do
     *) echo "unknown config $c" >&2; exit 2 ;;
   esac
   micro=$(sed -n 's/^ *micro_batch_size: *\([0-9]*\).*/\1/p' "$cfg" | head -1)
-  for p in fp32 bf16 fp8; do
+  for p in $precisions; do
+    [ -n "${sets[$p]:-}" ] || { echo "unknown precision $p (fp32, bf16 or fp8)" >&2; exit 2; }
    for seed in $seeds; do
    for k in $(seq 1 "$samples"); do
     dir=$out/$c-$p
@@ -43,7 +48,7 @@ for c in $configs; do
       # shellcheck disable=SC2086
       "$build/bin/dsv3-train" --config "$cfg" --data "$data" --run-dir "$dir" --resume none \
         --set training.train_steps="$steps" --set training.eval_interval=0 --set training.log_interval=50 \
-        --set checkpoint.interval=100000 ${sets[$p]} $extra > "$dir.log" 2>&1 || { echo "run $c $p failed: $dir.log" >&2; exit 1; }
+        --set checkpoint.interval=100000 ${sets[$p]} $common $extra > "$dir.log" 2>&1 || { echo "run $c $p failed: $dir.log" >&2; exit 1; }
     fi
     runs+=("$c:$p:$dir/metrics.jsonl")
    done
