@@ -164,19 +164,25 @@ double mla_saved_elems(const ModelConfig& m, const Layout& l, const RecomputeSet
 double swiglu_saved_elems(double width, bool recompute_swiglu) {
   return 2 * width + (recompute_swiglu ? 0 : width);  // gate & up outputs, silu(g)*u
 }
+// The routed-expert rows a rank holds per token of the micro-batch: each TP rank dispatches only its
+// own 1/TP of the tokens (ModelParallel::owned_begin) and, at perfect balance, its experts receive as
+// many rows as it sent: top-k / TP rows a token.
+double routed_rows_per_token(const ModelConfig& m, const Layout& l) {
+  return double(m.moe.num_experts_per_token) / l.tp;
+}
 double ffn_saved_elems(const ModelConfig& m, const Layout& l, const RecomputeSet& r, bool moe,
                        double elem_bytes) {
   double e = (r.norms ? 0 : (l.sequence_parallel ? double(m.d_model) : d_local(m, l))) + 1;  // hn, rstd
   if (!moe) return e + swiglu_saved_elems(double(m.ffn_dim) / l.tp, r.swiglu);
   const auto& x = m.moe;
-  const double k = x.num_experts_per_token;
+  const double k = x.num_experts_per_token, rows = routed_rows_per_token(m, l);
   e += 2 * x.num_experts + 2 * k + 2 * k;  // router logits, scores, top-k ids, weights, dispatch plan
   if (x.deep_ep_fp8)  // expert inputs kept as the FP8 rows that were dispatched (codes + tile scales)
-    e += k * (m.d_model + 4 * std::ceil(m.d_model / 128.0)) / elem_bytes;
+    e += rows * (m.d_model + 4 * std::ceil(m.d_model / 128.0)) / elem_bytes;
   else
-    e += k * m.d_model;  // dispatched token copies (expert GEMM input)
-  e += k * swiglu_saved_elems(double(x.expert_dim) / l.expert_tp, r.swiglu);
-  e += k * 4 / elem_bytes;  // each expert row's combine weight (f32); the expert outputs are not kept
+    e += rows * m.d_model;  // dispatched token copies (expert GEMM input)
+  e += rows * swiglu_saved_elems(double(x.expert_dim) / l.expert_tp, r.swiglu);
+  e += rows * 4 / elem_bytes;  // each expert row's combine weight (f32); the expert outputs are not kept
   if (x.num_shared_experts > 0)
     e += swiglu_saved_elems(double(x.expert_dim * x.num_shared_experts) / l.tp, r.swiglu);
   return e;
@@ -189,10 +195,13 @@ double block_backward_workspace_elems(const ModelConfig& m, const Layout& l, boo
   double ffn = 0;
   if (moe) {
     const auto& x = m.moe;
-    const double k = x.num_experts_per_token;
-    // d rows in and out, the weighted product and its gradient, dh, dg, du, the row weights'
-    // gradients and the router's.
-    ffn = 2 * k * m.d_model + 2 * k + 5 * k * double(x.expert_dim) / l.expert_tp + 2 * x.num_experts;
+    const double rows = routed_rows_per_token(m, l), k = x.num_experts_per_token;
+    // The experts' backward: d rows in and out, the weighted product and its gradient, dh, dg, du, the
+    // row weights' gradients (routed rows), and the router's. Then, when rows were exchanged (TP or
+    // EP), the combine of the input gradients: the rows that come back into all k plan rows a token
+    // and, under TP, this rank's partial sum.
+    ffn = 2 * rows * m.d_model + 2 * rows + 5 * rows * double(x.expert_dim) / l.expert_tp + 2 * x.num_experts;
+    if (l.tp > 1 || l.ep > 1) ffn = std::max(ffn, (rows + k) * m.d_model + (l.tp > 1 ? m.d_model : 0.0));
     if (x.num_shared_experts > 0) ffn = std::max(ffn, 3.0 * x.expert_dim * x.num_shared_experts / l.tp);
   } else {
     ffn = 3.0 * m.ffn_dim / l.tp;
@@ -250,7 +259,7 @@ namespace {
 // layer whose backward runs while the stage still holds every saved activation: its last layer, an
 // MoE block whenever the stage has one (dense layers come first). A routed expert's GEMM takes only
 // the rows routed to it: each token at most once from each of the EP ranks, min(top-k, EP) rows per
-// local token at most.
+// token a rank dispatches at most (its 1/TP of the micro-batch).
 struct GemmShape {
   double k, n, rows_per_token;
 };
@@ -268,7 +277,8 @@ std::vector<GemmShape> fp8_gemms(const ModelConfig& m, const Layout& l, bool moe
     g.push_back({d, double(m.ffn_dim) / l.tp, 1}), g.push_back({double(m.ffn_dim) / l.tp, d, 1});
     return g;
   }
-  const double rows = double(std::min<int64_t>(m.moe.num_experts_per_token, std::max<int64_t>(1, l.ep)));
+  const double rows =
+      double(std::min<int64_t>(m.moe.num_experts_per_token, std::max<int64_t>(1, l.ep))) / double(l.tp);
   const double f = double(m.moe.expert_dim) / l.expert_tp;
   g.push_back({d, f, rows}), g.push_back({f, d, rows});
   if (m.moe.num_shared_experts > 0) {
@@ -383,11 +393,13 @@ MemoryEstimate memory_per_gpu(const Config& c, const Layout& l, const MemoryOpti
       const double chunk = std::min(tokens, std::max(1.0, std::floor(double(1 << 22) / (V / l.tp))));
       logits = 4 * chunk * (V / l.tp + 3);  // one chunk of logits (its gradient in place), losses, lse, dloss
     }
-    if (m.num_moe_layers() > 0 && l.ep > 1) {
+    // Persistent all-to-all buffers (DeepEP's) on a GPU; the host exchange stages its rows only for the
+    // length of a call, and what arrives is the saved expert input already counted above.
+    if (m.num_moe_layers() > 0 && l.ep > 1 && !o.host) {
       const double cf = m.moe.capacity_factor > 0 ? m.moe.capacity_factor : 1.0;
-      // send + receive: bf16 rows, or FP8 rows with their tile scales
+      // send + receive of the rank's routed rows: bf16 rows, or FP8 rows with their tile scales
       const double row = m.moe.deep_ep_fp8 ? d + 4 * std::ceil(d / 128) : d * act_bytes;
-      dispatch = 2 * tokens * m.moe.num_experts_per_token * row * cf;
+      dispatch = 2 * tokens * routed_rows_per_token(m, lay) * row * cf;
     }
     // 1F1B: stage s keeps up to pp - s micro-batches' activations alive. Interleaved (vp model chunks
     // a rank, each 1/vp of its layers): Megatron-Core's warm-up, (pp - s - 1) * 2 + (vp - 1) * pp

@@ -51,6 +51,7 @@ Layout config_layout_on(const Config& c, int64_t gpus) {
   const auto& p = c.parallel;
   l.tp = p.tp, l.pp = p.pp, l.ep = p.ep, l.expert_tp = p.expert_tp, l.zero_stage = p.zero_stage;
   l.sequence_parallel = p.sequence_parallel;
+  l.virtual_stages = p.virtual_stages, l.last_stage_layers = p.last_stage_layers;
   l.dp = p.dp > 0 ? p.dp : std::max<int64_t>(1, gpus / (p.tp * p.pp));
   return l;
 }

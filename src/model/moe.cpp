@@ -180,9 +180,10 @@ void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const
   const Tensor xin = s.exchanged ? s.xe.t : s.xs.t;
   OwnedTensor dye_owned;
   Tensor dye = dys.t;
-  if (s.exchanged) {  // the gradients travel like the rows did
+  if (s.exchanged) {  // the gradients travel like the rows did; the plan-ordered copy is not needed after
     dye_owned = s.exchange.dispatch(dys.t);
     dye = dye_owned.t;
+    dys = {};
   }
   const int64_t base = s.expert_offset[0];
   const int64_t Rl = std::max<int64_t>(s.expert_offset[El_] - base, 1);
@@ -212,6 +213,8 @@ void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const
     linear_wgrad(ctx, kF8, dge, xe, ps.grad(w_gate_[j]));
     linear_wgrad(ctx, kF8, due, xe, ps.grad(w_up_[j]));
   }
+  // The experts' temporaries go before the combine's buffers come (the block's backward peak).
+  dhw = {}, hw = {}, dh = {}, dg = {}, du = {}, dye_owned = {}, dys = {};
   // The combine weights' gradients go back to the token's slots (0 for dropped slots).
   OwnedTensor dw = act({T, K_}, "moe.d_topk_weights");
   {

@@ -2,17 +2,28 @@
 // estimate for the host backend (parameters + gradients + saved activations + workspace + logits
 // chunk; in fp32, bf16 or bf16 + FP8). Runs in its own process so the high-water mark belongs to
 // this measurement alone. Exits 1 when the two differ by more than the allowed fraction, 77 (not run) when
-// the machine has too little memory available for the run.
+// the machine has too little memory available for the run. Under mpirun the ranks form the config's
+// layout (TP, EP and DP; one pipeline stage) and each rank's peak is held against the estimate for
+// that layout's busiest rank.
+#include <mpi.h>
+
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
+#include <memory>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "config/accounting.hpp"
 #include "config/config.hpp"
+#include "config/report.hpp"
 #include "core/error.hpp"
 #include "core/format.hpp"
 #include "model/model.hpp"
+#include "parallel/comm.hpp"
+#include "parallel/rank_grid.hpp"
 #include "train/optimizer.hpp"
 
 namespace {
@@ -33,11 +44,17 @@ dsv3::OwnedTensor tokens(const dsv3::Config& c, int64_t B, int64_t S) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Launched by mpirun with more than one rank: MPI for the layout's groups.
+  const char* ompi_size = std::getenv("OMPI_COMM_WORLD_SIZE");
+  std::unique_ptr<dsv3::MpiRuntime> mpi;
+  if (ompi_size && std::atoi(ompi_size) > 1) mpi = std::make_unique<dsv3::MpiRuntime>(&argc, &argv);
+  const int world = mpi ? mpi->world_size() : 1, rank = mpi ? mpi->world_rank() : 0;
   try {
     // argv[1]: recompute policy (none, selective, full, or selective:<module,...>); argv[2] == "train" adds
     // an AdamW step (moments in the estimate too); argv[3]: a config (default tiny); argv[4]: fp32 (default),
     // bf16, or fp8 (bf16 with FP8 GEMMs, the FP8 KV cache and FP8 dispatch); argv[5]: allowed deviation
-    // (default 0.1); argv[6]: AdamW moment storage, fp32 (default) or bf16.
+    // (default 0.1); argv[6]: AdamW moment storage, fp32 (default) or bf16; argv[7...]: further
+    // overrides, key=value (the layout under mpirun: parallel.tp=2, parallel.ep=2, ...).
     const std::string recompute = argc > 1 ? argv[1] : "none";
     const bool with_optimizer = argc > 2 && std::string(argv[2]) == "train";
     const std::string config = argc > 3 ? argv[3] : "tiny";
@@ -58,23 +75,42 @@ int main(int argc, char** argv) {
       sets.insert(sets.end(),
                   {"training.use_fp8=" + on, "model.mla.use_fp8_kv=" + on, "model.moe.deep_ep_fp8=" + on});
     }
+    for (int i = 7; i < argc; ++i) sets.push_back(argv[i]);
     dsv3::Config c = dsv3::load_config(dsv3::resolve_config_path(config), sets);
     const int64_t B = c.training.micro_batch_size, S = c.training.seq_length;
-    dsv3::Layout one;
+    const dsv3::Layout layout = dsv3::resolve_layout(c, world);
+    DSV3_CHECK(layout.pp == 1, "memory_check: parallel.pp=", layout.pp, ": one pipeline stage only");
+    // The step here is a plain AdamW over the rank's own parameters: no data parallelism and no ZeRO
+    // sharding (which the trainer applies also to experts replicated over TP ranks).
+    DSV3_CHECK(!with_optimizer || world == 1 || (layout.dp == 1 && layout.zero_stage == 0),
+               "memory_check: the AdamW step on ", world,
+               " ranks needs dp = 1 and parallel.zero_stage=0 (got dp ", layout.dp, ", ZeRO-",
+               layout.zero_stage, ")");
     dsv3::MemoryOptions o = dsv3::MemoryOptions::from(c);
-    o.global_batch_size = o.micro_batch_size;
+    o.global_batch_size = o.micro_batch_size * layout.dp;
     o.host = true;
-    const dsv3::MemoryEstimate e = dsv3::memory_per_gpu(c, one, o);
-    const double estimate =
-        e.weights + e.gradients + e.activations + e.logits + (with_optimizer ? e.optimizer : 0.0);
+    const dsv3::MemoryEstimate e = dsv3::memory_per_gpu(c, layout, o);
+    const double estimate = e.weights + e.gradients + e.activations + e.logits + e.moe_dispatch +
+                            (with_optimizer ? e.optimizer : 0.0);
     // A machine without room for the largest peak the check accepts reports the test as not run (ctest
     // SKIP_RETURN_CODE 77) rather than being killed half-way by the kernel's OOM killer.
     const double available = proc_kib_field("/proc/meminfo", "MemAvailable");
-    if (available < (1 + allowed) * estimate) {
-      std::printf("memory_check: %s may need up to %s, and this machine has %s available: not run\n",
-                  c.name.c_str(), dsv3::human_bytes((1 + allowed) * estimate).c_str(),
-                  dsv3::human_bytes(available).c_str());
+    if (available < (1 + allowed) * estimate * world) {
+      if (rank == 0)
+        std::printf(
+            "memory_check: %s on %d rank(s) may need up to %s, and this machine has %s available: not run\n",
+            c.name.c_str(), world, dsv3::human_bytes((1 + allowed) * estimate * world).c_str(),
+            dsv3::human_bytes(available).c_str());
       return 77;
+    }
+    std::unique_ptr<dsv3::RankGrid> grid;
+    std::unique_ptr<dsv3::CommGroups> comms;
+    dsv3::ModelParallel mp;
+    if (mpi) {
+      grid = std::make_unique<dsv3::RankGrid>(layout, c.parallel.order, world);
+      comms = std::make_unique<dsv3::CommGroups>(dsv3::make_comm_groups(*grid));
+      mp = dsv3::model_parallel_of(*comms);
+      mp.sp = layout.sequence_parallel && mp.tp_size > 1;
     }
     {  // Warm-up on a tiny batch: Kokkos, BLAS buffers and the allocator's arenas exist before the baseline.
       const dsv3::Config wc =
@@ -86,7 +122,7 @@ int main(int argc, char** argv) {
     const double base = proc_kib_field("/proc/self/status", "VmRSS");
     dsv3::reset_host_buffer_peak();
     const double tensor_base = static_cast<double>(dsv3::host_buffer_stats().live);
-    dsv3::Model model(c);
+    dsv3::Model model(c, mp);
     model.forward_backward(tokens(c, B, S));
     if (with_optimizer) {
       dsv3::AdamW adam(model.params(), dsv3::AdamWConfig::from(c.training.optimizer));
@@ -97,20 +133,48 @@ int main(int argc, char** argv) {
     const double tensor_peak = static_cast<double>(dsv3::host_buffer_stats().peak) - tensor_base;
 
     const double ratio = peak / estimate;
-    std::printf("%s, %lld x %lld tokens, recompute=%s, %s%s\n", c.name.c_str(), static_cast<long long>(B),
-                static_cast<long long>(S), recompute.c_str(), dsv3::precision_summary(c).c_str(),
-                with_optimizer ? ", with AdamW" : "");
-    std::printf("  measured peak RSS above baseline: %s (tensor storage at its peak: %s)\n",
-                dsv3::human_bytes(peak).c_str(), dsv3::human_bytes(tensor_peak).c_str());
-    std::printf("  estimate: %s (weights %s, gradients %s, optimizer %s, activations %s, logits %s)\n",
-                dsv3::human_bytes(estimate).c_str(), dsv3::human_bytes(e.weights).c_str(),
-                dsv3::human_bytes(e.gradients).c_str(),
-                dsv3::human_bytes(with_optimizer ? e.optimizer : 0.0).c_str(),
-                dsv3::human_bytes(e.activations).c_str(), dsv3::human_bytes(e.logits).c_str());
-    std::printf("  measured / estimate = %.3f (allowed %.2f - %.2f)\n", ratio, 1 - allowed, 1 + allowed);
-    return ratio >= 1 - allowed && ratio <= 1 + allowed ? 0 : 1;
+    if (rank == 0) {
+      std::printf("%s, %lld x %lld tokens, recompute=%s, %s%s, %s\n", c.name.c_str(),
+                  static_cast<long long>(B), static_cast<long long>(S), recompute.c_str(),
+                  dsv3::precision_summary(c).c_str(), with_optimizer ? ", with AdamW" : "",
+                  layout_text(layout).c_str());
+      std::printf(
+          "  estimate per rank: %s (weights %s, gradients %s, optimizer %s, activations %s, logits %s, "
+          "MoE dispatch %s)\n",
+          dsv3::human_bytes(estimate).c_str(), dsv3::human_bytes(e.weights).c_str(),
+          dsv3::human_bytes(e.gradients).c_str(),
+          dsv3::human_bytes(with_optimizer ? e.optimizer : 0.0).c_str(),
+          dsv3::human_bytes(e.activations).c_str(), dsv3::human_bytes(e.logits).c_str(),
+          dsv3::human_bytes(e.moe_dispatch).c_str());
+    }
+    // Every rank's figures, printed by rank 0 in rank order.
+    std::vector<double> mine = {peak, tensor_peak, ratio}, all(3 * static_cast<size_t>(world));
+    if (mpi)
+      MPI_Gather(mine.data(), 3, MPI_DOUBLE, all.data(), 3, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+    else
+      all = mine;
+    double lo = ratio, hi = ratio;
+    for (int r = 0; r < world; ++r) {
+      const double* f = all.data() + 3 * r;
+      lo = std::min(lo, f[2]), hi = std::max(hi, f[2]);
+      if (rank == 0)
+        std::printf(
+            "  rank %d: measured peak RSS above baseline %s (tensor storage at its peak %s), "
+            "measured / estimate = %.3f\n",
+            r, dsv3::human_bytes(f[0]).c_str(), dsv3::human_bytes(f[1]).c_str(), f[2]);
+    }
+    if (mpi) {  // the verdict of every rank is rank 0's
+      MPI_Bcast(&lo, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+      MPI_Bcast(&hi, 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+    }
+    if (rank == 0)
+      std::printf("  measured / estimate = %.3f%s (allowed %.2f - %.2f)\n", hi,
+                  world > 1 ? (" on the highest rank, " + dsv3::fixed(lo, 3) + " on the lowest").c_str() : "",
+                  1 - allowed, 1 + allowed);
+    return lo >= 1 - allowed && hi <= 1 + allowed ? 0 : 1;
   } catch (const std::exception& ex) {
-    std::fprintf(stderr, "memory_check: %s\n", ex.what());
+    std::fprintf(stderr, "memory_check (rank %d): %s\n", rank, ex.what());
+    if (mpi) MPI_Abort(MPI_COMM_WORLD, 2);
     return 2;
   }
 }
