@@ -148,10 +148,12 @@ double mla_saved_elems(const ModelConfig& m, const Layout& l, const RecomputeSet
   const double kva = a.d_latent + a.qk_rope_head_dim;
   const double qkv = r.mla_up_proj ? 0 : 2 * h * m.qk_head_dim() + h * a.v_head_dim;  // q, k, v
   if (fp8_kv) {
-    // The kv_a output in FP8 with a 4-byte scale per 1 x 128 tile; c, its norm, k and v are rebuilt
-    // from it in the backward. Counted in elements of elem_bytes.
-    e += (kva + 4 * std::ceil(kva / 128)) / elem_bytes + 1;  // FP8 latent, rstd
-    e += (r.mla_up_proj ? 0 : h * m.qk_head_dim());          // q
+    // The latent c in FP8 with a 4-byte scale per 1 x 128 tile, and the rotary key's kv_a columns as
+    // they are; c, its norm, k and v are rebuilt from them in the backward. Counted in elements of
+    // elem_bytes.
+    const double rkv = a.d_latent;
+    e += (rkv + 4 * std::ceil(rkv / 128)) / elem_bytes + a.qk_rope_head_dim + 1;  // FP8 c, k_pe, rstd
+    e += (r.mla_up_proj ? 0 : h * m.qk_head_dim());                               // q
   } else {
     e += kva;                                 // kv_a output [c ; k_pe]
     e += a.d_latent * (r.norms ? 1 : 2) + 1;  // c, its norm, rstd

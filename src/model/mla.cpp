@@ -72,16 +72,19 @@ void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved
   // Key/value latent and the shared rotary key: kva [T, r_kv + R] = [c ; k_pe].
   s.kva = act_out({T, rkv_ + R_}, "mla.kv_a");
   linear_fwd(ctx, kF8, xn, ps.compute(kv_a_), s.kva);
-  if (ctx.num.fp8_kv) {
-    // The FP8 KV cache: the latent continues as its FP8 value in the forward too, so that the
-    // backward, which rebuilds the keys and values from the cached codes, sees the very keys the
-    // forward's attention (and its log-sum-exp) used.
-    s.kv_fp8 = ops::fp8_quantize(s.kva, /*blocks=*/false);
-    ops::fp8_dequantize(s.kv_fp8, s.kva);
-  }
   s.c = act_out({T, rkv_}, "mla.c_kv");
   s.c_rstd = act_out({T}, "mla.c_kv_rstd");
   ops::copy_columns(s.kva, 0, s.c);
+  if (ctx.num.fp8_kv) {
+    // The FP8 KV cache: the compressed latent c continues as its FP8 value in the forward too, so
+    // that the backward, which rebuilds the keys and values from the cached codes, sees the very keys
+    // the forward's attention (and its log-sum-exp) used. The rotary key's columns enter the
+    // attention core directly (bf16 in the report, 3.3.1) and are kept as they are.
+    s.kv_fp8 = ops::fp8_quantize(s.c, /*blocks=*/false);
+    ops::fp8_dequantize(s.kv_fp8, s.c);
+    s.k_pe_in = act_out({T, R_}, "mla.k_pe_in");
+    ops::copy_columns(s.kva, rkv_, s.k_pe_in);
+  }
   s.c_n = act_out({T, rkv_}, "mla.c_kv_normed");
   ops::rmsnorm_forward(s.c, ps.compute(kv_norm_), eps_, s.c_n, s.c_rstd);
   round_act(ctx, s.c_n);
@@ -132,19 +135,23 @@ void MLA::keys_values(const ParamStore& ps, Saved& s, const StepContext& ctx) co
 
 void MLA::store(Saved& s, const StepContext& ctx) {
   if (ctx.num.fp8_kv && !s.kv_fp8.codes.t.empty()) s.kva = {}, s.c = {}, s.c_n = {}, s.k = {}, s.v = {};
-  for (OwnedTensor* t : {&s.qa, &s.qa_n, &s.kva, &s.c, &s.c_n, &s.q, &s.k, &s.v, &s.o}) store_bf16(*t);
+  for (OwnedTensor* t : {&s.qa, &s.qa_n, &s.kva, &s.c, &s.c_n, &s.q, &s.k, &s.v, &s.o, &s.k_pe_in})
+    store_bf16(*t);
 }
 
 void MLA::restore(const ParamStore& ps, Saved& s, const StepContext& ctx) const {
-  for (OwnedTensor* t : {&s.qa, &s.qa_n, &s.kva, &s.c, &s.c_n, &s.q, &s.k, &s.v, &s.o}) load_f32(*t);
+  for (OwnedTensor* t : {&s.qa, &s.qa_n, &s.kva, &s.c, &s.c_n, &s.q, &s.k, &s.v, &s.o, &s.k_pe_in})
+    load_f32(*t);
   if (s.kv_fp8.codes.t.empty()) return;
-  // The keys and values of the backward come from the FP8 latent.
+  // The keys and values of the backward come from the FP8 latent and the kept rotary key columns.
   const int64_t T = ctx.T();
-  s.kva = act_out({T, rkv_ + R_}, "mla.kv_a");
-  ops::fp8_dequantize(s.kv_fp8, s.kva);
-  s.kv_fp8 = {};
   s.c = act_out({T, rkv_}, "mla.c_kv");
-  ops::copy_columns(s.kva, 0, s.c);
+  ops::fp8_dequantize(s.kv_fp8, s.c);
+  s.kv_fp8 = {};
+  s.kva = act_out({T, rkv_ + R_}, "mla.kv_a");
+  ops::copy_columns_backward(s.c, 0, s.kva);
+  ops::copy_columns_backward(s.k_pe_in, rkv_, s.kva);
+  s.k_pe_in = {};
   s.c_n = act_out({T, rkv_}, "mla.c_kv_normed");
   ops::rmsnorm_forward(s.c, ps.compute(kv_norm_), eps_, s.c_n, s.c_rstd);
   round_act(ctx, s.c_n);

@@ -21,7 +21,10 @@ class MLA {
     OwnedTensor q;                  // [B, S, H, n + R] after RoPE (H: local heads)
     OwnedTensor k, v;               // [B, S, H, n + R], [B, S, H, dv]
     OwnedTensor o, lse;             // [B, S, H, dv], [B, H, S]
-    ops::Fp8Operand kv_fp8;  // use_fp8_kv: kva in FP8 (1 x 128 tiles); stored instead of kva, c, c_n, k, v
+    // use_fp8_kv: the latent c in FP8 (1 x 128 tiles) and the rotary key's kva columns [T, R] (bf16
+    // storage: they enter the attention core, which stays bf16); stored instead of kva, c, c_n, k, v.
+    ops::Fp8Operand kv_fp8;
+    OwnedTensor k_pe_in;
   };
   // y += o_proj(attention(xn)); xn has all T rows, y the stream rows (ModelParallel::stream_rows).
   void forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved& s,
@@ -35,7 +38,7 @@ class MLA {
   static void drop_recomputable(Saved& s, const RecomputeSet& r);
   void recompute(const ParamStore& ps, Saved& s, const StepContext& ctx) const;
   // Mixed precision, after the forward: the saved activations go to bf16 storage, and under
-  // use_fp8_kv the KV latent to FP8 (the keys and values derived from it are dropped). restore()
+  // use_fp8_kv the KV latent c to FP8 (the keys and values derived from it are dropped). restore()
   // brings them back to f32 before the backward, rebuilding the keys and values from the FP8 latent.
   static void store(Saved& s, const StepContext& ctx);
   void restore(const ParamStore& ps, Saved& s, const StepContext& ctx) const;
