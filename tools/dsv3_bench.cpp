@@ -94,6 +94,10 @@ const char* kUsage =
     "                  [--set key=value ...] [--json] [--json-out FILE] [--verbose]\n"
     "       dsv3-bench --checkpoint --dir DIR [--config NAME] [--set key=value ...] [--reps R]\n"
     "                  [--no-async] [--json] [--json-out FILE]\n"
+    "       dsv3-bench --grad-errors --config NAME --data PREFIX [--checkpoint FILE] [--batches N]\n"
+    "                  [--set key=value ...] [--json]\n"
+    "  --grad-errors: the loss and gradient of bf16 and of each FP8 part alone (Fprop, Dgrad, Wgrad,\n"
+    "  KV cache, dispatch) against fp32 at the same weights and tokens (tools/bench_grad_errors.cpp).\n"
     "  --checkpoint: checkpoint save and load speed of a real model against a raw 1 MiB-block write +\n"
     "  fsync of as many bytes on the same disk, and the stall of a background save "
     "(tools/bench_checkpoint.cpp).\n"
@@ -564,13 +568,15 @@ int run_grid(int argc, char** argv) {
 }  // namespace
 
 namespace dsv3 {
-int run_checkpoint_bench(int argc, char** argv);  // tools/bench_checkpoint.cpp
-}
+int run_checkpoint_bench(int argc, char** argv);   // tools/bench_checkpoint.cpp
+int run_grad_errors_bench(int argc, char** argv);  // tools/bench_grad_errors.cpp
+}  // namespace dsv3
 
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--grid") return run_grid(argc, argv);
     if (std::string(argv[i]) == "--checkpoint") return dsv3::run_checkpoint_bench(argc, argv);
+    if (std::string(argv[i]) == "--grad-errors") return dsv3::run_grad_errors_bench(argc, argv);
   }
   try {
     const Options o = parse(argc, argv);
