@@ -10,6 +10,7 @@
 // all parameters and per parameter group, and the part over bf16, ||g - g_bf16|| / ||g_fp32||. The
 // last row is the yardstick: the fp32 gradient of N other micro-batches, as far from the first as the
 // minibatch noise of SGD makes it.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>

@@ -99,7 +99,7 @@ struct TrainingConfig {
   int64_t train_steps = 0;
   std::string precision = "bf16";  // fp32 | bf16 (weights/activations; master weights always fp32)
   bool use_fp8 = false;            // FP8 GEMMs (GPU)
-  // Under use_fp8, the passes of each FP8 projection that run in FP8 (kFp8Passes: fprop, dgrad,
+  // Under use_fp8, the passes of each FP8 projection that run in FP8 (a list of fprop, dgrad and
   // wgrad; the others stay bf16), as Transformer Engine's override_linear_precision; empty: all three.
   std::vector<std::string> fp8_passes;
   std::string recompute = "none";  // none | selective | full
