@@ -3,9 +3,9 @@
 # bf16 + FP8 (FP8 GEMMs, FP8 KV cache, FP8 dispatch), on tiny and cpu_d512, then the loss curves side
 # by side and the relative gaps of the final smoothed LM loss (tools/bench/precision_report.py).
 # With SAMPLES=2 each precision also runs with half the micro-batch (same data and seed, another
-# summation order): low-precision runs leave the fp32 trajectory early, and two samples show how far
-# runs of one precision spread. SEEDS="1234 1235 ..." repeats everything with each training.seed
-# (other initial weights and data order); the report then also pairs the runs of one seed.
+# summation order): the report prints how far that moves a run (the noise floor of the comparison).
+# SEEDS="1234 1235 ..." repeats everything with each training.seed (other initial weights and data
+# order); the report then also pairs the runs of one seed.
 # PRECISIONS picks a subset; SETS="--set key=value ..." goes to every run (e.g. another learning rate).
 #   tools/bench/precision_curves.sh [BUILD_DIR] [OUT_DIR]
 #   (CONFIGS="tiny d512", PRECISIONS="fp32 bf16 fp8", STEPS=300, SAMPLES=1, SEEDS="", SETS="", DATA=data/fortunes)
@@ -50,7 +50,7 @@ for c in $configs; do
         --set training.train_steps="$steps" --set training.eval_interval=0 --set training.log_interval=50 \
         --set checkpoint.interval=100000 ${sets[$p]} $common $extra > "$dir.log" 2>&1 || { echo "run $c $p failed: $dir.log" >&2; exit 1; }
     fi
-    runs+=("$c:$p:$dir/metrics.jsonl")
+    runs+=("$c:$p$([ "$k" = 2 ] && echo "#2"):$dir/metrics.jsonl")
    done
    done
   done

@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """Loss curves of fp32, bf16 and bf16 + FP8 runs side by side, and the relative gaps of the final
 smoothed LM loss (mean of the last 50 steps): bf16 against fp32 (target 0.5%) and FP8 against bf16
-(target 0.25%, DeepSeek-V3 report section 3.3). Several runs of one precision (samples) are averaged,
-and their spread is printed next to the gaps.
+(target 0.25%, DeepSeek-V3 report section 3.3). Runs of one precision given in the same order as
+another's (one per seed) are paired, and the mean paired gap is printed with its standard error.
 
-Usage: precision_report.py CONFIG:PRECISION:METRICS_JSONL ...
+A run labelled PRECISION#2 is that precision's second sample of a seed (the same run with half the
+micro-batch: the same sums in another order). It does not enter the gaps; it measures the noise
+floor, how far a run moves from its first sample when only its rounding changes.
+
+Usage: precision_report.py CONFIG:PRECISION[#2]:METRICS_JSONL ...
 """
 import json
 import sys
@@ -23,45 +27,59 @@ def losses(path):
     return out
 
 
+def paired(xs, ys):
+    """Relative gaps (x - y) / y of runs given in the same order, their mean and standard error."""
+    g = [(x - y) / y for x, y in zip(xs, ys)]
+    mean = sum(g) / len(g)
+    se = (sum((v - mean) ** 2 for v in g) / (len(g) - 1) / len(g)) ** 0.5 if len(g) > 1 else float("nan")
+    return g, mean, se
+
+
 def main(args):
-    runs, samples = {}, {}
+    runs, second = {}, {}
     for a in args:
         cfg, prec, path = a.split(":", 2)
-        samples.setdefault(cfg, {}).setdefault(prec, []).append(losses(path))
-        runs.setdefault(cfg, {}).setdefault(prec, samples[cfg][prec][0])
+        prec, _, sample = prec.partition("#")
+        target = second if sample == "2" else runs
+        if sample not in ("", "1", "2"):
+            raise SystemExit(f"{a}: sample {sample} (only #2 is known)")
+        target.setdefault(cfg, {}).setdefault(prec, []).append(losses(path))
     ok = True
     for cfg, by in runs.items():
         precs = [p for p in ("fp32", "bf16", "fp8") if p in by]
-        steps = sorted(set.intersection(*(set(by[p]) for p in precs)))
+        steps = sorted(set.intersection(*(set(by[p][0]) for p in precs)))
         print(f"\n{cfg}: LM loss by step ({len(steps)} steps, same seed and data)")
         print("  step " + "".join(f"{p:>12}" for p in precs))
         marks = sorted(set([steps[0]] + [s for s in steps if s % 25 == 0] + [steps[-1]]))
         for s in marks:
-            print(f"  {s:4d} " + "".join(f"{by[p][s][0]:12.4f}" for p in precs))
+            print(f"  {s:4d} " + "".join(f"{by[p][0][s][0]:12.4f}" for p in precs))
         tail = steps[-WINDOW:]
-        per = {p: [sum(r[s][0] for s in tail) / len(tail) for r in samples[cfg][p]] for p in precs}
+        smooth = lambda r: sum(r[s][0] for s in tail) / len(tail)
+        per = {p: [smooth(r) for r in by[p]] for p in precs}
         final = {p: sum(v) / len(v) for p, v in per.items()}
         print(f"  final smoothed (mean of steps {tail[0]}-{tail[-1]}" +
-              (f", mean of the samples" if any(len(v) > 1 for v in per.values()) else "") + "): " +
+              (f", mean of {len(per[precs[0]])} seeds" if len(per[precs[0]]) > 1 else "") + "): " +
               ", ".join(f"{p} {final[p]:.4f}" for p in precs))
         for p in precs:
             if len(per[p]) > 1:
                 spread = (max(per[p]) - min(per[p])) / final[p]
-                print(f"    {p} samples: " + ", ".join(f"{v:.4f}" for v in per[p]) +
-                      f" (spread {100 * spread:.2f}%)")
+                print(f"    {p} runs: " + ", ".join(f"{v:.4f}" for v in per[p]) + f" (spread {100 * spread:.2f}%)")
+        for p, rs in second.get(cfg, {}).items():
+            if p in per and len(rs) == len(per[p]):
+                g, mean, se = paired([smooth(r) for r in rs], per[p])
+                print(f"  noise floor, {p} with half the micro-batch vs {p}: " + ", ".join(f"{100 * v:+.3f}%" for v in g) +
+                      f"; mean {100 * mean:+.3f}% +- {100 * se:.3f}%, mean |gap| {100 * sum(map(abs, g)) / len(g):.3f}%")
         for (a, b), target in TARGETS.items():
             if a in final and b in final:
                 gap = (final[a] - final[b]) / final[b]
                 verdict = "within" if abs(gap) <= target else "OUTSIDE"
                 ok &= abs(gap) <= target
                 print(f"  {a} vs {b}: {100 * gap:+.3f}% ({verdict} the {100 * target:.2f}% target)")
-                n = len(per[a])
-                if n > 1 and n == len(per[b]):  # runs given in the same order: paired by seed/sample
-                    pg = [(x - y) / y for x, y in zip(per[a], per[b])]
-                    mean = sum(pg) / n
-                    se = (sum((g - mean) ** 2 for g in pg) / (n - 1) / n) ** 0.5
-                    print(f"    paired by sample: " + ", ".join(f"{100 * g:+.3f}%" for g in pg) +
-                          f"; mean {100 * mean:+.3f}% +- {100 * se:.3f}% (standard error)")
+                if len(per[a]) > 1 and len(per[a]) == len(per[b]):  # runs given in the same order: paired by seed
+                    g, mean, se = paired(per[a], per[b])
+                    print(f"    paired by seed: " + ", ".join(f"{100 * v:+.3f}%" for v in g) +
+                          f"; mean {100 * mean:+.3f}% +- {100 * se:.3f}% (standard error), "
+                          f"mean |gap| {100 * sum(map(abs, g)) / len(g):.3f}%")
     return 0 if ok else 1
 
 
