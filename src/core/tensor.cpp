@@ -8,6 +8,7 @@
 #include <malloc.h>
 #endif
 
+#include "core/device.hpp"
 #include "core/error.hpp"
 
 namespace dsv3 {
@@ -146,12 +147,25 @@ HostBufferStats host_buffer_stats() { return {g_live_bytes.load(), g_peak_bytes.
 void reset_host_buffer_peak() { g_peak_bytes.store(g_live_bytes.load()); }
 
 void Buffer::Free::operator()(void* p) const {
+  if (device != Device::Host) {
+    device_memory(device).free(p);
+    return;
+  }
   std::free(p);
   g_live_bytes.fetch_sub(static_cast<int64_t>(bytes));
 }
 
 Buffer::Buffer(size_t bytes, Device device, Fill fill) : bytes_(bytes), device_(device) {
-  DSV3_CHECK(device == Device::Host, "Buffer: only host storage exists in this build");
+  if (device != Device::Host) {
+    const DeviceMemoryOps& dev = device_memory(device);  // throws when the build lacks the backend
+    void* p = bytes ? dev.alloc(bytes) : nullptr;
+    if (p && fill == Fill::Zero) dev.zero(p, bytes);
+#ifndef NDEBUG
+    if (p && fill == Fill::Uninitialized) dev.fill_nan(p, bytes);
+#endif
+    ptr_ = std::unique_ptr<void, Free>(p, Free{bytes, device});
+    return;
+  }
   const size_t rounded = (bytes + 63) / 64 * 64;
   void* p = rounded ? std::aligned_alloc(64, rounded) : nullptr;
   DSV3_CHECK(rounded == 0 || p != nullptr, "out of host memory allocating ", bytes, " bytes");
@@ -159,7 +173,7 @@ Buffer::Buffer(size_t bytes, Device device, Fill fill) : bytes_(bytes), device_(
 #ifndef NDEBUG
   if (p && fill == Fill::Uninitialized) std::memset(p, 0xff, rounded);  // NaN in every f32 element
 #endif
-  ptr_ = std::unique_ptr<void, Free>(p, Free{rounded});
+  ptr_ = std::unique_ptr<void, Free>(p, Free{rounded, Device::Host});
   if (p) {
     const int64_t now = g_live_bytes.fetch_add(static_cast<int64_t>(rounded)) + static_cast<int64_t>(rounded);
     int64_t peak = g_peak_bytes.load();
@@ -177,7 +191,12 @@ Tensor Buffer::tensor(DType dtype, std::vector<int64_t> shape, std::string name,
 }
 
 void Buffer::zero() {
-  if (ptr_) std::memset(ptr_.get(), 0, bytes_);
+  if (!ptr_) return;
+  if (device_ != Device::Host) {
+    device_memory(device_).zero(ptr_.get(), bytes_);
+    return;
+  }
+  std::memset(ptr_.get(), 0, bytes_);
 }
 
 OwnedTensor::OwnedTensor(DType dtype, std::vector<int64_t> shape, std::string name, Device device, Fill fill)

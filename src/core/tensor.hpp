@@ -67,7 +67,8 @@ void expect_same_shape(const char* op, const Tensor& a, const Tensor& b);
 // storage with NaN bit patterns so a read before the first write shows up.
 enum class Fill : uint8_t { Zero, Uninitialized };
 
-// Owning, 64-byte aligned storage on one device (host only until the CUDA backend lands).
+// Owning storage on one device: 64-byte aligned host memory, or device memory from the backend that
+// registered it (core/device.hpp; a build without one refuses device storage by name).
 class Buffer {
  public:
   Buffer() = default;
@@ -81,9 +82,10 @@ class Buffer {
 
  private:
   struct Free {
-    Free() : bytes(0) {}
-    explicit Free(size_t b) : bytes(b) {}
+    Free() : bytes(0), device(Device::Host) {}
+    Free(size_t b, Device d) : bytes(b), device(d) {}
     size_t bytes;
+    Device device;
     void operator()(void* p) const;
   };
   std::unique_ptr<void, Free> ptr_;
