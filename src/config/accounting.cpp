@@ -254,14 +254,16 @@ double activation_workspace_bytes_per_token(const ModelConfig& m, const Layout& 
 }
 
 namespace {
-// The FP8 GEMMs of the host backend (ops::fp8_linear_*): per token the decoded f32 and E4M3 copies of
-// the activation operand and its transpose (9 B per element of K and N), the fp32 accumulator and
-// the chunk partials (8 B per output); per GEMM the weight's codes, decoded values, transpose and
-// wgrad accumulator (13 B per weight). The largest of the FP8 projections counts, among those of the
-// layer whose backward runs while the stage still holds every saved activation: its last layer, an
-// MoE block whenever the stage has one (dense layers come first). A routed expert's GEMM takes only
-// the rows routed to it: each token at most once from each of the EP ranks, min(top-k, EP) rows per
-// token a rank dispatches at most (its 1/TP of the micro-batch).
+// The FP8 GEMMs of the host backend (ops::fp8_linear_*), per token the largest of their three passes, whose
+// temporaries are not alive together: Fprop holds the input's E4M3 codes and decoded values (5 B per
+// element of K) and the fp32 accumulator and chunk partials (8 B per output); Dgrad the same with K and N
+// swapped; Wgrad the f32 transposes, codes and decoded values of dy and x (9 B per element of each) and x's
+// f32 copy when it is stored in bf16 (4 B per element of K). Per GEMM the weight's codes, decoded values,
+// transpose and wgrad accumulator (13 B per weight). The largest of the FP8 projections counts, among those
+// of the layer whose backward runs while the stage still holds every saved activation: its last layer, an
+// MoE block whenever the stage has one (dense layers come first). A routed expert's GEMM takes only the
+// rows routed to it: each token at most once from each of the EP ranks, min(top-k, EP) rows per token a
+// rank dispatches at most (its 1/TP of the micro-batch).
 struct GemmShape {
   double k, n, rows_per_token;
 };
@@ -292,7 +294,8 @@ std::vector<GemmShape> fp8_gemms(const ModelConfig& m, const Layout& l, bool moe
 double fp8_gemm_token_bytes(const ModelConfig& m, const Layout& l) {
   double worst = 0;
   for (const GemmShape& s : fp8_gemms(m, l, has_moe_block(m)))
-    worst = std::max(worst, s.rows_per_token * (9 * (s.k + s.n) + 8 * s.n));
+    worst = std::max(worst,
+                     s.rows_per_token * std::max({5 * s.k + 8 * s.n, 5 * s.n + 8 * s.k, 9 * s.n + 13 * s.k}));
   return worst;
 }
 }  // namespace
