@@ -293,11 +293,19 @@ std::string info_text(const Config& c) {
   const auto& h = c.hardware;
   os << "Hardware: " << gpu_range(h) << " x " << h.gpu_type << " (" << fixed(h.gpu_memory_gb, 0)
      << " GB), recommended " << h.gpus_recommended << "\n";
-  const double tps = h.gpus_recommended * h.peak_tflops * 1e12 * h.assumed_mfu / f.total();
-  os << "Estimated throughput on " << h.gpus_recommended << " GPUs: " << fixed(tps, 0) << " tokens/s"
-     << "  (roofline: " << h.gpus_recommended << " x " << fixed(h.peak_tflops, 0)
-     << " TFLOPS peak x assumed MFU " << fixed(h.assumed_mfu * 100, 0) << "% / " << human_flops(f.total())
-     << " per token)\n";
+  // The roofline on the layout's GPUs, and on the config's recommended count when that differs.
+  auto roofline = [&](int64_t gpus, const char* which) {
+    const double tps = gpus * h.peak_tflops * 1e12 * h.assumed_mfu / f.total();
+    os << "Estimated throughput on " << gpus << " GPUs" << which << ": " << fixed(tps, 0) << " tokens/s"
+       << "  (roofline: " << gpus << " x " << fixed(h.peak_tflops, 0) << " TFLOPS peak x assumed MFU "
+       << fixed(h.assumed_mfu * 100, 0) << "% / " << human_flops(f.total()) << " per token)\n";
+  };
+  if (l.world() != h.gpus_recommended) {
+    roofline(l.world(), " (the layout above)");
+    roofline(h.gpus_recommended, " (the config's recommendation)");
+  } else {
+    roofline(h.gpus_recommended, "");
+  }
   if (h.quoted_tokens_per_s > 0) {
     const double implied = h.quoted_tokens_per_s * f.total() / (h.quoted_gpus * h.peak_tflops * 1e12);
     os << "Quoted: " << fixed(h.quoted_tokens_per_s, 0) << " tokens/s on " << h.quoted_gpus

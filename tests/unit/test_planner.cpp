@@ -122,6 +122,12 @@ TEST(Planner, InfoNamesTheGpusOfAnExplicitLayout) {
                       std::to_string(c.hardware.gpus_recommended) + "; busiest rank"),
             std::string::npos)
       << text.substr(0, 2000);
+  // The roofline names the layout's GPUs too, and the recommendation's separately.
+  EXPECT_NE(text.find("Estimated throughput on 2048 GPUs (the layout above): "), std::string::npos) << text;
+  EXPECT_NE(text.find("Estimated throughput on " + std::to_string(c.hardware.gpus_recommended) +
+                      " GPUs (the config's recommendation): "),
+            std::string::npos)
+      << text;
   EXPECT_EQ(info_json(c)["layout_gpus"].get<int64_t>(), 2048);
 }
 
