@@ -85,7 +85,9 @@ TEST(BF16, RoundsToNearestEvenKeepsSubnormalsOverflowsToInfinity) {
   // Every bf16 value converts back to itself.
   for (uint32_t h = 0; h < 65536; ++h) {
     const float v = from_bf16(static_cast<uint16_t>(h));
-    if (!std::isnan(v)) ASSERT_EQ(to_bf16(v), h) << h;
+    if (!std::isnan(v)) {
+      ASSERT_EQ(to_bf16(v), h) << h;
+    }
   }
   std::vector<float> x = {1.00390625f, -3.0f, 1e-40f};
   round_bf16(x.data(), 3);

@@ -287,7 +287,7 @@ TEST(HfInterop, ConfigJsonBothWays) {
       std::string::npos);
   // Integers beyond int64 (found by the fuzzer: a float such as 2.9e80 was converted with undefined
   // behaviour) are refused by name.
-  for (const nlohmann::json v : {nlohmann::json(2.88889e80), nlohmann::json(uint64_t{1} << 63)}) {
+  for (const nlohmann::json& v : {nlohmann::json(2.88889e80), nlohmann::json(uint64_t{1} << 63)}) {
     bad = nlohmann::json::parse(j.dump());
     bad["hidden_size"] = v;
     EXPECT_NE(
