@@ -63,7 +63,7 @@ debug: $(DEBUG_BUILD)/CMakeCache.txt
 # The CUDA backend must configure and compile on machines without a GPU (toolkit in /usr/local/cuda).
 cuda:
 	@if [ -x /usr/local/cuda/bin/nvcc ]; then \
-	  cmake -S . -B $(CUDA_BUILD) -DCMAKE_BUILD_TYPE=Release -DDSV3_ENABLE_CUDA=ON -DDSV3_BUILD_TESTS=OFF $(CMAKE_FLAGS) && \
+	  cmake -S . -B $(CUDA_BUILD) -DCMAKE_BUILD_TYPE=Release -DDSV3_ENABLE_CUDA=ON -DDSV3_BUILD_TESTS=ON $(CMAKE_FLAGS) && \
 	  cmake --build $(CUDA_BUILD) -j $(JOBS); \
 	else echo "cuda: /usr/local/cuda/bin/nvcc not found; skipping the CUDA build"; fi
 

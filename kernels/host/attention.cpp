@@ -6,6 +6,7 @@
 // and their gradients live in one kTile x kTile scratch tile; the only extra memory proportional to
 // the sequence is lse and the row sums D[s] = <d_o[s], o[s]> of the backward ([S] per head).
 // Tile products go through CBLAS sgemm directly on the strided [B, S, H, D] layout (row stride H*D).
+// GPU tensors go to the CUDA twin, kernels/cuda/attention.cu.
 #include <cblas.h>
 
 #include <algorithm>
@@ -22,9 +23,6 @@
 namespace dsv3::ops {
 
 namespace {
-
-using host::check_f32_host;
-using host::check_host;
 
 constexpr int64_t kTile = 64;  // query and key tile size (rows)
 
@@ -43,7 +41,7 @@ struct Dims {
 // Checks q, k [B, S, H, Dqk], v, o [B, S, H, Dv], lse [B, H, S] and returns the extents.
 Dims check_attention(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
                      const Tensor& lse, float scale) {
-  for (const Tensor* t : {&q, &k, &v, &o, &lse}) check_f32_host(op, *t);
+  for (const Tensor* t : {&q, &k, &v, &o, &lse}) host::check_f32_backend(op, *t);
   DSV3_CHECK(q.ndim() == 4, op, ": tensor '", q.name(), "' has shape ", q.shape_str(),
              ", expected [B, S, H, Dqk]");
   DSV3_CHECK(v.ndim() == 4, op, ": tensor '", v.name(), "' has shape ", v.shape_str(),
@@ -66,6 +64,9 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float 
                        const Tensor& lse) {
   DSV3_PROFILE(Attention);
   const Dims d = check_attention("attention_forward", q, k, v, o, lse, scale);
+  if constexpr (host::kCuda)
+    if (host::on_cuda("attention_forward", {&q, &k, &v, &o, &lse}))
+      return cuda::attention_forward(q, k, v, scale, o, lse);
   const int64_t B = d.B, S = d.S, H = d.H, Dqk = d.Dqk, Dv = d.Dv;
   const int64_t ldq = H * Dqk, ldv = H * Dv, ntiles = (S + kTile - 1) / kTile;
   const float* pq = q.f32();
@@ -121,12 +122,15 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   DSV3_PROFILE(Attention);
   const char* op = "attention_backward";
   const Dims d = check_attention(op, q, k, v, o, lse, scale);
-  for (const Tensor* t : {&d_o, &dq, &dk, &dv}) check_f32_host(op, *t);
+  for (const Tensor* t : {&d_o, &dq, &dk, &dv}) host::check_f32_backend(op, *t);
   const int64_t B = d.B, S = d.S, H = d.H, Dqk = d.Dqk, Dv = d.Dv;
   expect_shape(op, d_o, {B, S, H, Dv});
   expect_shape(op, dq, {B, S, H, Dqk});
   expect_shape(op, dk, {B, S, H, Dqk});
   expect_shape(op, dv, {B, S, H, Dv});
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&q, &k, &v, &o, &lse, &d_o, &dq, &dk, &dv}))
+      return cuda::attention_backward(q, k, v, o, lse, d_o, scale, dq, dk, dv);
   const int64_t ldq = H * Dqk, ldv = H * Dv;
   const float* pq = q.f32();
   const float* pk = k.f32();

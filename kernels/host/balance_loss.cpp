@@ -4,6 +4,7 @@
 //   f_i = E / (K * S) * #{t : i in idx[t]},      loss_b = alpha * sum_i f_i * P_i;
 // loss = mean_b loss_b. f is a constant for the backward (the selection has no gradient).
 //   scores, dscores [B*S, E]; idx [B*S, K] i32
+// GPU tensors go to the CUDA twin, kernels/cuda/balance_loss.cu.
 #include <vector>
 
 #include "core/error.hpp"
@@ -24,17 +25,22 @@ Dims check_inputs(const char* op, const Tensor& scores, const Tensor& idx, int64
   expect_shape(op, scores, {-1, -1});
   expect_dtype(op, idx, DType::I32);
   expect_shape(op, idx, {scores.dim(0), -1});
-  for (const Tensor* t : {&scores, &idx}) host::check_host(op, *t);
+  for (const Tensor* t : {&scores, &idx}) host::check_backend(op, *t);
   const int64_t rows = scores.dim(0), E = scores.dim(1), K = idx.dim(1);
   DSV3_CHECK(batch > 0 && rows % batch == 0, op, ": batch ", batch, " must be positive and divide the ", rows,
              " rows of tensor '", scores.name(), "' ", scores.shape_str());
   DSV3_CHECK(E > 0 && K > 0, op, ": tensors '", scores.name(), "' ", scores.shape_str(), " and '", idx.name(),
              "' ", idx.shape_str(), " need at least one expert and one choice");
+  return {batch, rows / batch, E, K};
+}
+
+// The expert ids of host tensors lie in [0, E).
+void check_ids(const char* op, const Tensor& idx, const Dims& d) {
+  const int64_t rows = d.B * d.S, E = d.E, K = d.K;
   const int32_t* I = idx.i32();
   for (int64_t j = 0; j < rows * K; ++j)
     DSV3_CHECK(I[j] >= 0 && I[j] < E, op, ": tensor '", idx.name(), "' holds expert ", I[j], " at token ",
                j / K, ", choice ", j % K, ", outside [0, ", E, ")");
-  return {batch, rows / batch, E, K};
 }
 
 // counts[b*E + i] = number of tokens of sequence b that chose expert i (a token counts once).
@@ -61,6 +67,9 @@ double seq_balance_loss_forward(const Tensor& scores, const Tensor& idx, int64_t
   DSV3_PROFILE(MoeRouting);
   const char* op = "seq_balance_loss_forward";
   const Dims d = check_inputs(op, scores, idx, batch);
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&scores, &idx})) return cuda::seq_balance_loss_forward(scores, idx, batch, alpha);
+  check_ids(op, idx, d);
   if (d.S == 0) return 0.0;
   const float* SC = scores.f32();
   const std::vector<double> counts = expert_counts(d, idx.i32());
@@ -94,7 +103,11 @@ void seq_balance_loss_backward(const Tensor& scores, const Tensor& idx, int64_t 
   const Dims d = check_inputs(op, scores, idx, batch);
   expect_dtype(op, dscores, DType::F32);
   expect_shape(op, dscores, {d.B * d.S, d.E});
-  host::check_host(op, dscores);
+  host::check_backend(op, dscores);
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&scores, &idx, &dscores}))
+      return cuda::seq_balance_loss_backward(scores, idx, batch, alpha, dloss, dscores);
+  check_ids(op, idx, d);
   if (d.S == 0) return;
   const float* SC = scores.f32();
   float* DS = dscores.f32();

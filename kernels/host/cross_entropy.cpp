@@ -1,7 +1,7 @@
 // Host softmax cross-entropy over the vocabulary for a chunk of rows (the caller chunks the tokens so
 // the [C, V] logits stay small). Forward saves the log-sum-exp of each row (computed after subtracting
 // the row maximum); backward overwrites the logits with the gradient. A negative target marks an
-// ignored row (loss 0, gradient 0).
+// ignored row (loss 0, gradient 0). GPU tensors go to the CUDA twin, kernels/cuda/cross_entropy.cu.
 //   logits [C, V]; targets [C] i32; losses, lse, dloss [C]
 // The shard forms work on columns [first, first + Vs) of the full logits (vocabulary parallelism):
 // forward gives the shard's log-sum-exp and the target logit when the target lies in the shard;
@@ -26,25 +26,22 @@ int64_t check_logits(const char* op, const Tensor& logits, const Tensor& targets
   const int64_t C = logits.dim(0), V = logits.dim(1);
   expect_dtype(op, targets, DType::I32);
   expect_shape(op, targets, {C});
-  for (const Tensor* t : {&logits, &targets}) host::check_host(op, *t);
+  for (const Tensor* t : {&logits, &targets}) host::check_backend(op, *t);
   DSV3_CHECK(V > 0 || C == 0, op, ": tensor '", logits.name(), "' ", logits.shape_str(),
              " has an empty vocabulary");
   return C;
 }
 
-// Shapes, dtypes, device and the target range; returns C.
-int64_t check_inputs(const char* op, const Tensor& logits, const Tensor& targets) {
-  const int64_t C = check_logits(op, logits, targets);
-  const int64_t V = logits.dim(1);
+// The target range of host tensors.
+void check_targets(const char* op, const Tensor& logits, const Tensor& targets) {
+  const int64_t C = logits.dim(0), V = logits.dim(1);
   const int32_t* tg = targets.i32();
   for (int64_t c = 0; c < C; ++c)
     DSV3_CHECK(tg[c] < V, op, ": row ", c, " has target ", tg[c], ", outside the vocabulary [0, ", V,
                ") of tensor '", logits.name(), "'");
-  return C;
 }
 
-// The shard form: the columns [first, first + Vs) must fit the vocabulary [0, vocab) and every target
-// must be < vocab; returns C.
+// The shard form: the columns [first, first + Vs) must fit the vocabulary [0, vocab); returns C.
 int64_t check_shard_inputs(const char* op, const Tensor& logits, const Tensor& targets, int64_t first,
                            int64_t vocab) {
   const int64_t C = check_logits(op, logits, targets);
@@ -52,18 +49,23 @@ int64_t check_shard_inputs(const char* op, const Tensor& logits, const Tensor& t
   DSV3_CHECK(first >= 0 && Vs <= vocab && first <= vocab - Vs, op, ": shard columns [", first, ", ",
              first + Vs, ") of tensor '", logits.name(), "' ", logits.shape_str(),
              " do not fit the vocabulary [0, ", vocab, ")");
+  return C;
+}
+
+// The targets of host tensors lie below the full vocabulary.
+void check_shard_targets(const char* op, const Tensor& logits, const Tensor& targets, int64_t vocab) {
+  const int64_t C = logits.dim(0);
   const int32_t* tg = targets.i32();
   for (int64_t c = 0; c < C; ++c)
     DSV3_CHECK(tg[c] < vocab, op, ": row ", c, " has target ", tg[c], ", outside the vocabulary [0, ", vocab,
                ") (shard tensor '", logits.name(), "')");
-  return C;
 }
 
 // Dtype, shape and device of a per-row tensor [C].
 void check_rows(const char* op, const Tensor& t, int64_t C) {
   expect_dtype(op, t, DType::F32);
   expect_shape(op, t, {C});
-  host::check_host(op, t);
+  host::check_backend(op, t);
 }
 
 }  // namespace
@@ -72,13 +74,17 @@ void cross_entropy_forward(const Tensor& logits, const Tensor& targets, const Te
                            const Tensor& lse) {
   DSV3_PROFILE(Head);
   const char* op = "cross_entropy_forward";
-  const int64_t C = check_inputs(op, logits, targets);
+  const int64_t C = check_logits(op, logits, targets);
   const int64_t V = logits.dim(1);
   expect_dtype(op, losses, DType::F32);
   expect_shape(op, losses, {C});
   expect_dtype(op, lse, DType::F32);
   expect_shape(op, lse, {C});
-  for (const Tensor* t : {&losses, &lse}) host::check_host(op, *t);
+  for (const Tensor* t : {&losses, &lse}) host::check_backend(op, *t);
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&logits, &targets, &losses, &lse}))
+      return cuda::cross_entropy_forward(logits, targets, losses, lse);
+  check_targets(op, logits, targets);
   const float* L = logits.f32();
   const int32_t* tg = targets.i32();
   float* out = losses.f32();
@@ -97,13 +103,17 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const T
                             const Tensor& dloss) {
   DSV3_PROFILE(Head);
   const char* op = "cross_entropy_backward";
-  const int64_t C = check_inputs(op, logits, targets);
+  const int64_t C = check_logits(op, logits, targets);
   const int64_t V = logits.dim(1);
   expect_dtype(op, lse, DType::F32);
   expect_shape(op, lse, {C});
   expect_dtype(op, dloss, DType::F32);
   expect_shape(op, dloss, {C});
-  for (const Tensor* t : {&lse, &dloss}) host::check_host(op, *t);
+  for (const Tensor* t : {&lse, &dloss}) host::check_backend(op, *t);
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&logits, &targets, &lse, &dloss}))
+      return cuda::cross_entropy_backward(logits, targets, lse, dloss);
+  check_targets(op, logits, targets);
   float* L = logits.f32();
   const int32_t* tg = targets.i32();
   const float* ls = lse.f32();
@@ -132,6 +142,10 @@ void cross_entropy_shard_forward(const Tensor& logits, const Tensor& targets, in
   const int64_t Vs = logits.dim(1);
   check_rows(op, shard_lse, C);
   check_rows(op, target_logit, C);
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&logits, &targets, &shard_lse, &target_logit}))
+      return cuda::cross_entropy_shard_forward(logits, targets, first, vocab, shard_lse, target_logit);
+  check_shard_targets(op, logits, targets, vocab);
   const float* L = logits.f32();
   const int32_t* tg = targets.i32();
   float* ls = shard_lse.f32();
@@ -154,6 +168,10 @@ void cross_entropy_shard_backward(const Tensor& logits, const Tensor& targets, i
   const int64_t Vs = logits.dim(1);
   check_rows(op, lse, C);
   check_rows(op, dloss, C);
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&logits, &targets, &lse, &dloss}))
+      return cuda::cross_entropy_shard_backward(logits, targets, first, vocab, lse, dloss);
+  check_shard_targets(op, logits, targets, vocab);
   float* L = logits.f32();
   const int32_t* tg = targets.i32();
   const float* ls = lse.f32();

@@ -1,7 +1,8 @@
 // Host token dispatch and combine for the MoE layer. A DispatchPlan groups the T*K (token, choice)
 // slots by expert, in slot (= token) order inside each expert, optionally capped at `capacity` slots
 // per expert; dispatch gathers token rows into the expert-sorted buffer, combine scatters the expert
-// outputs back weighted by the routing weights. Forward and backward of both live here.
+// outputs back weighted by the routing weights. Forward and backward of both live here. GPU tensors
+// (and plans built from GPU ids) go to the CUDA twin, kernels/cuda/dispatch.cu.
 //   idx [T, K] i32; x, dx, y, dy [T, D]; xs, dxs, ys, dys [R, D]; weights, dweights [T, K]
 #include <cstdint>
 #include <vector>
@@ -31,11 +32,13 @@ DispatchPlan make_dispatch_plan(const Tensor& idx, int64_t num_experts, int64_t 
   const char* op = "make_dispatch_plan";
   expect_dtype(op, idx, DType::I32);
   expect_shape(op, idx, {-1, -1});
-  check_host(op, idx);
+  host::check_backend(op, idx);
   DSV3_CHECK(num_experts > 0, op, ": num_experts must be positive, got ", num_experts);
   DSV3_CHECK(capacity >= 0, op, ": capacity must be >= 0 (0 = unlimited), got ", capacity);
   const int64_t T = idx.dim(0), K = idx.dim(1), E = num_experts, slots = T * K;
   DSV3_CHECK(slots <= INT32_MAX, op, ": ", slots, " slots do not fit the i32 plan arrays");
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&idx})) return cuda::make_dispatch_plan(idx, num_experts, capacity);
   const int32_t* I = idx.i32();
   for (int64_t j = 0; j < slots; ++j)
     DSV3_CHECK(I[j] >= 0 && I[j] < E, op, ": tensor '", idx.name(), "' holds expert ", I[j], " at token ",
@@ -82,6 +85,8 @@ void dispatch_forward(const DispatchPlan& plan, const Tensor& x, const Tensor& x
   const int64_t D = x.dim(1);
   expect_dtype(op, xs, DType::F32);
   expect_shape(op, xs, {plan.rows, D});
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&x, &xs, &plan.slot_of_row.t})) return cuda::dispatch_forward(plan, x, xs);
   check_host(op, x);
   check_host(op, xs);
   const int32_t* sor = plan.slot_of_row.i32();
@@ -104,6 +109,9 @@ void dispatch_backward(const DispatchPlan& plan, const Tensor& dxs, const Tensor
   const int64_t D = dxs.dim(1);
   expect_dtype(op, dx, DType::F32);
   expect_shape(op, dx, {plan.tokens, D});
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&dxs, &dx, &plan.row_of_slot.t}))
+      return cuda::dispatch_backward(plan, dxs, dx, accumulate);
   check_host(op, dxs);
   check_host(op, dx);
   const int32_t* ros = plan.row_of_slot.i32();
@@ -135,6 +143,9 @@ void combine_forward(const DispatchPlan& plan, const Tensor& ys, const Tensor& w
   expect_shape(op, weights, {plan.tokens, K});
   expect_dtype(op, y, DType::F32);
   expect_shape(op, y, {plan.tokens, D});
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&ys, &weights, &y, &plan.row_of_slot.t}))
+      return cuda::combine_forward(plan, ys, weights, y, accumulate);
   for (const Tensor* t : {&ys, &weights, &y}) check_host(op, *t);
   const int32_t* ros = plan.row_of_slot.i32();
   const float* YS = ys.f32();
@@ -170,6 +181,9 @@ void combine_backward(const DispatchPlan& plan, const Tensor& ys, const Tensor& 
   expect_shape(op, dys, {plan.rows, D});
   expect_dtype(op, dweights, DType::F32);
   expect_shape(op, dweights, {plan.tokens, K});
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&ys, &weights, &dy, &dys, &dweights, &plan.row_of_slot.t}))
+      return cuda::combine_backward(plan, ys, weights, dy, dys, dweights);
   for (const Tensor* t : {&ys, &weights, &dy, &dys, &dweights}) check_host(op, *t);
   const int32_t* ros = plan.row_of_slot.i32();
   const int32_t* sor = plan.slot_of_row.i32();

@@ -2,7 +2,8 @@
 // (scatter-add into the table gradient), and their vocabulary-parallel forms over a shard of the table
 // (rows [first, first + Vs) of the full [vocab, D] table; ids outside the shard give zero rows).
 //   ids [T] (i32), table / dtable [V, D] (or [Vs, D]), out / dout [T, D]
-// Every id is checked against [0, V) (or [0, vocab)) before any memory is touched.
+// Every id is checked against [0, V) (or [0, vocab)) before any memory is touched. GPU tensors go to
+// the CUDA twin, kernels/cuda/embedding.cu.
 #include "core/error.hpp"
 #include "host/host_common.hpp"
 #include "ops.hpp"
@@ -12,15 +13,12 @@ namespace dsv3::ops {
 
 namespace {
 
-using host::check_f32_host;
-using host::check_host;
-
 // Validates dtypes, devices and shapes; throws naming the tensor.
 void check_embedding_shapes(const char* op, const Tensor& ids, const Tensor& table, const Tensor& rows) {
   expect_dtype(op, ids, DType::I32);
   expect_dtype(op, table, DType::F32);
   expect_dtype(op, rows, DType::F32);
-  for (const Tensor* t : {&ids, &table, &rows}) check_host(op, *t);
+  for (const Tensor* t : {&ids, &table, &rows}) host::check_backend(op, *t);
   DSV3_CHECK(ids.ndim() == 1, op, ": tensor '", ids.name(), "' has shape ", ids.shape_str(),
              ", expected [T]");
   DSV3_CHECK(table.ndim() == 2, op, ": tensor '", table.name(), "' has shape ", table.shape_str(),
@@ -28,9 +26,8 @@ void check_embedding_shapes(const char* op, const Tensor& ids, const Tensor& tab
   expect_shape(op, rows, {ids.dim(0), table.dim(1)});
 }
 
-// Validates dtypes and shapes; returns nothing, throws naming the tensor or the bad id.
-void check_embedding(const char* op, const Tensor& ids, const Tensor& table, const Tensor& rows) {
-  check_embedding_shapes(op, ids, table, rows);
+// The ids of host tensors lie in [0, V); throws naming the position and the id.
+void check_ids(const char* op, const Tensor& ids, const Tensor& table) {
   const int64_t T = ids.dim(0), V = table.dim(0);
   const int32_t* id = ids.i32();
   for (int64_t t = 0; t < T; ++t)
@@ -38,15 +35,19 @@ void check_embedding(const char* op, const Tensor& ids, const Tensor& table, con
                ", outside [0, V) with V = ", V, " (table '", table.name(), "')");
 }
 
-// The same for a shard: the table's rows [first, first + Vs) must lie inside [0, vocab) and every id
-// inside the full vocabulary [0, vocab).
+// The same for a shard: the table's rows [first, first + Vs) must lie inside [0, vocab).
 void check_embedding_shard(const char* op, const Tensor& ids, const Tensor& table, int64_t first,
                            int64_t vocab, const Tensor& rows) {
   check_embedding_shapes(op, ids, table, rows);
-  const int64_t T = ids.dim(0), Vs = table.dim(0);
+  const int64_t Vs = table.dim(0);
   DSV3_CHECK(first >= 0 && Vs <= vocab && first <= vocab - Vs, op, ": shard rows [", first, ", ", first + Vs,
              ") of tensor '", table.name(), "' ", table.shape_str(), " do not fit the vocabulary [0, ", vocab,
              ")");
+}
+
+// Every id of host tensors inside the full vocabulary [0, vocab).
+void check_shard_ids(const char* op, const Tensor& ids, int64_t vocab, const Tensor& table) {
+  const int64_t T = ids.dim(0);
   const int32_t* id = ids.i32();
   for (int64_t t = 0; t < T; ++t)
     DSV3_CHECK(id[t] >= 0 && id[t] < vocab, op, ": tensor '", ids.name(), "' position ", t, " holds id ",
@@ -58,7 +59,12 @@ void check_embedding_shard(const char* op, const Tensor& ids, const Tensor& tabl
 // out[t, :] = table[ids[t], :]
 void embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out) {
   DSV3_PROFILE(Elementwise);
-  check_embedding("embedding_forward", ids, table, out);
+  const char* op = "embedding_forward";
+  check_embedding_shapes(op, ids, table, out);
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&ids, &table, &out}))
+      return cuda::embedding_forward(ids, table, 0, table.dim(0), out, false);
+  check_ids(op, ids, table);
   const int64_t D = table.dim(1);
   const int32_t* id = ids.i32();
   const float* tab = table.f32();
@@ -74,7 +80,12 @@ void embedding_forward(const Tensor& ids, const Tensor& table, const Tensor& out
 // columns (each block of dtable is owned by one iteration) and walks the tokens in order.
 void embedding_backward(const Tensor& ids, const Tensor& dout, const Tensor& dtable) {
   DSV3_PROFILE(Elementwise);
-  check_embedding("embedding_backward", ids, dtable, dout);
+  const char* op = "embedding_backward";
+  check_embedding_shapes(op, ids, dtable, dout);
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&ids, &dout, &dtable}))
+      return cuda::embedding_backward(ids, dout, 0, dtable.dim(0), dtable, false);
+  check_ids(op, ids, dtable);
   constexpr int64_t kBlock = 64;
   const int64_t T = ids.dim(0), D = dtable.dim(1);
   const int32_t* id = ids.i32();
@@ -94,7 +105,12 @@ void embedding_backward(const Tensor& ids, const Tensor& dout, const Tensor& dta
 void embedding_shard_forward(const Tensor& ids, const Tensor& table, int64_t first, int64_t vocab,
                              const Tensor& out) {
   DSV3_PROFILE(Elementwise);
-  check_embedding_shard("embedding_shard_forward", ids, table, first, vocab, out);
+  const char* op = "embedding_shard_forward";
+  check_embedding_shard(op, ids, table, first, vocab, out);
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&ids, &table, &out}))
+      return cuda::embedding_forward(ids, table, first, vocab, out, true);
+  check_shard_ids(op, ids, vocab, table);
   const int64_t Vs = table.dim(0), D = table.dim(1);
   const int32_t* id = ids.i32();
   const float* tab = table.f32();
@@ -116,7 +132,12 @@ void embedding_shard_forward(const Tensor& ids, const Tensor& table, int64_t fir
 void embedding_shard_backward(const Tensor& ids, const Tensor& dout, int64_t first, int64_t vocab,
                               const Tensor& dtable) {
   DSV3_PROFILE(Elementwise);
-  check_embedding_shard("embedding_shard_backward", ids, dtable, first, vocab, dout);
+  const char* op = "embedding_shard_backward";
+  check_embedding_shard(op, ids, dtable, first, vocab, dout);
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&ids, &dout, &dtable}))
+      return cuda::embedding_backward(ids, dout, first, vocab, dtable, true);
+  check_shard_ids(op, ids, vocab, dtable);
   constexpr int64_t kBlock = 64;
   const int64_t T = ids.dim(0), Vs = dtable.dim(0), D = dtable.dim(1);
   const int32_t* id = ids.i32();

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <mutex>
 
+#include "core/device.hpp"
 #include "core/error.hpp"
 #include "core/lowp.hpp"
 
@@ -17,6 +18,32 @@ void check_host(const char* op, const Tensor& t) {
 void check_f32_host(const char* op, const Tensor& t) {
   expect_dtype(op, t, DType::F32);
   check_host(op, t);
+}
+
+void check_backend(const char* op, const Tensor& t) {
+  DSV3_CHECK(t.device() == Device::Host || (kCuda && t.device() == Device::Cuda), op, ": tensor '", t.name(),
+             "' is on a device without a backend in this build (only host)");
+}
+
+void check_f32_backend(const char* op, const Tensor& t) {
+  expect_dtype(op, t, DType::F32);
+  check_backend(op, t);
+}
+
+bool on_cuda(const char* op, std::initializer_list<const Tensor*> tensors) {
+  const Tensor* first = nullptr;
+  for (const Tensor* t : tensors) {
+    if (t->empty()) continue;
+    check_backend(op, *t);
+    if (first == nullptr) {
+      first = t;
+    } else {
+      DSV3_CHECK(t->device() == first->device(), op, ": tensor '", t->name(), "' is on ",
+                 device_name(t->device()), " but '", first->name(), "' on ", device_name(first->device()),
+                 "; an op takes all its tensors on one device");
+    }
+  }
+  return first != nullptr && first->device() == Device::Cuda;
 }
 
 void check_2d(const char* op, const Tensor& t) {

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "core/tensor.hpp"
+#include "cuda/cuda_ops.hpp"
 
 #ifdef DSV3_HAVE_KOKKOS
 #include <Kokkos_Core.hpp>
@@ -26,6 +27,24 @@ using ViewI2 = Kokkos::View<int32_t**, Kokkos::LayoutRight, Kokkos::HostSpace, U
 // Precondition checks shared by every host op: the tensor lives in host memory (and is f32).
 void check_host(const char* op, const Tensor& t);
 void check_f32_host(const char* op, const Tensor& t);
+
+// Ops with a CUDA twin (kernels/cuda/<op>.cu) check shapes and dtypes here, device-neutrally, then
+// hand GPU tensors to the twin:
+//   if constexpr (host::kCuda)
+//     if (host::on_cuda(op, {&x, &y})) return cuda::op(x, y);
+// kCuda is false in builds without the backend, where the twins are not compiled (the call is then
+// a discarded statement) and check_backend refuses GPU tensors.
+#ifdef DSV3_HAVE_CUDA
+inline constexpr bool kCuda = true;
+#else
+inline constexpr bool kCuda = false;
+#endif
+// The tensor lives on the host, or on the GPU in a build with the CUDA backend.
+void check_backend(const char* op, const Tensor& t);
+void check_f32_backend(const char* op, const Tensor& t);
+// True when the op's (non-empty) tensors are on the GPU, false when on the host; throws naming the
+// op and the tensors when they are on different devices.
+bool on_cuda(const char* op, std::initializer_list<const Tensor*> tensors);
 // The tensor is a matrix (2 dimensions).
 void check_2d(const char* op, const Tensor& t);
 

@@ -1,6 +1,7 @@
 // Dense algebra through CBLAS (row-major sgemm): linear_forward, linear_backward_input and
 // linear_backward_weight of kernels/ops.hpp. Inputs may be bf16 (read exactly as f32: a bf16 GEMM with
-// fp32 accumulation, since products of bf16 values are exact in f32); outputs are f32.
+// fp32 accumulation, since products of bf16 values are exact in f32); outputs are f32. GPU tensors go
+// to the CUDA twin, kernels/cuda/linear.cu (cuBLAS, fp32 only so far).
 //   x [M, K], w [N, K] (HF layout [out, in]), y [M, N]
 //   forward:         y  (= or +=) x . w^T
 //   backward input:  dx (= or +=) dy . w
@@ -19,8 +20,7 @@ namespace dsv3::ops {
 namespace {
 
 using host::check_2d;
-using host::check_f32_host;
-using host::check_host;
+using host::check_f32_backend;
 using host::F32Input;
 
 int blas_int(const char* op, int64_t v) {
@@ -51,10 +51,12 @@ void linear_forward(const Tensor& x, const Tensor& w, const Tensor& y, bool accu
   DSV3_PROFILE(Gemm);
   const char* op = "linear_forward";
   for (const Tensor* t : {&x, &w, &y}) check_2d(op, *t);
-  check_f32_host(op, y);
+  check_f32_backend(op, y);
   const int64_t M = x.dim(0), K = x.dim(1), N = w.dim(0);
   expect_shape(op, w, {N, K});
   expect_shape(op, y, {M, N});
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&x, &w, &y})) return cuda::linear_forward(x, w, y, accumulate);
   const F32Input xf(op, x), wf(op, w);
   sgemm(false, true, M, N, K, 1.0f, xf.data(), K, wf.data(), K, accumulate ? 1.0f : 0.0f, y.f32(), N);
 }
@@ -64,10 +66,12 @@ void linear_backward_input(const Tensor& dy, const Tensor& w, const Tensor& dx, 
   DSV3_PROFILE(Gemm);
   const char* op = "linear_backward_input";
   for (const Tensor* t : {&dy, &w, &dx}) check_2d(op, *t);
-  check_f32_host(op, dx);
+  check_f32_backend(op, dx);
   const int64_t M = dy.dim(0), N = dy.dim(1), K = w.dim(1);
   expect_shape(op, w, {N, K});
   expect_shape(op, dx, {M, K});
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&dy, &w, &dx})) return cuda::linear_backward_input(dy, w, dx, accumulate);
   const F32Input dyf(op, dy), wf(op, w);
   sgemm(false, false, M, K, N, 1.0f, dyf.data(), N, wf.data(), K, accumulate ? 1.0f : 0.0f, dx.f32(), K);
 }
@@ -77,10 +81,12 @@ void linear_backward_weight(const Tensor& dy, const Tensor& x, const Tensor& dw)
   DSV3_PROFILE(Gemm);
   const char* op = "linear_backward_weight";
   for (const Tensor* t : {&dy, &x, &dw}) check_2d(op, *t);
-  check_f32_host(op, dw);
+  check_f32_backend(op, dw);
   const int64_t M = dy.dim(0), N = dy.dim(1), K = x.dim(1);
   expect_shape(op, x, {M, K});
   expect_shape(op, dw, {N, K});
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&dy, &x, &dw})) return cuda::linear_backward_weight(dy, x, dw);
   const F32Input dyf(op, dy), xf(op, x);
   sgemm(true, false, N, K, M, 1.0f, dyf.data(), N, xf.data(), K, 1.0f, dw.f32(), K);
 }

@@ -11,8 +11,7 @@ namespace dsv3::ops {
 
 namespace {
 
-using host::check_f32_host;
-using host::check_host;
+using host::check_f32_backend;
 
 struct Dims {
   int64_t B, S, H, nope, R, dv;
@@ -21,7 +20,7 @@ struct Dims {
 // kv-like [B, S, H, nope + dv], pe-like [B, S, R], k-like [B, S, H, nope + R], v-like [B, S, H, dv].
 Dims check_mla(const char* op, const Tensor& kv, const Tensor& pe, int64_t nope, const Tensor& k,
                const Tensor& v) {
-  for (const Tensor* t : {&kv, &pe, &k, &v}) check_f32_host(op, *t);
+  for (const Tensor* t : {&kv, &pe, &k, &v}) check_f32_backend(op, *t);
   DSV3_CHECK(kv.ndim() == 4, op, ": tensor '", kv.name(), "' has shape ", kv.shape_str(),
              ", expected [B, S, H, nope + dv]");
   DSV3_CHECK(pe.ndim() == 3, op, ": tensor '", pe.name(), "' has shape ", pe.shape_str(),
@@ -40,6 +39,9 @@ Dims check_mla(const char* op, const Tensor& kv, const Tensor& pe, int64_t nope,
 void mla_assemble_kv(const Tensor& kv, const Tensor& k_pe, int64_t nope, const Tensor& k, const Tensor& v) {
   DSV3_PROFILE(Attention);
   const Dims d = check_mla("mla_assemble_kv", kv, k_pe, nope, k, v);
+  if constexpr (host::kCuda)
+    if (host::on_cuda("mla_assemble_kv", {&kv, &k_pe, &k, &v}))
+      return cuda::mla_assemble_kv(kv, k_pe, nope, k, v);
   const int64_t H = d.H, R = d.R, dvd = d.dv, wkv = nope + dvd, wk = nope + R;
   const float* pkv = kv.f32();
   const float* ppe = k_pe.f32();
@@ -63,6 +65,9 @@ void mla_assemble_kv_backward(const Tensor& dk, const Tensor& dv, int64_t nope, 
                               const Tensor& dk_pe) {
   DSV3_PROFILE(Attention);
   const Dims d = check_mla("mla_assemble_kv_backward", dkv, dk_pe, nope, dk, dv);
+  if constexpr (host::kCuda)
+    if (host::on_cuda("mla_assemble_kv_backward", {&dk, &dv, &dkv, &dk_pe}))
+      return cuda::mla_assemble_kv_backward(dk, dv, nope, dkv, dk_pe);
   const int64_t H = d.H, R = d.R, dvd = d.dv, wkv = nope + dvd, wk = nope + R;
   const float* pdk = dk.f32();
   const float* pdv = dv.f32();

@@ -3,7 +3,7 @@
 //   forward:  rstd[t] = 1 / sqrt(mean_j x[t,j]^2 + eps); y = x * rstd * w
 //   backward: dx[t,j] (= or +=) rstd w_j dy_j - rstd^3 x_j / D * sum_k dy_k w_k x_k
 //             dw[j] += sum_t dy[t,j] x[t,j] rstd[t]
-// Row sums are accumulated in double.
+// Row sums are accumulated in double. GPU tensors go to the CUDA twin, kernels/cuda/rmsnorm.cu.
 #include <cmath>
 
 #include "core/error.hpp"
@@ -15,21 +15,21 @@ namespace dsv3::ops {
 
 namespace {
 
-using host::check_f32_host;
-using host::check_host;
+using host::check_backend;
+using host::check_f32_backend;
 
 // Checks x [T, D], w [D], rstd [T] and every extra tensor [T, D].
 void check_rmsnorm(const char* op, const Tensor& x, const Tensor& w, const Tensor& rstd,
                    std::initializer_list<const Tensor*> rows) {
-  check_f32_host(op, x);
-  check_host(op, w);  // f32 or bf16 (a compute weight)
-  check_f32_host(op, rstd);
+  check_f32_backend(op, x);
+  check_backend(op, w);  // f32 or bf16 (a compute weight)
+  check_f32_backend(op, rstd);
   DSV3_CHECK(x.ndim() == 2, op, ": tensor '", x.name(), "' has shape ", x.shape_str(), ", expected [T, D]");
   const int64_t T = x.dim(0), D = x.dim(1);
   expect_shape(op, w, {D});
   expect_shape(op, rstd, {T});
   for (const Tensor* t : rows) {
-    check_f32_host(op, *t);
+    check_f32_backend(op, *t);
     expect_shape(op, *t, {T, D});
   }
 }
@@ -41,6 +41,8 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, const Tensor& 
   const char* op = "rmsnorm_forward";
   check_rmsnorm(op, x, w, rstd, {&y});
   DSV3_CHECK(eps >= 0.0f, op, ": eps must be >= 0, got ", eps);
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&x, &w, &y, &rstd})) return cuda::rmsnorm_forward(x, w, eps, y, rstd);
   const int64_t D = x.dim(1);
   const host::F32Input wf(op, w);
   const float* px = x.f32();
@@ -64,9 +66,12 @@ void rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd, cons
   DSV3_PROFILE(Elementwise);
   const char* op = "rmsnorm_backward";
   check_rmsnorm(op, x, w, rstd, {&dy, &dx});
-  check_f32_host(op, dw);
+  check_f32_backend(op, dw);
   const int64_t T = x.dim(0), D = x.dim(1);
   expect_shape(op, dw, {D});
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&x, &w, &rstd, &dy, &dx, &dw}))
+      return cuda::rmsnorm_backward(x, w, rstd, dy, dx, dw, accumulate_dx);
   const host::F32Input wf(op, w);
   const float* px = x.f32();
   const float* pw = wf.data();

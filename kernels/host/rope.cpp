@@ -6,6 +6,7 @@
 #include <cmath>
 #include <vector>
 
+#include "core/device.hpp"
 #include "core/error.hpp"
 #include "host/host_common.hpp"
 #include "ops.hpp"
@@ -15,8 +16,7 @@ namespace dsv3::ops {
 
 namespace {
 
-using host::check_f32_host;
-using host::check_host;
+using host::check_f32_backend;
 
 // The R/2 rotation frequencies, in double.
 std::vector<double> rope_frequencies(const RopeParams& p) {
@@ -45,9 +45,9 @@ std::vector<double> rope_frequencies(const RopeParams& p) {
 
 // Checks x [B, S, H, Dh] against the tables cos/sin [P, R/2] and the offset.
 void check_rope(const char* op, const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t offset) {
-  check_f32_host(op, x);
-  check_f32_host(op, cos);
-  check_f32_host(op, sin);
+  check_f32_backend(op, x);
+  check_f32_backend(op, cos);
+  check_f32_backend(op, sin);
   DSV3_CHECK(x.ndim() == 4, op, ": tensor '", x.name(), "' has shape ", x.shape_str(),
              ", expected [B, S, H, Dh]");
   DSV3_CHECK(cos.ndim() == 2, op, ": tensor '", cos.name(), "' has shape ", cos.shape_str(),
@@ -88,8 +88,18 @@ void rotate(const char* label, const Tensor& x, const Tensor& cos, const Tensor&
 void rope_table(const RopeParams& p, const Tensor& cos, const Tensor& sin) {
   DSV3_PROFILE(Elementwise);
   const char* op = "rope_table";
-  check_f32_host(op, cos);
-  check_f32_host(op, sin);
+  check_f32_backend(op, cos);
+  check_f32_backend(op, sin);
+  if constexpr (host::kCuda) {
+    if (host::on_cuda(op, {&cos, &sin})) {
+      // Built on the host (angles in double, as below), then copied: the table is made once a run.
+      OwnedTensor hc(DType::F32, cos.shape(), cos.name()), hs(DType::F32, sin.shape(), sin.name());
+      rope_table(p, hc, hs);
+      copy_tensor(cos, hc);
+      copy_tensor(sin, hs);
+      return;
+    }
+  }
   DSV3_CHECK(p.rope_dim > 0 && p.rope_dim % 2 == 0, op, ": rope_dim must be even and > 0, got ", p.rope_dim);
   DSV3_CHECK(p.theta > 0.0 && std::isfinite(p.theta), op, ": theta must be > 0, got ", p.theta);
   if (p.yarn) {
@@ -122,6 +132,8 @@ void rope_table(const RopeParams& p, const Tensor& cos, const Tensor& sin) {
 void rope_forward(const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t offset) {
   DSV3_PROFILE(Elementwise);
   check_rope("rope_forward", x, cos, sin, offset);
+  if constexpr (host::kCuda)
+    if (host::on_cuda("rope_forward", {&x, &cos, &sin})) return cuda::rope_apply(x, cos, sin, offset, false);
   rotate("dsv3::rope_forward", x, cos, sin, offset, 1.0f);
 }
 
@@ -129,6 +141,9 @@ void rope_forward(const Tensor& x, const Tensor& cos, const Tensor& sin, int64_t
 void rope_backward(const Tensor& dx, const Tensor& cos, const Tensor& sin, int64_t offset) {
   DSV3_PROFILE(Elementwise);
   check_rope("rope_backward", dx, cos, sin, offset);
+  if constexpr (host::kCuda)
+    if (host::on_cuda("rope_backward", {&dx, &cos, &sin}))
+      return cuda::rope_apply(dx, cos, sin, offset, true);
   rotate("dsv3::rope_backward", dx, cos, sin, offset, -1.0f);
 }
 

@@ -1,6 +1,7 @@
 // Host MoE router (DeepSeek-V3 gate): scores, group-limited top-k selection on the biased scores,
 // routing weights from the unbiased scores, and the backward from the weights (and optionally from
-// the scores) into the logits. One token per parallel iteration.
+// the scores) into the logits. One token per parallel iteration. GPU tensors go to the CUDA twin,
+// kernels/cuda/router.cu.
 //   logits, scores [T, E]; bias [E]; idx [T, K] i32; weights [T, K]; dweights [T, K]; dscores [T, E]
 #include <cmath>
 #include <vector>
@@ -13,8 +14,6 @@
 namespace dsv3::ops {
 
 namespace {
-
-using host::check_host;
 
 void check_params(const char* op, const RouterParams& p) {
   DSV3_CHECK(p.num_experts > 0, op, ": num_experts must be positive, got ", p.num_experts);
@@ -46,15 +45,18 @@ void router_forward(const RouterParams& p, const Tensor& logits, const Tensor& b
   expect_shape(op, idx, {T, K});
   expect_dtype(op, weights, DType::F32);
   expect_shape(op, weights, {T, K});
-  for (const Tensor* t : {&logits, &scores, &idx, &weights}) check_host(op, *t);
+  for (const Tensor* t : {&logits, &scores, &idx, &weights}) host::check_backend(op, *t);
   const float* b = nullptr;
   if (p.use_bias) {
     DSV3_CHECK(!bias.empty(), op, ": use_bias is set but tensor 'bias' is empty");
     expect_dtype(op, bias, DType::F32);
     expect_shape(op, bias, {E});
-    check_host(op, bias);
+    host::check_backend(op, bias);
     b = bias.f32();
   }
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&logits, &scores, &idx, &weights, p.use_bias ? &bias : &logits}))
+      return cuda::router_forward(p, logits, bias, scores, idx, weights);
 
   const float* L = logits.f32();
   float* S = scores.f32();
@@ -152,14 +154,17 @@ void router_backward(const RouterParams& p, const Tensor& logits, const Tensor& 
   expect_shape(op, dweights, {T, K});
   expect_dtype(op, dlogits, DType::F32);
   expect_shape(op, dlogits, {T, E});
-  for (const Tensor* t : {&logits, &scores, &idx, &dweights, &dlogits}) check_host(op, *t);
+  for (const Tensor* t : {&logits, &scores, &idx, &dweights, &dlogits}) host::check_backend(op, *t);
   const float* DS = nullptr;
   if (!dscores.empty()) {
     expect_dtype(op, dscores, DType::F32);
     expect_shape(op, dscores, {T, E});
-    check_host(op, dscores);
+    host::check_backend(op, dscores);
     DS = dscores.f32();
   }
+  if constexpr (host::kCuda)
+    if (host::on_cuda(op, {&logits, &scores, &idx, &dweights, &dscores, &dlogits}))
+      return cuda::router_backward(p, logits, scores, idx, dweights, dscores, dlogits);
   const int32_t* I = idx.i32();
   for (int64_t j = 0; j < T * K; ++j)
     DSV3_CHECK(I[j] >= 0 && I[j] < E, op, ": tensor '", idx.name(), "' holds expert ", I[j], " at token ",

@@ -2,6 +2,7 @@
 // applies the routed experts' combine weights to their SwiGLU output (scale_rows_*).
 //   g, u, h, dh, dg, du [T, F];  h = silu(g) * u,  silu(z) = z * sigmoid(z)
 //   dg = dh * u * sigmoid(g) * (1 + g * (1 - sigmoid(g))),  du = dh * silu(g)   (both overwritten)
+// GPU tensors go to the CUDA twin, kernels/cuda/swiglu.cu.
 #include <cmath>
 
 #include "core/error.hpp"
@@ -15,14 +16,10 @@ namespace dsv3::ops {
 namespace {
 
 void check_swiglu(const char* op, const Tensor& g, std::initializer_list<const Tensor*> others) {
-  expect_dtype(op, g, DType::F32);
-  DSV3_CHECK(g.device() == Device::Host, op, ": tensor '", g.name(),
-             "' is on a device without a backend in this build (only host)");
+  host::check_f32_backend(op, g);
   DSV3_CHECK(g.ndim() == 2, op, ": tensor '", g.name(), "' has shape ", g.shape_str(), ", expected [T, F]");
   for (const Tensor* t : others) {
-    expect_dtype(op, *t, DType::F32);
-    DSV3_CHECK(t->device() == Device::Host, op, ": tensor '", t->name(),
-               "' is on a device without a backend in this build (only host)");
+    host::check_f32_backend(op, *t);
     expect_shape(op, *t, {g.dim(0), g.dim(1)});
   }
 }
@@ -40,6 +37,8 @@ inline void exp_neg(const float* g, int64_t n, float* e) {
 void swiglu_forward(const Tensor& g, const Tensor& u, const Tensor& h) {
   DSV3_PROFILE(Elementwise);
   check_swiglu("swiglu_forward", g, {&u, &h});
+  if constexpr (host::kCuda)
+    if (host::on_cuda("swiglu_forward", {&g, &u, &h})) return cuda::swiglu_forward(g, u, h);
   const float* pg = g.f32();
   const float* pu = u.f32();
   float* ph = h.f32();
@@ -58,6 +57,9 @@ void swiglu_forward(const Tensor& g, const Tensor& u, const Tensor& h) {
 void swiglu_backward(const Tensor& g, const Tensor& u, const Tensor& dh, const Tensor& dg, const Tensor& du) {
   DSV3_PROFILE(Elementwise);
   check_swiglu("swiglu_backward", g, {&u, &dh, &dg, &du});
+  if constexpr (host::kCuda)
+    if (host::on_cuda("swiglu_backward", {&g, &u, &dh, &dg, &du}))
+      return cuda::swiglu_backward(g, u, dh, dg, du);
   const float* pg = g.f32();
   const float* pu = u.f32();
   const float* pdh = dh.f32();
@@ -81,7 +83,7 @@ namespace {
 void check_scale_rows(const char* op, const Tensor& x, const Tensor& w,
                       std::initializer_list<const Tensor*> rows) {
   check_swiglu(op, x, rows);
-  expect_dtype(op, w, DType::F32);
+  host::check_f32_backend(op, w);
   expect_shape(op, w, {x.dim(0)});
 }
 }  // namespace
@@ -89,6 +91,8 @@ void check_scale_rows(const char* op, const Tensor& x, const Tensor& w,
 void scale_rows_forward(const Tensor& x, const Tensor& w, const Tensor& y) {
   DSV3_PROFILE(Elementwise);
   check_scale_rows("scale_rows_forward", x, w, {&y});
+  if constexpr (host::kCuda)
+    if (host::on_cuda("scale_rows_forward", {&x, &w, &y})) return cuda::scale_rows_forward(x, w, y);
   const float* px = x.f32();
   const float* pw = w.f32();
   float* py = y.f32();
@@ -105,6 +109,9 @@ void scale_rows_backward(const Tensor& x, const Tensor& w, const Tensor& dy, con
   check_scale_rows("scale_rows_backward", x, w, {&dy, &dx});
   expect_dtype("scale_rows_backward", dw, DType::F32);
   expect_shape("scale_rows_backward", dw, {x.dim(0)});
+  if constexpr (host::kCuda)
+    if (host::on_cuda("scale_rows_backward", {&x, &w, &dy, &dx, &dw}))
+      return cuda::scale_rows_backward(x, w, dy, dx, dw);
   const float* px = x.f32();
   const float* pw = w.f32();
   const float* pdy = dy.f32();

@@ -13,6 +13,7 @@
 #include <limits>
 #include <string>
 
+#include "core/device.hpp"
 #include "core/error.hpp"
 #include "ops.hpp"
 #include "reference_dense.hpp"
@@ -49,21 +50,27 @@ std::string dims(std::initializer_list<std::pair<const char*, int64_t>> kv) {
   return s;
 }
 
-void copy(const Tensor& dst, const Tensor& src) {
-  for (int64_t j = 0; j < src.numel(); ++j) dst.f32()[j] = src.f32()[j];
-}
+// Test-side edits of op tensors, on whichever device the backend under test keeps them
+// (optest::on_host stages device tensors through the host).
+void copy(const Tensor& dst, const Tensor& src) { dsv3::copy_tensor(dst, src.view(dst.shape())); }
 
 void fill_nan(const Tensor& t) {
-  for (int64_t j = 0; j < t.numel(); ++j) t.f32()[j] = std::numeric_limits<float>::quiet_NaN();
+  dsv3::optest::on_host(t, [](const Tensor& h) {
+    for (int64_t j = 0; j < h.numel(); ++j) h.f32()[j] = std::numeric_limits<float>::quiet_NaN();
+  });
 }
 
 // A deterministic pattern to pre-load accumulating gradients with.
 float pattern(int64_t j) { return 0.25f * static_cast<float>(j % 7) - 0.5f; }
 void fill_pattern(const Tensor& t) {
-  for (int64_t j = 0; j < t.numel(); ++j) t.f32()[j] = pattern(j);
+  dsv3::optest::on_host(t, [](const Tensor& h) {
+    for (int64_t j = 0; j < h.numel(); ++j) h.f32()[j] = pattern(j);
+  });
 }
 void remove_pattern(const Tensor& t) {
-  for (int64_t j = 0; j < t.numel(); ++j) t.f32()[j] -= pattern(j);
+  dsv3::optest::on_host(t, [](const Tensor& h) {
+    for (int64_t j = 0; j < h.numel(); ++j) h.f32()[j] -= pattern(j);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -201,11 +208,13 @@ void copy_columns_cases(std::vector<OpCase>& out, std::mt19937_64& rng) {
       fill_pattern(din[0]);
       ops::copy_columns_backward(dout[0], col0, din[0], acc);
       // Accumulate: every element carries the pattern. Overwrite: only the columns outside the slice.
-      float* d = din[0].f32();
-      for (int64_t j = 0; j < din[0].numel(); ++j) {
-        const int64_t col = j % C;
-        if (acc || col < col0 || col >= col0 + n) d[j] -= pattern(j);
-      }
+      dsv3::optest::on_host(din[0], [&](const Tensor& h) {
+        float* d = h.f32();
+        for (int64_t j = 0; j < h.numel(); ++j) {
+          const int64_t col = j % C;
+          if (acc || col < col0 || col >= col0 + n) d[j] -= pattern(j);
+        }
+      });
     };
     out.push_back(std::move(c));
   }

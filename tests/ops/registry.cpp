@@ -6,6 +6,7 @@
 #include <map>
 #include <sstream>
 
+#include "core/device.hpp"
 #include "core/error.hpp"
 
 namespace dsv3::optest {
@@ -16,8 +17,8 @@ std::vector<std::pair<std::string, CaseFactory>>& factories() {
   return f;
 }
 
-// Backend-side copies of the reference inputs.
-std::vector<OwnedTensor> to_backend(const std::vector<RefTensor>& in) {
+// Backend-side copies of the reference inputs, on `device`.
+std::vector<OwnedTensor> to_backend(const std::vector<RefTensor>& in, Device device) {
   std::vector<OwnedTensor> out;
   for (const auto& r : in) {
     OwnedTensor t(r.is_int ? DType::I32 : DType::F32, r.shape, r.name);
@@ -27,8 +28,20 @@ std::vector<OwnedTensor> to_backend(const std::vector<RefTensor>& in) {
       else
         t.f32()[j] = static_cast<float>(r.f[j]);
     }
-    out.push_back(std::move(t));
+    out.push_back(device == Device::Host ? std::move(t) : to_device(t.t, device));
   }
+  return out;
+}
+
+// Host copies of backend tensors (the tensors themselves when they live on the host).
+std::vector<OwnedTensor> to_host(const std::vector<OwnedTensor>& v) {
+  std::vector<OwnedTensor> out;
+  for (const auto& t : v) out.push_back(to_device(t.t, Device::Host));
+  return out;
+}
+std::vector<OwnedTensor> to_host(const std::vector<Tensor>& v) {
+  std::vector<OwnedTensor> out;
+  for (const auto& t : v) out.push_back(t.empty() ? OwnedTensor() : to_device(t, Device::Host));
   return out;
 }
 
@@ -112,14 +125,17 @@ CaseResult run_case(const OpCase& c, Device device) {
     res.ok = false;
     msg << m << "\n";
   };
-  DSV3_CHECK(device == Device::Host, "op registry: only the host backend exists in this build");
+  DSV3_CHECK(device_available(device), "op registry: this build has no backend for device '",
+             device_name(device), "'");
 
   // Forward: backend vs reference.
   const std::vector<RefTensor> in = rounded(c.inputs);
-  std::vector<OwnedTensor> bin = to_backend(in);
-  std::vector<OwnedTensor> bout;
-  for (const auto& s : c.outputs) bout.emplace_back(s.is_int ? DType::I32 : DType::F32, s.shape, s.name);
-  c.forward(views(bin), views(bout));
+  std::vector<OwnedTensor> bin = to_backend(in, device);
+  std::vector<OwnedTensor> bout_dev;
+  for (const auto& s : c.outputs)
+    bout_dev.emplace_back(s.is_int ? DType::I32 : DType::F32, s.shape, s.name, device);
+  c.forward(views(bin), views(bout_dev));
+  std::vector<OwnedTensor> bout = to_host(bout_dev);
   std::vector<RefTensor> rout = make_outputs(c.outputs);
   c.reference(in, rout);
   for (size_t o = 0; o < c.outputs.size(); ++o) {
@@ -166,22 +182,24 @@ CaseResult run_case(const OpCase& c, Device device) {
   std::vector<RefTensor> dout = make_outputs(c.outputs);
   for (size_t o = 0; o < dout.size(); ++o)
     if (!c.outputs[o].is_int && c.outputs[o].differentiable) fill_normal(dout[o], rng);
-  std::vector<OwnedTensor> bdout = to_backend(dout);
+  std::vector<OwnedTensor> bdout = to_backend(dout, device);
   std::vector<OwnedTensor> bdin_owned;
   std::vector<Tensor> bdin;
+  bdin_owned.reserve(in.size());
   for (size_t j = 0; j < in.size(); ++j) {
     if (j < c.differentiable.size() && c.differentiable[j] && !in[j].is_int) {
-      bdin_owned.emplace_back(DType::F32, in[j].shape, "d" + in[j].name);
+      bdin_owned.emplace_back(DType::F32, in[j].shape, "d" + in[j].name, device);
       bdin.push_back(bdin_owned.back().t);
     } else {
       bdin.push_back(Tensor());
     }
   }
   // Re-run the forward on fresh inputs (ops may work in place) before the backward.
-  bin = to_backend(in);
-  for (auto& t : bout) t.buffer.zero();
-  c.forward(views(bin), views(bout));
-  c.backward(views(bin), views(bout), views(bdout), bdin);
+  bin = to_backend(in, device);
+  for (auto& t : bout_dev) t.buffer.zero();
+  c.forward(views(bin), views(bout_dev));
+  c.backward(views(bin), views(bout_dev), views(bdout), bdin);
+  const std::vector<OwnedTensor> bdin_host = to_host(bdin);
 
   for (size_t j = 0; j < in.size(); ++j) {
     if (bdin[j].empty()) continue;
@@ -205,7 +223,7 @@ CaseResult run_case(const OpCase& c, Device device) {
       c.reference(plus, op);
       c.reference(minus, om);
       fd[p] = (dot_loss(op, dout, c.outputs) - dot_loss(om, dout, c.outputs)) / (2 * h);
-      bk[p] = bdin[j].f32()[e];
+      bk[p] = bdin_host[j].f32()[e];
       rms += fd[p] * fd[p];
     }
     rms = std::sqrt(rms / picks.size());

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "core/device.hpp"
 #include "core/tensor.hpp"
 
 namespace dsv3::optest {
@@ -73,7 +74,22 @@ struct CaseResult {
   bool ok = true;
   std::string message;  // all failures, one per line, naming the tensor and the worst element
 };
+// Runs the case on `device`: inputs, outputs and gradients live there, and the results come back to
+// the host for the comparison. Throws when the build has no backend for the device.
 CaseResult run_case(const OpCase& c, Device device = Device::Host);
+
+// f(h) on a host view of t: t itself when it lives on the host, else a host copy that is written back
+// to t afterwards (for case code that edits op tensors, e.g. pre-loading accumulated gradients).
+template <typename F>
+void on_host(const Tensor& t, F&& f) {
+  if (t.device() == Device::Host) {
+    f(t);
+    return;
+  }
+  OwnedTensor h = to_device(t, Device::Host);
+  f(h.t);
+  copy_tensor(t, h.t);
+}
 
 }  // namespace dsv3::optest
 
