@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """tools/bench/precision_report.py on synthetic runs with known losses: the paired gaps by seed, their
-mean and standard error, the noise floor of the #2 samples, and the verdict's exit code."""
+mean, standard error and 90% interval, the noise floor of the #2 samples, and the verdict's exit code:
+an equivalence test over paired seeds, the gap itself for one run per precision."""
 import json
 import os
 import subprocess
@@ -31,7 +32,31 @@ print(out)
 assert p.returncode == 1, p.returncode  # +2% is outside the 0.25% target
 assert "paired by seed: +1.000%, +3.000%; mean +2.000% +- 1.000% (standard error)" in out, out
 assert "noise floor, bf16 with half the micro-batch vs bf16: -0.500%, -0.500%; mean -0.500% +- 0.000%" in out, out
-assert "fp8 vs bf16: +2.200% (OUTSIDE" in out, out  # gap of the means: 2.555 / 2.5
+assert "fp8 vs bf16: +2.200% (gap of the means over 2 seeds)" in out, out  # 2.555 / 2.5
+assert "rms gap 2.236% against the bf16 noise floor's 0.500% (4.47x)" in out, out
+# t(1) = 6.314: 2% +- 6.314%.
+assert "90% interval of the mean gap [-4.314%, +8.314%]: OUTSIDE" in out, out
+
+
+def verdict(gaps):
+    """The report on seeds whose FP8 runs lie the given fractions above bf16 at 2.0."""
+    a = []
+    for i, g in enumerate(gaps):
+        a += [f"t:bf16:{run(f'vb{i}', 2.0)}", f"t:fp8:{run(f'vf{i}', 2.0 * (1 + g))}"]
+    return subprocess.run([sys.executable, report] + a, capture_output=True, text=True)
+
+
+# Seeds scattered +-0.2%: the gap of the means is 0, inside 0.25%, but two seeds cannot show it.
+p = verdict([0.002, -0.002])
+assert p.returncode == 1 and "[-1.263%, +1.263%]: OUTSIDE" in p.stdout, p.stdout
+# Four seeds at +-0.1% and +-0.05%: standard error 0.0456%, t(3) = 2.353, interval +-0.107%.
+p = verdict([0.001, -0.001, 0.0005, -0.0005])
+assert p.returncode == 0 and "[-0.107%, +0.107%]: within the +-0.25% target" in p.stdout, p.stdout
+# One run per precision: the verdict is the gap itself.
+p = verdict([0.002])
+assert p.returncode == 0 and "fp8 vs bf16: +0.200% (within the 0.25% target)" in p.stdout, p.stdout
+p = verdict([0.003])
+assert p.returncode == 1 and "fp8 vs bf16: +0.300% (OUTSIDE the 0.25% target)" in p.stdout, p.stdout
 p = subprocess.run([sys.executable, report, f"t:bf16#3:{run('x', 2.0)}"], capture_output=True, text=True)
 assert p.returncode != 0 and "only #2" in p.stderr + p.stdout, (p.returncode, p.stderr)
 print("precision_report_check: all checks passed")
