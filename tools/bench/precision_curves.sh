@@ -50,7 +50,9 @@ for c in $configs; do
         --set training.train_steps="$steps" --set training.eval_interval=0 --set training.log_interval=50 \
         --set checkpoint.interval=100000 ${sets[$p]} $common $extra > "$dir.log" 2>&1 || { echo "run $c $p failed: $dir.log" >&2; exit 1; }
     fi
-    runs+=("$c:$p$([ "$k" = 2 ] && echo "#2"):$dir/metrics.jsonl")
+    label=$p
+    if [ "$k" = 2 ]; then label="$p#2"; fi
+    runs+=("$c:$label:$dir/metrics.jsonl")
    done
    done
   done

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# tools/bench/precision_curves.sh end to end on a few steps of tiny: every run of every precision,
+# seed and sample is trained and handed to the report, which pairs them by seed and prints the noise
+# floor; a second call reuses the finished runs; an unknown precision exits 2 naming it.
+set -u
+bin=$1
+root=$(cd "$(dirname "$0")/../.." && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+
+for i in $(seq 1 400); do echo "line $i of a small corpus: the quick brown fox jumps over the lazy dog."; done \
+  > "$work/corpus.txt"
+"$bin/dsv3-data" --input "$work/corpus.txt" --output-prefix "$work/c" >/dev/null 2>&1 || fail "dsv3-data failed"
+curves() {
+  DATA="$work/c" CONFIGS=tiny PRECISIONS="fp32 bf16" SEEDS="11 12" SAMPLES=2 STEPS=3 \
+    SETS="--set training.seq_length=32 --set training.schedule.warmup_steps=1" \
+    bash "$root/tools/bench/precision_curves.sh" "$(dirname "$bin")" "$work/out"
+}
+out=$(curves 2>&1); rc=$?
+echo "$out"
+# 0 or 1 is the report's verdict on three steps; anything else is the script failing.
+[ $rc -le 1 ] || fail "precision_curves.sh exited $rc"
+for p in fp32 bf16; do
+  for s in 11 12; do
+    for d in "tiny-$p-seed$s" "tiny-$p-seed$s-s2"; do
+      n=$(grep -c '"step"' "$work/out/$d/metrics.jsonl" 2>/dev/null)
+      [ "${n:-0}" -ge 3 ] || fail "run $d did not train 3 steps"
+    done
+  done
+done
+grep -q "bf16 vs fp32: .*over 2 seeds" <<<"$out" || fail "no gap of the means over 2 seeds"
+grep -q "paired by seed: " <<<"$out" || fail "no paired gaps"
+grep -q "noise floor, fp32 with half the micro-batch" <<<"$out" || fail "no fp32 noise floor"
+grep -q "noise floor, bf16 with half the micro-batch" <<<"$out" || fail "no bf16 noise floor"
+grep -q "90% interval of the mean gap" <<<"$out" || fail "no interval"
+before=$(stat -c %Y "$work/out/tiny-bf16-seed12/metrics.jsonl")
+sleep 1
+again=$(curves 2>&1); rc2=$?
+[ $rc2 -eq $rc ] || fail "second call exited $rc2, the first $rc"
+[ "$(stat -c %Y "$work/out/tiny-bf16-seed12/metrics.jsonl")" = "$before" ] || fail "a finished run was trained again"
+out=$(DATA="$work/c" CONFIGS=tiny PRECISIONS="fp16" bash "$root/tools/bench/precision_curves.sh" "$(dirname "$bin")" "$work/bad" 2>&1); rc=$?
+[ $rc -eq 2 ] || fail "unknown precision: exit $rc"
+grep -q "unknown precision fp16" <<<"$out" || fail "unknown precision: $out"
+echo "precision_curves_cli: all checks passed"
