@@ -3,15 +3,9 @@
 # seed and sample is trained and handed to the report, which pairs them by seed and prints the noise
 # floor; a second call reuses the finished runs; an unknown precision exits 2 naming it.
 set -u
-bin=$1
+bin=$(cd "$1" && pwd)
 root=$(cd "$(dirname "$0")/../.." && pwd)
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-fail() { echo "FAIL: $*"; exit 1; }
-
-for i in $(seq 1 400); do echo "line $i of a small corpus: the quick brown fox jumps over the lazy dog."; done \
-  > "$work/corpus.txt"
-"$bin/dsv3-data" --input "$work/corpus.txt" --output-prefix "$work/c" >/dev/null 2>&1 || fail "dsv3-data failed"
+source "$root/tests/cli/training_setup.sh"
 curves() {
   DATA="$work/c" CONFIGS=tiny PRECISIONS="fp32 bf16" SEEDS="11 12" SAMPLES=2 STEPS=3 \
     SETS="--set training.seq_length=32 --set training.schedule.warmup_steps=1" \
