@@ -36,6 +36,7 @@ assert "fp8 vs bf16: +2.200% (gap of the means over 2 seeds)" in out, out  # 2.5
 assert "rms gap 2.236% against the bf16 noise floor's 0.500% (4.47x)" in out, out
 # t(1) = 6.314: 2% +- 6.314%.
 assert "90% interval of the mean gap [-4.314%, +8.314%]: OUTSIDE" in out, out
+assert "held: none, the mean gap itself is outside the target" in out, out
 
 
 def verdict(gaps):
@@ -49,6 +50,9 @@ def verdict(gaps):
 # Seeds scattered +-0.2%: the gap of the means is 0, inside 0.25%, but two seeds cannot show it.
 p = verdict([0.002, -0.002])
 assert p.returncode == 1 and "[-1.263%, +1.263%]: OUTSIDE" in p.stdout, p.stdout
+# sd 0.2828%: n seeds show it once t(n-1) * 0.2828 / sqrt(n) < 0.25, first at n = 6 (2.015 * 0.1155 = 0.233;
+# n = 5: 2.132 * 0.1265 = 0.270).
+assert "seeds that would show it if the mean gap and its spread (sd 0.283%) held: 6" in p.stdout, p.stdout
 # Four seeds at +-0.1% and +-0.05%: standard error 0.0456%, t(3) = 2.353, interval +-0.107%.
 p = verdict([0.001, -0.001, 0.0005, -0.0005])
 assert p.returncode == 0 and "[-0.107%, +0.107%]: within the +-0.25% target" in p.stdout, p.stdout

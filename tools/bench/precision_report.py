@@ -6,7 +6,8 @@ another's (one per seed) are paired, and the mean paired gap is printed with its
 its 90% confidence interval (Student's t). With paired seeds the verdict is an equivalence test: the
 target is met when that interval lies inside +-target (two one-sided t-tests at 5%), so a mean gap
 that only looks small because the seeds scatter widely does not pass. With one run per precision the
-verdict is the gap itself.
+verdict is the gap itself. When the interval is not inside, the report prints how many seeds would put it
+inside if the measured mean gap and spread held.
 
 A run labelled PRECISION#2 is that precision's second sample of a seed (the same run with half the
 micro-batch: the same sums in another order). It does not enter the gaps; it measures the noise
@@ -28,6 +29,16 @@ T95 = [6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.7
 
 def t95(df):
     return T95[min(df, len(T95)) - 1]
+
+
+def seeds_needed(mean, sd, target, most=100000):
+    """The fewest seeds whose 90% t interval around this mean, at this spread, lies inside +-target."""
+    if abs(mean) >= target:
+        return None
+    n = 2
+    while n <= most and t95(n - 1) * sd / n ** 0.5 >= target - abs(mean):
+        n += 1
+    return n if n <= most else None
 
 
 def rms(g):
@@ -106,6 +117,11 @@ def main(args):
                     print(f"    90% interval of the mean gap [{100 * lo:+.3f}%, {100 * hi:+.3f}%]: " +
                           ("within" if met else "OUTSIDE (not shown within)") +
                           f" the +-{100 * target:.2f}% target (two one-sided t-tests at 5%)")
+                    if not met:
+                        sd = se * len(g) ** 0.5
+                        n = seeds_needed(mean, sd, target)
+                        print(f"    seeds that would show it if the mean gap and its spread (sd {100 * sd:.3f}%) held: " +
+                              (f"{n}" if n else "none, the mean gap itself is outside the target"))
                 else:
                     met = abs(gap) <= target
                     print(f"  {a} vs {b}: {100 * gap:+.3f}% ({'within' if met else 'OUTSIDE'} the {100 * target:.2f}% target)")
