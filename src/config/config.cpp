@@ -290,6 +290,7 @@ void bind_all(Visitor& b, C& c) {
   b.optional("training.precision", t.precision);
   b.optional("training.use_fp8", t.use_fp8);
   b.optional("training.fp8_passes", t.fp8_passes);
+  b.optional("training.fp8_modules", t.fp8_modules);
   b.optional("training.recompute", t.recompute);
   b.optional("training.recompute_modules", t.recompute_modules);
   b.optional("training.seed", t.seed);
@@ -489,16 +490,28 @@ void validate(const Config& c) {
                                 {"model.moe.deep_ep_fp8", c.model.moe.deep_ep_fp8}})
     DSV3_CHECK(!on || t.precision == "bf16", c.where(key), ": true needs training.precision: bf16 (got ",
                t.precision, "): FP8 runs inside bf16 mixed precision");
-  if (c.lines.count("training.fp8_passes")) {
-    const std::string where = c.where("training.fp8_passes");
-    DSV3_CHECK(t.use_fp8, where, ": a list of FP8 passes needs training.use_fp8: true");
-    DSV3_CHECK(!t.fp8_passes.empty(), where,
-               ": an empty list (for no FP8 GEMMs set training.use_fp8: false)");
-    for (size_t i = 0; i < t.fp8_passes.size(); ++i) {
-      const std::string& p = t.fp8_passes[i];
-      DSV3_CHECK(p == "fprop" || p == "dgrad" || p == "wgrad", where, ": unknown pass '", p,
-                 "' (known: fprop, dgrad, wgrad)");
-      for (size_t j = 0; j < i; ++j) DSV3_CHECK(t.fp8_passes[j] != p, where, ": '", p, "' is listed twice");
+  // The FP8 GEMM lists: which passes, which projections.
+  struct Fp8List {
+    const char* key;
+    const std::vector<std::string>& list;
+    const char* what;   // one entry
+    const char* whats;  // several
+    std::vector<std::string> known;
+  };
+  for (const Fp8List& l :
+       {Fp8List{"training.fp8_passes", t.fp8_passes, "pass", "passes", {"fprop", "dgrad", "wgrad"}},
+        Fp8List{"training.fp8_modules", t.fp8_modules, "module", "modules", {"attention", "ffn"}}}) {
+    if (!c.lines.count(l.key)) continue;
+    const std::string where = c.where(l.key);
+    DSV3_CHECK(t.use_fp8, where, ": a list of FP8 ", l.whats, " needs training.use_fp8: true");
+    DSV3_CHECK(!l.list.empty(), where, ": an empty list (for no FP8 GEMMs set training.use_fp8: false)");
+    std::string names;
+    for (const std::string& k : l.known) names += (names.empty() ? "" : ", ") + k;
+    for (size_t i = 0; i < l.list.size(); ++i) {
+      const std::string& p = l.list[i];
+      DSV3_CHECK(std::find(l.known.begin(), l.known.end(), p) != l.known.end(), where, ": unknown ", l.what,
+                 " '", p, "' (known: ", names, ")");
+      for (size_t j = 0; j < i; ++j) DSV3_CHECK(l.list[j] != p, where, ": '", p, "' is listed twice");
     }
   }
   one_of("training.recompute", t.recompute, {"none", "selective", "full"});
@@ -764,12 +777,18 @@ std::string precision_summary(const Config& c) {
   std::string s = c.training.precision;
   if (c.training.use_fp8) {
     s += " + fp8 gemms";
+    // Partial lists, as "(fprop, wgrad only)", "(attention only)" or "(fprop; ffn only)".
+    const auto join = [](const std::vector<std::string>& v) {
+      std::string j;
+      for (size_t i = 0; i < v.size(); ++i) j += (i ? ", " : "") + v[i];
+      return j;
+    };
     const auto& p = c.training.fp8_passes;
-    if (!p.empty() && p.size() < 3) {
-      s += " (";
-      for (size_t i = 0; i < p.size(); ++i) s += (i ? ", " : "") + p[i];
-      s += " only)";
-    }
+    const auto& m = c.training.fp8_modules;
+    const bool some_passes = !p.empty() && p.size() < 3, some_modules = !m.empty() && m.size() < 2;
+    if (some_passes || some_modules)
+      s += " (" + (some_passes ? join(p) : "") + (some_passes && some_modules ? "; " : "") +
+           (some_modules ? join(m) : "") + " only)";
   }
   if (c.model.mla.use_fp8_kv) s += " + fp8 kv cache";
   if (c.model.moe.deep_ep_fp8) s += " + fp8 dispatch";

@@ -102,6 +102,9 @@ struct TrainingConfig {
   // Under use_fp8, the passes of each FP8 projection that run in FP8 (a list of fprop, dgrad and
   // wgrad; the others stay bf16), as Transformer Engine's override_linear_precision; empty: all three.
   std::vector<std::string> fp8_passes;
+  // Under use_fp8, which projections are FP8 GEMMs (a list of attention: the MLA projections, and
+  // ffn: the dense FFN and the shared and routed experts; the others stay bf16); empty: both.
+  std::vector<std::string> fp8_modules;
   std::string recompute = "none";  // none | selective | full
   // Under recompute: selective, what the backward rebuilds (kRecomputeModules); empty: DeepSeek-V3's
   // set (report section 3.2.3: the RMSNorms and the MLA up-projections, plus the SwiGLU products).

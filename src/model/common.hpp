@@ -20,10 +20,12 @@ namespace dsv3 {
 // fp8_kv: MLA keeps its KV latent for backward in FP8 with 1 x 128 tile scales and rebuilds the keys
 // and values from it. fp8_dispatch: routed-expert inputs travel (and are kept) as FP8 rows + scales.
 // fp8_fprop / fp8_dgrad / fp8_wgrad: which passes of those projections are FP8 (training.fp8_passes;
-// all three under use_fp8 by default), the others bf16.
+// all three under use_fp8 by default), the others bf16. fp8_attention / fp8_ffn: which projections
+// (training.fp8_modules: the MLA projections, the dense FFN and experts; both by default).
 struct Numerics {
   bool bf16 = false, fp8 = false, fp8_kv = false, fp8_dispatch = false;
   bool fp8_fprop = false, fp8_dgrad = false, fp8_wgrad = false;
+  bool fp8_attention = false, fp8_ffn = false;
 };
 // From training.precision, training.use_fp8, model.mla.use_fp8_kv and model.moe.deep_ep_fp8; a
 // combination without an implementation throws naming the key.
@@ -63,10 +65,11 @@ inline OwnedTensor act_out(std::vector<int64_t> shape, const std::string& name) 
 // stores in bf16); nothing in fp32.
 void round_act(const StepContext& ctx, const Tensor& t);
 
-// The GEMMs of a linear layer in the run's precision. Fp8 marks the projections DeepSeek-V3 runs in
-// FP8 (attention and FFN/expert projections; report section 3.3.1): FP8 GEMMs under training.use_fp8,
-// bf16 otherwise. Outputs (y, dx) are rounded like activations; weight gradients accumulate in fp32.
-enum class GemmKind { Bf16, Fp8 };
+// The GEMMs of a linear layer in the run's precision. Fp8Attention and Fp8Ffn mark the projections
+// DeepSeek-V3 runs in FP8 (report section 3.3.1: the MLA projections; the dense FFN and the shared and
+// routed experts): FP8 GEMMs under training.use_fp8 when training.fp8_modules lists them, bf16
+// otherwise. Outputs (y, dx) are rounded like activations; weight gradients accumulate in fp32.
+enum class GemmKind { Bf16, Fp8Attention, Fp8Ffn };
 void linear_fwd(const StepContext& ctx, GemmKind k, const Tensor& x, const Tensor& w, const Tensor& y,
                 bool accumulate = false);
 void linear_dgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Tensor& w, const Tensor& dx,

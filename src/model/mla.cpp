@@ -56,7 +56,7 @@ MLA::MLA(const ModelConfig& m, ParamStore& ps, const std::string& p, const Model
 void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved& s,
                   const StepContext& ctx) const {
   const int64_t B = ctx.B, S = ctx.S, T = ctx.T();
-  constexpr GemmKind kF8 = GemmKind::Fp8;  // every MLA projection is an FP8 GEMM under use_fp8
+  constexpr GemmKind kF8 = GemmKind::Fp8Attention;  // every MLA projection is an FP8 GEMM under use_fp8
   s.xn = xn;
   // Query: [T, H*(n+R)], through the q latent when q_lora_rank > 0.
   if (rq_ > 0) {
@@ -112,9 +112,9 @@ void MLA::queries(const ParamStore& ps, Saved& s, const StepContext& ctx) const 
   s.q = act_out({B, S, H_, qk}, "mla.q");
   const Tensor q2 = s.q.t.view({T, H_ * qk});
   if (rq_ > 0)
-    linear_fwd(ctx, GemmKind::Fp8, s.qa_n, ps.compute(q_b_), q2);
+    linear_fwd(ctx, GemmKind::Fp8Attention, s.qa_n, ps.compute(q_b_), q2);
   else
-    linear_fwd(ctx, GemmKind::Fp8, s.xn, ps.compute(q_), q2);
+    linear_fwd(ctx, GemmKind::Fp8Attention, s.xn, ps.compute(q_), q2);
   ops::rope_forward(s.q, ctx.rope_cos, ctx.rope_sin, n_);
   round_act(ctx, s.q);
 }
@@ -127,7 +127,7 @@ void MLA::keys_values(const ParamStore& ps, Saved& s, const StepContext& ctx) co
   round_act(ctx, k_pe);
   // Per-head keys and values from the latent: kvb [T, H*(n+dv)] -> k [.., n+R], v [.., dv].
   OwnedTensor kvb = act_out({B, S, H_, n_ + dv_}, "mla.kv_b");
-  linear_fwd(ctx, GemmKind::Fp8, s.c_n, ps.compute(kv_b_), kvb.t.view({T, H_ * (n_ + dv_)}));
+  linear_fwd(ctx, GemmKind::Fp8Attention, s.c_n, ps.compute(kv_b_), kvb.t.view({T, H_ * (n_ + dv_)}));
   s.k = act_out({B, S, H_, qk}, "mla.k");
   s.v = act_out({B, S, H_, dv_}, "mla.v");
   ops::mla_assemble_kv(kvb, k_pe.t.view({B, S, R_}), n_, s.k, s.v);
@@ -182,7 +182,7 @@ void MLA::recompute(const ParamStore& ps, Saved& s, const StepContext& ctx) cons
 void MLA::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dxn,
                    const StepContext& ctx) const {
   const int64_t B = ctx.B, S = ctx.S, T = ctx.T(), qk = n_ + R_;
-  constexpr GemmKind kF8 = GemmKind::Fp8;
+  constexpr GemmKind kF8 = GemmKind::Fp8Attention;
   OwnedTensor d_o = act_out({B, S, H_, dv_}, "mla.d_o");
   linear_dgrad(ctx, kF8, dy, ps.compute(o_), d_o.t.view({T, H_ * dv_}));
   linear_wgrad(ctx, kF8, dy, s.o.t.view({T, H_ * dv_}), ps.grad(o_));

@@ -17,6 +17,11 @@ Numerics numerics_of(const Config& c) {
     return n.fp8 && (passes.empty() || std::find(passes.begin(), passes.end(), p) != passes.end());
   };
   n.fp8_fprop = in("fprop"), n.fp8_dgrad = in("dgrad"), n.fp8_wgrad = in("wgrad");
+  const auto& mods = c.training.fp8_modules;
+  const auto module = [&](const char* m) {
+    return n.fp8 && (mods.empty() || std::find(mods.begin(), mods.end(), m) != mods.end());
+  };
+  n.fp8_attention = module("attention"), n.fp8_ffn = module("ffn");
   n.fp8_kv = c.model.mla.use_fp8_kv;
   n.fp8_dispatch = c.model.moe.deep_ep_fp8;
   // load_config refuses FP8 parts without bf16 (config.cpp).
@@ -28,9 +33,16 @@ void round_act(const StepContext& ctx, const Tensor& t) {
   lowp::round_bf16(t.f32(), t.numel());
 }
 
+namespace {
+// Whether pass `on` of a projection of kind k is an FP8 GEMM.
+bool fp8_gemm(const Numerics& n, GemmKind k, bool on) {
+  return on && ((k == GemmKind::Fp8Attention && n.fp8_attention) || (k == GemmKind::Fp8Ffn && n.fp8_ffn));
+}
+}  // namespace
+
 void linear_fwd(const StepContext& ctx, GemmKind k, const Tensor& x, const Tensor& w, const Tensor& y,
                 bool accumulate) {
-  if (ctx.num.fp8_fprop && k == GemmKind::Fp8)
+  if (fp8_gemm(ctx.num, k, ctx.num.fp8_fprop))
     ops::fp8_linear_forward(x, w, y, accumulate);
   else
     ops::linear_forward(x, w, y, accumulate);
@@ -39,7 +51,7 @@ void linear_fwd(const StepContext& ctx, GemmKind k, const Tensor& x, const Tenso
 
 void linear_dgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Tensor& w, const Tensor& dx,
                   bool accumulate) {
-  if (ctx.num.fp8_dgrad && k == GemmKind::Fp8)
+  if (fp8_gemm(ctx.num, k, ctx.num.fp8_dgrad))
     ops::fp8_linear_backward_input(dy, w, dx, accumulate);
   else
     ops::linear_backward_input(dy, w, dx, accumulate);
@@ -47,7 +59,7 @@ void linear_dgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Te
 }
 
 void linear_wgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Tensor& x, const Tensor& dw) {
-  if (ctx.num.fp8_wgrad && k == GemmKind::Fp8)
+  if (fp8_gemm(ctx.num, k, ctx.num.fp8_wgrad))
     ops::fp8_linear_backward_weight(dy, x, dw);
   else
     ops::linear_backward_weight(dy, x, dw);

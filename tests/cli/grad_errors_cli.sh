@@ -20,7 +20,7 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 v = {x["name"]: x for x in r["variants"]}
 names = ["fp32", "bf16", "fp8 gemms", "fp8 fprop only", "fp8 dgrad only", "fp8 wgrad only",
-         "fp8 kv cache only", "fp8 dispatch only", "fp8 all", "fp32, other tokens"]
+         "fp8 attention only", "fp8 ffn only", "fp8 kv cache only", "fp8 dispatch only", "fp8 all", "fp32, other tokens"]
 assert list(v) == names, list(v)
 assert v["fp32"]["grad_error"] == 0.0, v["fp32"]
 for n in ("fp8 dgrad only", "fp8 wgrad only"):

@@ -41,6 +41,17 @@ double cosine(const std::vector<float>& a, const std::vector<float>& b) {
     ab += double(a[i]) * b[i], aa += double(a[i]) * a[i], bb += double(b[i]) * b[i];
   return ab / std::sqrt(aa * bb);
 }
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+}
+// The loss and gradient of tiny on `tok` under the settings `o`, plus key=list when list is not empty.
+std::pair<double, std::vector<float>> loss_and_grads(const OwnedTensor& tok, std::vector<std::string> o,
+                                                     const std::string& key, const std::string& list) {
+  if (!list.empty()) o.push_back(key + "=" + list);
+  Model m(tiny(o));
+  const double loss = m.forward_backward(tok).total;
+  return std::make_pair(loss, grads(m));
+}
 }  // namespace
 
 TEST(Precision, RecomputeModesGiveIdenticalBitsInEveryPrecision) {
@@ -95,19 +106,13 @@ TEST(Precision, EachPrecisionIsCloseToTheNextButNotEqual) {
 // passes is the default.
 TEST(Precision, Fp8PassesPickWhichGemmsRunInFp8) {
   const OwnedTensor tok = tokens(tiny({}), 2, 24);
-  const auto run = [&](std::vector<std::string> o, const std::string& passes) {
-    if (!passes.empty()) o.push_back("training.fp8_passes=" + passes);
-    Model m(tiny(o));
-    const double loss = m.forward_backward(tok).total;
-    return std::make_pair(loss, grads(m));
+  const auto run = [&](const std::vector<std::string>& o, const std::string& passes) {
+    return loss_and_grads(tok, o, "training.fp8_passes", passes);
   };
   const auto bf16 = run(kBf16, ""), all = run(kFp8, ""), listed = run(kFp8, "[wgrad, fprop, dgrad]");
   EXPECT_EQ(listed.first, all.first);
-  EXPECT_EQ(std::memcmp(listed.second.data(), all.second.data(), all.second.size() * 4), 0);
+  EXPECT_TRUE(same_bits(listed.second, all.second));
   ASSERT_NE(all.first, bf16.first);
-  const auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b) {
-    return std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
-  };
   for (const std::string passes : {"[fprop]", "[dgrad]", "[wgrad]", "[fprop, dgrad]", "[dgrad, wgrad]"}) {
     const auto r = run(kFp8, passes);
     const bool fprop = passes.find("fprop") != std::string::npos;
@@ -117,6 +122,32 @@ TEST(Precision, Fp8PassesPickWhichGemmsRunInFp8) {
   }
   EXPECT_EQ(precision_summary(tiny(kFp8, "training.fp8_passes=[fprop, wgrad]")),
             "bf16 + fp8 gemms (fprop, wgrad only)");
+}
+
+// training.fp8_modules: listing both projection kinds is the default, and each alone gives a loss and
+// a gradient that differ from bf16's and from all-FP8's (so each kind has FP8 GEMMs of its own, and
+// neither holds all of them).
+TEST(Precision, Fp8ModulesPickWhichProjectionsRunInFp8) {
+  const OwnedTensor tok = tokens(tiny({}), 2, 24);
+  const auto run = [&](const std::vector<std::string>& o, const std::string& modules) {
+    return loss_and_grads(tok, o, "training.fp8_modules", modules);
+  };
+  const auto bf16 = run(kBf16, ""), all = run(kFp8, ""), listed = run(kFp8, "[ffn, attention]");
+  EXPECT_EQ(listed.first, all.first);
+  EXPECT_TRUE(same_bits(listed.second, all.second));
+  for (const std::string modules : {"[attention]", "[ffn]"}) {
+    const auto r = run(kFp8, modules);
+    EXPECT_NE(r.first, bf16.first) << modules << " gave bf16's loss";
+    EXPECT_NE(r.first, all.first) << modules << " gave all-FP8's loss";
+    EXPECT_FALSE(same_bits(r.second, bf16.second)) << modules << " gave bf16's gradient";
+    EXPECT_FALSE(same_bits(r.second, all.second)) << modules << " gave all-FP8's gradient";
+  }
+  EXPECT_EQ(precision_summary(tiny(kFp8, "training.fp8_modules=[attention]")),
+            "bf16 + fp8 gemms (attention only)");
+  std::vector<std::string> ffn_fprop = kFp8;
+  ffn_fprop.push_back("training.fp8_passes=[fprop]");
+  EXPECT_EQ(precision_summary(tiny(ffn_fprop, "training.fp8_modules=[ffn]")),
+            "bf16 + fp8 gemms (fprop; ffn only)");
 }
 
 TEST(Precision, SavedActivationsAreStoredInTheirFormats) {

@@ -138,6 +138,14 @@ TEST(Config, ImpossibleValues) {
                        {"training.fp8_passes", "'dgrad' is listed twice"}));
   EXPECT_TRUE(Mentions(error_of(with_fp8("training.fp8_passes=[]")),
                        {"training.fp8_passes", "empty list", "training.use_fp8: false"}));
+  EXPECT_TRUE(Mentions(error_of({"training.precision=bf16", "training.fp8_modules=[ffn]"}),
+                       {"training.fp8_modules", "FP8 modules needs training.use_fp8: true"}));
+  EXPECT_TRUE(Mentions(error_of(with_fp8("training.fp8_modules=[attention, router]")),
+                       {"training.fp8_modules", "unknown module 'router'", "(known: attention, ffn)"}));
+  EXPECT_TRUE(Mentions(error_of(with_fp8("training.fp8_modules=[ffn, ffn]")),
+                       {"training.fp8_modules", "'ffn' is listed twice"}));
+  EXPECT_TRUE(Mentions(error_of(with_fp8("training.fp8_modules=[]")),
+                       {"training.fp8_modules", "empty list", "training.use_fp8: false"}));
 }
 
 TEST(Config, RecomputeModulesReadAsAListOrCommaText) {
