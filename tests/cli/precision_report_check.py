@@ -61,6 +61,18 @@ p = verdict([0.002])
 assert p.returncode == 0 and "fp8 vs bf16: +0.200% (within the 0.25% target)" in p.stdout, p.stdout
 p = verdict([0.003])
 assert p.returncode == 1 and "fp8 vs bf16: +0.300% (OUTSIDE the 0.25% target)" in p.stdout, p.stdout
+# A second sample that stopped early is named, not a traceback.
+short = os.path.join(work, "short.jsonl")
+with open(short, "w") as f:
+    for step in range(1, 61):
+        f.write(json.dumps({"step": step, "lm_loss": 2.0}) + "\n")
+p = subprocess.run([sys.executable, report, f"t:bf16:{run('full', 2.0)}", f"t:bf16#2:{short}"], capture_output=True,
+                   text=True)
+assert p.returncode == 2 and f"{short}: no LM loss at step 61" in p.stderr, (p.returncode, p.stderr)
+for bad, says in ((f"t:bf16:{work}/none.jsonl", "none.jsonl: No such file"), ("t-bf16", "expected CONFIG:PRECISION"),
+                  (f"t:bf16:{report}", "not a metrics line")):
+    p = subprocess.run([sys.executable, report, bad], capture_output=True, text=True)
+    assert p.returncode == 2 and says in p.stderr, (bad, p.returncode, p.stderr)
 p = subprocess.run([sys.executable, report, f"t:bf16#3:{run('x', 2.0)}"], capture_output=True, text=True)
-assert p.returncode != 0 and "only #2" in p.stderr + p.stdout, (p.returncode, p.stderr)
+assert p.returncode == 2 and "only #2" in p.stderr, (p.returncode, p.stderr)
 print("precision_report_check: all checks passed")

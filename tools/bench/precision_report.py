@@ -14,6 +14,7 @@ micro-batch: the same sums in another order). It does not enter the gaps; it mea
 floor, how far a run moves from its first sample when only its rounding changes.
 
 Usage: precision_report.py CONFIG:PRECISION[#2]:METRICS_JSONL ...
+Exit status: 0 every target met, 1 one is not, 2 bad input (named on stderr).
 """
 import json
 import sys
@@ -45,13 +46,34 @@ def rms(g):
     return (sum(v * v for v in g) / len(g)) ** 0.5
 
 
+def fail(msg):
+    """Bad input: the message on stderr and exit 2 (0 and 1 are the verdict)."""
+    print(f"precision_report.py: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+class Run(dict):
+    """step -> (LM loss, tokens/s) of one metrics.jsonl, which it names."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+
 def losses(path):
-    out = {}
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if "step" in r and "lm_loss" in r and r.get("kind", "train") == "train":
-                out[r["step"]] = (r["lm_loss"], r.get("tokens_per_s"))
+    out = Run(path)
+    try:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                r = json.loads(line)
+                if "step" in r and "lm_loss" in r and r.get("kind", "train") == "train":
+                    out[r["step"]] = (r["lm_loss"], r.get("tokens_per_s"))
+    except OSError as e:
+        fail(f"{path}: {e.strerror}")
+    except ValueError as e:
+        fail(f"{path}:{n}: not a metrics line ({e})")
+    if not out:
+        fail(f"{path}: no training steps")
     return out
 
 
@@ -66,11 +88,13 @@ def paired(xs, ys):
 def main(args):
     runs, second = {}, {}
     for a in args:
+        if a.count(":") < 2:
+            fail(f"{a}: expected CONFIG:PRECISION[#2]:METRICS_JSONL")
         cfg, prec, path = a.split(":", 2)
         prec, _, sample = prec.partition("#")
         target = second if sample == "2" else runs
         if sample not in ("", "1", "2"):
-            raise SystemExit(f"{a}: sample {sample} (only #2 is known)")
+            fail(f"{a}: sample {sample} (only #2 is known)")
         target.setdefault(cfg, {}).setdefault(prec, []).append(losses(path))
     ok = True
     for cfg, by in runs.items():
@@ -82,7 +106,13 @@ def main(args):
         for s in marks:
             print(f"  {s:4d} " + "".join(f"{by[p][0][s][0]:12.4f}" for p in precs))
         tail = steps[-WINDOW:]
-        smooth = lambda r: sum(r[s][0] for s in tail) / len(tail)
+
+        def smooth(r):
+            missing = [s for s in tail if s not in r]
+            if missing:
+                fail(f"{r.path}: no LM loss at step {missing[0]} (the other runs of {cfg} reach "
+                                 f"step {tail[-1]}); is that run still going, or did it stop early?")
+            return sum(r[s][0] for s in tail) / len(tail)
         per = {p: [smooth(r) for r in by[p]] for p in precs}
         final = {p: sum(v) / len(v) for p, v in per.items()}
         print(f"  final smoothed (mean of steps {tail[0]}-{tail[-1]}" +
