@@ -34,6 +34,8 @@ assert "paired by seed: +1.000%, +3.000%; mean +2.000% +- 1.000% (standard error
 assert "noise floor, bf16 with half the micro-batch vs bf16: -0.500%, -0.500%; mean -0.500% +- 0.000%" in out, out
 assert "fp8 vs bf16: +2.200% (gap of the means over 2 seeds)" in out, out  # 2.555 / 2.5
 assert "rms gap 2.236% against the bf16 noise floor's 0.500% (4.47x)" in out, out
+# Against (2.0 + 1.99) / 2 and (3.0 + 2.985) / 2: 2.02 / 1.995 and 3.09 / 2.9925.
+assert "against the mean of bf16's two samples: +1.253%, +3.258%; mean +2.256% +- 1.003%" in out, out
 # t(1) = 6.314: 2% +- 6.314%.
 assert "90% interval of the mean gap [-4.314%, +8.314%]: OUTSIDE" in out, out
 assert "held: none, the mean gap itself is outside the target" in out, out

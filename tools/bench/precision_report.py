@@ -11,7 +11,8 @@ inside if the measured mean gap and spread held.
 
 A run labelled PRECISION#2 is that precision's second sample of a seed (the same run with half the
 micro-batch: the same sums in another order). It does not enter the gaps; it measures the noise
-floor, how far a run moves from its first sample when only its rounding changes.
+floor, how far a run moves from its first sample when only its rounding changes; the gaps are also
+printed against the mean of a seed's two samples, a reference with less of one run's luck in it.
 
 Usage: precision_report.py CONFIG:PRECISION[#2]:METRICS_JSONL ...
 Exit status: 0 every target met, 1 one is not, 2 bad input (named on stderr).
@@ -122,11 +123,12 @@ def main(args):
             if len(per[p]) > 1:
                 spread = (max(per[p]) - min(per[p])) / final[p]
                 print(f"    {p} runs: " + ", ".join(f"{v:.4f}" for v in per[p]) + f" (spread {100 * spread:.2f}%)")
-        floor = {}
+        floor, both = {}, {}  # rms gap of the #2 samples; the mean of each seed's two samples
         for p, rs in second.get(cfg, {}).items():
             if p in per and len(rs) == len(per[p]):
                 g, mean, se = paired([smooth(r) for r in rs], per[p])
                 floor[p] = rms(g)
+                both[p] = [(x + smooth(r)) / 2 for x, r in zip(per[p], rs)]
                 print(f"  noise floor, {p} with half the micro-batch vs {p}: " + ", ".join(f"{100 * v:+.3f}%" for v in g) +
                       f"; mean {100 * mean:+.3f}% +- {100 * se:.3f}%, mean |gap| {100 * sum(map(abs, g)) / len(g):.3f}%, "
                       f"rms {100 * floor[p]:.3f}%")
@@ -141,6 +143,10 @@ def main(args):
                     print(f"    paired by seed: " + ", ".join(f"{100 * v:+.3f}%" for v in g) +
                           f"; mean {100 * mean:+.3f}% +- {100 * se:.3f}% (standard error), "
                           f"mean |gap| {100 * sum(map(abs, g)) / len(g):.3f}%, rms {100 * rms(g):.3f}%")
+                    if b in both:  # a reference of two samples: less of its own luck in each gap
+                        g2, mean2, se2 = paired(per[a], both[b])
+                        print(f"    against the mean of {b}'s two samples: " + ", ".join(f"{100 * v:+.3f}%" for v in g2) +
+                              f"; mean {100 * mean2:+.3f}% +- {100 * se2:.3f}%")
                     if floor.get(b, 0) > 0:  # how much more FP8 moves a run than reordering its sums does
                         print(f"    rms gap {100 * rms(g):.3f}% against the {b} noise floor's {100 * floor[b]:.3f}% "
                               f"({rms(g) / floor[b]:.2f}x)")
