@@ -56,7 +56,7 @@ MLA::MLA(const ModelConfig& m, ParamStore& ps, const std::string& p, const Model
 void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved& s,
                   const StepContext& ctx) const {
   const int64_t B = ctx.B, S = ctx.S, T = ctx.T();
-  constexpr GemmKind kF8 = GemmKind::Fp8Attention;  // every MLA projection is an FP8 GEMM under use_fp8
+  constexpr GemmKind kF8 = GemmKind::Fp8Attention;  // MLA projections: FP8 under fp8_modules "attention"
   s.xn = xn;
   // Query: [T, H*(n+R)], through the q latent when q_lora_rank > 0.
   if (rq_ > 0) {

@@ -15,7 +15,7 @@ SwiGLU::SwiGLU(ParamStore& ps, const std::string& prefix, int64_t d, int64_t wid
 void SwiGLU::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, bool accumulate, Saved& s,
                      const StepContext& ctx, bool reduce) const {
   const int64_t T = x.dim(0);
-  constexpr GemmKind kF8 = GemmKind::Fp8Ffn;  // FFN and expert projections are FP8 GEMMs under use_fp8
+  constexpr GemmKind kF8 = GemmKind::Fp8Ffn;  // FFN and expert projections: FP8 under fp8_modules "ffn"
   s.input = x;
   s.g = act_out({T, width_}, "mlp.g");
   s.u = act_out({T, width_}, "mlp.u");

@@ -55,7 +55,7 @@ int64_t MoE::capacity(int64_t tokens) const {
 void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved& s,
                   const StepContext& ctx) const {
   const int64_t T = ctx.T();
-  constexpr GemmKind kF8 = GemmKind::Fp8Ffn;  // routed and shared experts are FP8 GEMMs under use_fp8
+  constexpr GemmKind kF8 = GemmKind::Fp8Ffn;  // routed and shared experts: FP8 under fp8_modules "ffn"
   s.input = x;
   s.logits = act_out({T, E_}, "moe.router_logits");
   s.scores = act_out({T, E_}, "moe.scores");
@@ -170,7 +170,7 @@ void MoE::forward(const ParamStore& ps, const Tensor& x, const Tensor& y, Saved&
 void MoE::backward(const ParamStore& ps, const Saved& s, const Tensor& dy, const Tensor& dx,
                    const StepContext& ctx) const {
   const int64_t T = ctx.T(), R = s.plan.rows;
-  constexpr GemmKind kF8 = GemmKind::Fp8Ffn;  // routed and shared experts are FP8 GEMMs under use_fp8
+  constexpr GemmKind kF8 = GemmKind::Fp8Ffn;  // routed and shared experts: FP8 under fp8_modules "ffn"
   StepContext f32 = ctx;
   f32.num.bf16 = false;  // partial sums stay unrounded
   // Every expert row receives its token's output gradient unweighted (the weight is inside the expert).
