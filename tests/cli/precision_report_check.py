@@ -63,6 +63,10 @@ p = verdict([0.002])
 assert p.returncode == 0 and "fp8 vs bf16: +0.200% (within the 0.25% target)" in p.stdout, p.stdout
 p = verdict([0.003])
 assert p.returncode == 1 and "fp8 vs bf16: +0.300% (OUTSIDE the 0.25% target)" in p.stdout, p.stdout
+# Second samples for only some of the runs are not paired, and the report says so.
+p = subprocess.run([sys.executable, report, f"t:bf16:{run('u1', 2.0)}", f"t:bf16:{run('u2', 2.0)}",
+                    f"t:bf16#2:{run('u3', 2.0)}"], capture_output=True, text=True)
+assert "noise floor, bf16: 1 second samples for 2 runs, so none is paired" in p.stdout, p.stdout
 # A second sample that stopped early is named, not a traceback.
 short = os.path.join(work, "short.jsonl")
 with open(short, "w") as f:

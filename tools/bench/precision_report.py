@@ -112,7 +112,7 @@ def main(args):
             missing = [s for s in tail if s not in r]
             if missing:
                 fail(f"{r.path}: no LM loss at step {missing[0]} (the other runs of {cfg} reach "
-                                 f"step {tail[-1]}); is that run still going, or did it stop early?")
+                     f"step {tail[-1]}); is that run still going, or did it stop early?")
             return sum(r[s][0] for s in tail) / len(tail)
         per = {p: [smooth(r) for r in by[p]] for p in precs}
         final = {p: sum(v) / len(v) for p, v in per.items()}
@@ -125,6 +125,8 @@ def main(args):
                 print(f"    {p} runs: " + ", ".join(f"{v:.4f}" for v in per[p]) + f" (spread {100 * spread:.2f}%)")
         floor, both = {}, {}  # rms gap of the #2 samples; the mean of each seed's two samples
         for p, rs in second.get(cfg, {}).items():
+            if p in per and len(rs) != len(per[p]):
+                print(f"  noise floor, {p}: {len(rs)} second samples for {len(per[p])} runs, so none is paired")
             if p in per and len(rs) == len(per[p]):
                 g, mean, se = paired([smooth(r) for r in rs], per[p])
                 floor[p] = rms(g)
