@@ -12,16 +12,13 @@ Numerics numerics_of(const Config& c) {
   Numerics n;
   n.bf16 = c.training.precision == "bf16";
   n.fp8 = c.training.use_fp8;
+  // Under use_fp8, whether an FP8 list (passes or modules) names `x`; an empty list names all.
+  const auto in = [&](const std::vector<std::string>& list, const char* x) {
+    return n.fp8 && (list.empty() || std::find(list.begin(), list.end(), x) != list.end());
+  };
   const auto& passes = c.training.fp8_passes;
-  const auto in = [&](const char* p) {
-    return n.fp8 && (passes.empty() || std::find(passes.begin(), passes.end(), p) != passes.end());
-  };
-  n.fp8_fprop = in("fprop"), n.fp8_dgrad = in("dgrad"), n.fp8_wgrad = in("wgrad");
-  const auto& mods = c.training.fp8_modules;
-  const auto module = [&](const char* m) {
-    return n.fp8 && (mods.empty() || std::find(mods.begin(), mods.end(), m) != mods.end());
-  };
-  n.fp8_attention = module("attention"), n.fp8_ffn = module("ffn");
+  n.fp8_fprop = in(passes, "fprop"), n.fp8_dgrad = in(passes, "dgrad"), n.fp8_wgrad = in(passes, "wgrad");
+  n.fp8_attention = in(c.training.fp8_modules, "attention"), n.fp8_ffn = in(c.training.fp8_modules, "ffn");
   n.fp8_kv = c.model.mla.use_fp8_kv;
   n.fp8_dispatch = c.model.moe.deep_ep_fp8;
   // load_config refuses FP8 parts without bf16 (config.cpp).
