@@ -254,16 +254,18 @@ double activation_workspace_bytes_per_token(const ModelConfig& m, const Layout& 
 }
 
 namespace {
-// The FP8 GEMMs of the host backend (ops::fp8_linear_*), per token the largest of their three passes, whose
-// temporaries are not alive together: Fprop holds the input's E4M3 codes and decoded values (5 B per
-// element of K) and the fp32 accumulator and chunk partials (8 B per output); Dgrad the same with K and N
-// swapped; Wgrad the f32 transposes, codes and decoded values of dy and x (9 B per element of each) and x's
-// f32 copy when it is stored in bf16 (4 B per element of K). Per GEMM the weight's codes, decoded values,
-// transpose and wgrad accumulator (13 B per weight). The largest of the FP8 projections counts, among those
-// of the layer whose backward runs while the stage still holds every saved activation: its last layer, an
-// MoE block whenever the stage has one (dense layers come first). A routed expert's GEMM takes only the
-// rows routed to it: each token at most once from each of the EP ranks, min(top-k, EP) rows per token a
-// rank dispatches at most (its 1/TP of the micro-batch).
+// The FP8 GEMMs of the host backend (ops::fp8_linear_*). Each GEMM runs in one scratch buffer that is
+// kept between GEMMs and grows to the largest of the stage's (dense layers included): the decoded
+// operands and the fp32 accumulator and chunk partials, per token 4 B per element of K and 8 B per
+// output in Fprop, the same with K and N swapped in Dgrad, 4 B per element of each of dy and x in
+// Wgrad (whose accumulator is weight-sized). On top, the GEMM that runs at the peak holds its operands'
+// E4M3 codes (1 B per element) and, in Wgrad, x's f32 copy when it is stored in bf16 (4 B per element
+// of K); that GEMM is one of the layer whose backward runs while the stage still holds every saved
+// activation: its last layer, an MoE block whenever the stage has one (dense layers come first).
+// Per weight: its codes (twice in Dgrad, whose w^T codes are w's transposed) and decoded values, or
+// Wgrad's accumulator and partials (8 B). A routed expert's GEMM takes only the rows routed to it:
+// each token at most once from each of the EP ranks, min(top-k, EP) rows per token a rank dispatches
+// at most (its 1/TP of the micro-batch).
 struct GemmShape {
   double k, n, rows_per_token;
 };
@@ -291,18 +293,30 @@ std::vector<GemmShape> fp8_gemms(const ModelConfig& m, const Layout& l, bool moe
   }
   return g;
 }
+// Every FP8 GEMM of the stage's layers: the dense layers' and the MoE blocks'.
+std::vector<GemmShape> all_fp8_gemms(const ModelConfig& m, const Layout& l) {
+  std::vector<GemmShape> g;
+  if (m.num_dense_layers > 0) g = fp8_gemms(m, l, false);
+  if (has_moe_block(m)) {
+    const std::vector<GemmShape> moe = fp8_gemms(m, l, true);
+    g.insert(g.end(), moe.begin(), moe.end());
+  }
+  return g;
+}
 double fp8_gemm_token_bytes(const ModelConfig& m, const Layout& l) {
-  double worst = 0;
+  double scratch = 0, operands = 0;
+  for (const GemmShape& s : all_fp8_gemms(m, l))
+    scratch = std::max(
+        scratch, s.rows_per_token * std::max({4 * s.k + 8 * s.n, 4 * s.n + 8 * s.k, 4 * s.n + 4 * s.k}));
   for (const GemmShape& s : fp8_gemms(m, l, has_moe_block(m)))
-    worst = std::max(worst,
-                     s.rows_per_token * std::max({5 * s.k + 8 * s.n, 5 * s.n + 8 * s.k, 9 * s.n + 13 * s.k}));
-  return worst;
+    operands = std::max(operands, s.rows_per_token * std::max({s.k, s.n, s.n + 5 * s.k}));
+  return scratch + operands;
 }
 }  // namespace
 
 double fp8_gemm_weight_bytes(const ModelConfig& m, const Layout& l) {
   double worst = 0;
-  for (const GemmShape& s : fp8_gemms(m, l, has_moe_block(m))) worst = std::max(worst, 13 * s.k * s.n);
+  for (const GemmShape& s : all_fp8_gemms(m, l)) worst = std::max(worst, 8 * s.k * s.n);
   return worst;
 }
 

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <vector>
 
 namespace dsv3::lowp {
 
@@ -17,21 +18,6 @@ void from_bf16(const uint16_t* h, float* out, int64_t n) {
 
 void round_bf16(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = round_bf16(x[i]);
-}
-
-uint8_t to_e4m3(float f) {
-  const uint32_t u = bits_of(f);
-  const auto sign = static_cast<uint8_t>((u >> 24) & 0x80u);
-  const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return sign | 0x7f;                      // NaN
-  if (a >= bits_of(kE4M3Max)) return sign | 0x7e;               // 448 and beyond (infinity too): saturate
-  if (a < 0x3c800000u) {                                        // below 2^-6: subnormal steps of 2^-9
-    const float steps = float_of(a) * 512.0f;                   // exact (power of two)
-    return sign | static_cast<uint8_t>(std::nearbyint(steps));  // 0..8 (8 is the smallest normal)
-  }
-  // Normal: round the 23 mantissa bits to 3, to nearest even; a carry moves into the exponent.
-  const uint32_t r = a + 0x7ffffu + ((a >> 20) & 1u);
-  return sign | static_cast<uint8_t>((r >> 20) - ((127u - 7u) << 3));
 }
 
 namespace {
@@ -60,14 +46,21 @@ const float* e4m3_table() { return table().data(); }
 float from_e4m3(uint8_t q) { return table()[q]; }
 
 namespace {
-float amax_of(const float* x, int64_t n, int64_t stride, int64_t rows) {
-  float m = 0.0f;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < n; ++i) {
-      const float a = std::fabs(x[r * stride + i]);
-      m = a > m ? a : m;  // NaN never wins: it is encoded as NaN below
-    }
+// The largest magnitude of n floats (0 if none; NaN never wins: it is encoded as NaN later). On the
+// bit patterns, where magnitudes order as unsigned integers, so that the loop vectorises.
+uint32_t amax_bits(const float* x, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t a = bits_of(x[i]) & 0x7fffffffu;
+    a = a > 0x7f800000u ? 0u : a;
+    m = a > m ? a : m;
+  }
   return m;
+}
+
+// q[i] = to_e4m3(x[i] / s).
+void encode(const float* x, int64_t n, float s, uint8_t* q) {
+  for (int64_t i = 0; i < n; ++i) q[i] = to_e4m3(x[i] / s);
 }
 }  // namespace
 
@@ -77,10 +70,45 @@ void quantize_tiles(const float* x, int64_t rows, int64_t cols, uint8_t* q, floa
     for (int64_t t = 0; t < nt; ++t) {
       const int64_t c0 = t * kFp8Tile, w = std::min(kFp8Tile, cols - c0);
       const float* src = x + r * cols + c0;
-      const float s = fp8_scale(amax_of(src, w, 0, 1));
+      const float s = fp8_scale(float_of(amax_bits(src, w)));
       scales[r * nt + t] = s;
-      for (int64_t i = 0; i < w; ++i) q[r * cols + c0 + i] = to_e4m3(src[i] / s);
+      encode(src, w, s, q + r * cols + c0);
     }
+}
+
+void quantize_tiles_transposed(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scales) {
+  // Per tile of 128 rows of x: every column's amax (rows of x are contiguous), then the codes of the
+  // tile, row by row, into a [h, cols] buffer that is transposed into q.
+  const int64_t nt = tiles(rows);
+  std::vector<uint32_t> amax(static_cast<size_t>(cols));
+  std::vector<float> scale(static_cast<size_t>(cols));
+  std::vector<uint8_t> codes(static_cast<size_t>(std::min(kFp8Tile, rows) * cols));
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t r0 = t * kFp8Tile, h = std::min(kFp8Tile, rows - r0);
+    std::fill(amax.begin(), amax.end(), 0u);
+    for (int64_t r = r0; r < r0 + h; ++r) {
+      const float* row = x + r * cols;
+      for (int64_t c = 0; c < cols; ++c) {
+        uint32_t a = bits_of(row[c]) & 0x7fffffffu;
+        a = a > 0x7f800000u ? 0u : a;
+        amax[c] = a > amax[c] ? a : amax[c];
+      }
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      scale[c] = fp8_scale(float_of(amax[c]));
+      scales[c * nt + t] = scale[c];
+    }
+    for (int64_t r = 0; r < h; ++r) {
+      const float* row = x + (r0 + r) * cols;
+      uint8_t* out = codes.data() + r * cols;
+      for (int64_t c = 0; c < cols; ++c) out[c] = to_e4m3(row[c] / scale[c]);
+    }
+    // codes [h, cols] -> q[c * rows + r0 + r], in 32 x 32 blocks.
+    for (int64_t cb = 0; cb < cols; cb += 32)
+      for (int64_t rb = 0; rb < h; rb += 32)
+        for (int64_t c = cb; c < std::min(cols, cb + 32); ++c)
+          for (int64_t r = rb; r < std::min(h, rb + 32); ++r) q[c * rows + r0 + r] = codes[r * cols + c];
+  }
 }
 
 void quantize_blocks(const float* w, int64_t rows, int64_t cols, uint8_t* q, float* scales) {
@@ -89,10 +117,11 @@ void quantize_blocks(const float* w, int64_t rows, int64_t cols, uint8_t* q, flo
     for (int64_t bc = 0; bc < nc; ++bc) {
       const int64_t r0 = br * kFp8Tile, c0 = bc * kFp8Tile;
       const int64_t h = std::min(kFp8Tile, rows - r0), wd = std::min(kFp8Tile, cols - c0);
-      const float s = fp8_scale(amax_of(w + r0 * cols + c0, wd, cols, h));
+      uint32_t m = 0;
+      for (int64_t r = r0; r < r0 + h; ++r) m = std::max(m, amax_bits(w + r * cols + c0, wd));
+      const float s = fp8_scale(float_of(m));
       scales[br * nc + bc] = s;
-      for (int64_t r = r0; r < r0 + h; ++r)
-        for (int64_t c = c0; c < c0 + wd; ++c) q[r * cols + c] = to_e4m3(w[r * cols + c] / s);
+      for (int64_t r = r0; r < r0 + h; ++r) encode(w + r * cols + c0, wd, s, q + r * cols + c0);
     }
 }
 

@@ -41,7 +41,27 @@ void round_bf16(float* x, int64_t n);
 
 // ---- FP8 E4M3 (1 sign, 4 exponent with bias 7, 3 mantissa bits) ----
 constexpr float kE4M3Max = 448.0f;
-uint8_t to_e4m3(float f);
+// Branch-free, so that loops over it vectorise: each case is computed and the right one selected.
+inline uint8_t to_e4m3(float f) {
+  const uint32_t u = bits_of(f);
+  const uint32_t sign = (u >> 24) & 0x80u;
+  const uint32_t a = u & 0x7fffffffu;
+  // Normal: round the 23 mantissa bits to 3, to nearest even; a carry moves into the exponent.
+  // (Wraps for NaN and huge values, which the selects below replace.)
+  const uint32_t r = a + 0x7ffffu + ((a >> 20) & 1u);
+  const uint32_t normal = (r >> 20) - ((127u - 7u) << 3);
+  // Below 2^-6: subnormal steps of 2^-9. |f| * 512 < 8 (exact, a power of two) rounded to the nearest
+  // integer, ties to even, by adding 2^23: the integer is then the low mantissa bits of the sum.
+  const uint32_t sub = bits_of(float_of(a) * 512.0f + 8388608.0f) - 0x4b000000u;
+  // Selects as masks (all ones where the case holds).
+  const uint32_t is_sub = 0u - static_cast<uint32_t>(a < 0x3c800000u);
+  const uint32_t is_sat = 0u - static_cast<uint32_t>(a >= 0x43e00000u);  // 448 and beyond (infinity too)
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(a > 0x7f800000u);
+  uint32_t code = (sub & is_sub) | (normal & ~is_sub);
+  code = (0x7eu & is_sat) | (code & ~is_sat);  // saturate
+  code = (0x7fu & is_nan) | (code & ~is_nan);  // NaN keeps its sign
+  return static_cast<uint8_t>(sign | code);
+}
 float from_e4m3(uint8_t q);  // exact (table lookup)
 const float* e4m3_table();   // the 256 decoded values
 
@@ -58,6 +78,9 @@ void quantize_tiles(const float* x, int64_t rows, int64_t cols, uint8_t* q, floa
 // w [rows, cols] -> codes q [rows, cols] and scales [tiles(rows), tiles(cols)]: one scale per
 // 128 x 128 block.
 void quantize_blocks(const float* w, int64_t rows, int64_t cols, uint8_t* q, float* scales);
+// x [rows, cols] -> the codes and scales quantize_tiles gives for x's transpose [cols, rows] (tiles
+// along x's rows): q [cols, rows], scales [cols, tiles(rows)], without an f32 transpose.
+void quantize_tiles_transposed(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scales);
 // The inverses: out = from_e4m3(q) * scale of the tile/block.
 void dequantize_tiles(const uint8_t* q, const float* scales, int64_t rows, int64_t cols, float* out);
 void dequantize_blocks(const uint8_t* q, const float* scales, int64_t rows, int64_t cols, float* out);

@@ -163,6 +163,31 @@ TEST(Fp8Linear, ThreeGemmsWithinTheFormatBoundWithTheirTiling) {
   std::printf("fp8 relative RMS error vs exact: fprop %.4f, dgrad %.4f, wgrad %.4f\n", e_f, e_d, e_w);
 }
 
+TEST(Fp8Linear, BackwardPassesAreTheGemmsOfTheQuantizedTransposes) {
+  // Dgrad and Wgrad quantize transposed operands without forming them in f32; the result must be bit
+  // for bit the GEMM of the quantized explicit transposes.
+  const int64_t M = 150, N = 140, K = 260;
+  OwnedTensor x = random_matrix(M, K, 12, "x", 300.0f), w = random_matrix(N, K, 13, "w", 25.0f),
+              dy = random_matrix(M, N, 14, "dy", -200.0f);
+  auto explicit_t = [](const OwnedTensor& a) {
+    const int64_t r = a.t.dim(0), c = a.t.dim(1);
+    OwnedTensor t(DType::F32, {c, r}, a.t.name() + "T");
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < c; ++j) t.f32()[j * r + i] = a.f32()[i * c + j];
+    return t;
+  };
+  OwnedTensor dx(DType::F32, {M, K}, "dx"), dx_ref(DType::F32, {M, K}, "dx_ref");
+  ops::fp8_linear_backward_input(dy, w, dx);
+  ops::fp8_gemm(ops::fp8_quantize(dy, false), ops::fp8_quantize(explicit_t(w), true), dx_ref, false);
+  for (int64_t i = 0; i < M * K; ++i) ASSERT_EQ(dx.f32()[i], dx_ref.f32()[i]) << "dgrad " << i;
+  OwnedTensor dw(DType::F32, {N, K}, "dw"), dw_ref(DType::F32, {N, K}, "dw_ref");
+  for (int64_t i = 0; i < N * K; ++i) dw.f32()[i] = dw_ref.f32()[i] = 0.25f * static_cast<float>(i % 7);
+  ops::fp8_linear_backward_weight(dy, x, dw);
+  ops::fp8_gemm(ops::fp8_quantize(explicit_t(dy), false), ops::fp8_quantize(explicit_t(x), false), dw_ref,
+                true);
+  for (int64_t i = 0; i < N * K; ++i) ASSERT_EQ(dw.f32()[i], dw_ref.f32()[i]) << "wgrad " << i;
+}
+
 TEST(Fp8Linear, WrongTilingBreaksTheBound) {
   // The bound is tight enough to tell the tilings apart: quantizing x per 128 x 128 block lets the
   // outlier coarsen the other tokens of its block beyond the per-token-tile bound.

@@ -207,9 +207,10 @@ TEST(Accounting, HostFp8ExpertGemmRowsBoundedByEp) {
     return host_workspace_bytes_per_token(m, l, fp8, 2.0) - host_workspace_bytes_per_token(m, l, plain, 2.0);
   };
   const double d = c.model.d_model, f = c.model.moe.expert_dim;
-  // The largest pass is the down projection's Wgrad (K = f, N = d): f32 transposes, E4M3 codes and
-  // decoded values of dy and x, and x's f32 copy.
-  const double one_row = 9 * d + 13 * f;
+  // The largest scratch is the up projection's Fprop (K = d, N = f: decoded x, accumulator and
+  // partials) or equally the down projection's Dgrad; on top, the down projection's Wgrad operands at
+  // the peak (K = f, N = d: E4M3 codes of dy and x, and x's f32 copy).
+  const double one_row = (4 * d + 8 * f) + (d + 5 * f);
   Layout one, ep2;
   ep2.ep = 2, ep2.dp = 2;
   for (int64_t k : {2, 4}) {

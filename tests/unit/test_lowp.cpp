@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "core/lowp.hpp"
@@ -62,6 +63,42 @@ TEST(E4M3, SaturatesAndKeepsNaN) {
   EXPECT_EQ(to_e4m3(-std::nanf("")), 0xff);
   EXPECT_EQ(to_e4m3(0.0f), 0x00);
   EXPECT_EQ(to_e4m3(-0.0f), 0x80);
+}
+
+// to_e4m3 is written branch-free (selects as masks, the subnormal rounding by adding 2^23) so that
+// the quantizers' loops vectorise. Here it is held against a plain case-by-case reference on every
+// bit pattern whose low 12 bits are one of the rounding-critical endings below (2^20 x 9 patterns:
+// every exponent and high mantissa, ties and their neighbours), in scalar and in vector loops.
+uint8_t e4m3_by_cases(float f) {
+  const uint32_t u = bits_of(f);
+  const uint8_t sign = (u >> 31) ? 0x80 : 0x00;
+  const float a = std::fabs(f);
+  if (std::isnan(f)) return sign | 0x7f;
+  if (a >= 448.0f) return sign | 0x7e;
+  if (a < std::ldexp(1.0f, -6)) return sign | static_cast<uint8_t>(std::nearbyint(a * 512.0f));
+  int e = 0;
+  const float m = std::frexp(a, &e);              // a = m * 2^e, m in [0.5, 1)
+  const float steps = std::nearbyint(m * 16.0f);  // 8..16 eighths of 2^(e-1), ties to even
+  int exp_field = e - 1 + 7, mant = static_cast<int>(steps) - 8;
+  if (mant == 8) ++exp_field, mant = 0;  // rounded up into the next binade
+  return sign | static_cast<uint8_t>((exp_field << 3) | mant);
+}
+
+TEST(E4M3, BranchFreeConversionEqualsTheCaseByCaseReference) {
+  const uint32_t endings[] = {0x000, 0x001, 0x7ff, 0x800, 0x801, 0xfff, 0x3ff, 0x400, 0xc00};
+  std::vector<float> x(1u << 20);
+  std::vector<uint8_t> q(x.size());
+  int64_t bad = 0;
+  for (uint32_t end : endings) {
+    for (uint32_t hi = 0; hi < (1u << 20); ++hi) x[hi] = float_of((hi << 12) | end);
+    for (size_t i = 0; i < x.size(); ++i) q[i] = to_e4m3(x[i]);  // a loop the compiler vectorises
+    for (size_t i = 0; i < x.size(); ++i) {
+      const uint8_t want = e4m3_by_cases(x[i]);
+      if ((q[i] != want || to_e4m3(x[i]) != want) && bad++ < 5)
+        ADD_FAILURE() << "bits " << std::hex << bits_of(x[i]) << ": " << int(q[i]) << " want " << int(want);
+    }
+  }
+  EXPECT_EQ(bad, 0);
 }
 
 TEST(BF16, RoundsToNearestEvenKeepsSubnormalsOverflowsToInfinity) {
@@ -128,6 +165,35 @@ TEST(Fp8Scaling, TilesScaleByTheirOwnAmax) {
   for (int64_t c = 128; c < 256; ++c)
     if (std::fabs(x[cols + c]) > std::fabs(x[cols + arg])) arg = c;
   EXPECT_EQ(q[cols + arg] & 0x7f, 0x7e);
+}
+
+TEST(Fp8Scaling, TransposedTilesEqualTheTilesOfTheTranspose) {
+  // quantize_tiles_transposed(x) must give, bit for bit, quantize_tiles of x's transpose: ragged
+  // tiles, an all-zero tile, NaN, infinity, negative zero and subnormals included.
+  std::mt19937 gen(11);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 1}, {300, 5}, {130, 257}, {128, 64}, {7, 300}}) {
+    std::vector<float> x(rows * cols);
+    for (auto& v : x) v = nd(gen);
+    x[0] = -0.0f;
+    if (rows * cols > 10) {
+      x[rows * cols / 2] = std::numeric_limits<float>::quiet_NaN();
+      x[rows * cols / 3] = -std::numeric_limits<float>::infinity();
+      x[rows * cols - 1] = std::numeric_limits<float>::denorm_min();
+    }
+    if (rows > 128)
+      for (int64_t r = 128; r < rows; ++r) x[r * cols + cols - 1] = 0.0f;  // one silent tile
+    std::vector<float> xt(x.size());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) xt[c * rows + r] = x[r * cols + c];
+    std::vector<uint8_t> q1(x.size()), q2(x.size());
+    std::vector<float> s1(cols * tiles(rows)), s2(cols * tiles(rows));
+    quantize_tiles(xt.data(), cols, rows, q1.data(), s1.data());
+    quantize_tiles_transposed(x.data(), rows, cols, q2.data(), s2.data());
+    for (size_t i = 0; i < q1.size(); ++i) ASSERT_EQ(q1[i], q2[i]) << rows << "x" << cols << " code " << i;
+    for (size_t i = 0; i < s1.size(); ++i)
+      ASSERT_EQ(bits_of(s1[i]), bits_of(s2[i])) << rows << "x" << cols << " scale " << i;
+  }
 }
 
 TEST(Fp8Scaling, BlocksScaleByTheirOwnAmax) {
