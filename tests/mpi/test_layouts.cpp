@@ -292,6 +292,19 @@ RunResult run_layout(const std::string& name, const std::vector<std::string>& pa
   check_tensors(grads, ref_model, tol.grad, "step 1 gradients", tol.per_tensor);
   const auto& losses = out.summary.losses;
   EXPECT_EQ(losses.size(), ref.losses.size());
+  // After step 1 the trajectory may part from the reference as far as the single-rank run parts from
+  // itself when only the order of its sums changes (micro-batches of 1: another summation order, the
+  // same steps): in bf16 and FP8 a flipped rounding re-routes tokens and the runs drift apart, more on
+  // some machines than on others. Twice that spread, or tol.loss where the spread is smaller.
+  double spread = 0;
+  if (tol.loss > Tol{}.loss) {
+    std::vector<std::string> reordered = model;
+    reordered.push_back("training.micro_batch_size=1");
+    const Reference& again = reference(reordered);
+    for (size_t s = 0; s < std::min(again.losses.size(), ref.losses.size()); ++s)
+      spread = std::max(spread, std::abs(again.losses[s] - ref.losses[s]) / std::abs(ref.losses[s]));
+  }
+  const double loss_tol = std::max(tol.loss, 2 * spread);
   double first = 0, worst = 0;
   std::string flips;
   int64_t total_flips = 0;
@@ -299,8 +312,9 @@ RunResult run_layout(const std::string& name, const std::vector<std::string>& pa
     const double rel = std::abs(losses[s] - ref.losses[s]) / std::abs(ref.losses[s]);
     if (s == 0) first = rel;
     worst = std::max(worst, rel);
-    EXPECT_LE(rel, s == 0 ? tol.loss_first : tol.loss)
-        << name << ": step " << s + 1 << " loss " << losses[s] << " vs " << ref.losses[s];
+    EXPECT_LE(rel, s == 0 ? tol.loss_first : loss_tol)
+        << name << ": step " << s + 1 << " loss " << losses[s] << " vs " << ref.losses[s]
+        << " (the single-rank run with micro-batches of 1 parts from it by up to " << spread << ")";
     const std::vector<int64_t> got = flatten_loads(out.summary.loads.at(s));
     int64_t diff = 0;
     for (size_t e = 0; e < std::min(got.size(), ref.loads[s].size()); ++e)
@@ -310,8 +324,9 @@ RunResult run_layout(const std::string& name, const std::vector<std::string>& pa
   }
   if (world_rank() == 0)
     std::printf(
-        "    losses: step 1 %.2e, max over %zu steps %.2e\n    routing flips per step: %s (total %lld)\n",
-        first, losses.size(), worst, flips.c_str(), static_cast<long long>(total_flips));
+        "    losses: step 1 %.2e, max over %zu steps %.2e (allowed %.2e; one rank reordered: %.2e)\n"
+        "    routing flips per step: %s (total %lld)\n",
+        first, losses.size(), worst, loss_tol, spread, flips.c_str(), static_cast<long long>(total_flips));
   check_tensors(values, ref_model, tol.values, "final parameters", tol.per_tensor);
   return out;
 }
