@@ -65,11 +65,14 @@ wait_state() {
 }
 # A requeued job waits about two minutes (Slurm's BeginTime for requeued jobs); start it as soon as
 # the previous start's step daemons are gone (a step launched while they still clean up fails, and
-# Slurm 22.05's srun then reports success: the template checks dsv3-train's own exit record).
+# Slurm 22.05's srun then reports success: the template checks dsv3-train's own exit record). The
+# requeue revokes the job's credential at a whole second, and slurmd refuses a new credential made in
+# that same second ("Job credential revoked": the job ends FAILED), so the start waits a second more.
 release() {
   wait_state "$1" 60 PENDING >/dev/null || fail "job $1 was not requeued (state $(job_state "$1"))"
   local t
   for t in $(seq 150); do pgrep -f "^slurmstepd: \[$1\." >/dev/null || break; sleep 0.2; done
+  sleep 1.1
   scontrol update JobId="$1" StartTime=now || fail "scontrol update StartTime=now for job $1"
 }
 wait_steps() {  # wait_steps RUN_DIR N SECONDS: until metrics.jsonl holds step N
