@@ -12,12 +12,20 @@ report = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "bench", "
 work = tempfile.mkdtemp()
 
 
-def run(name, level):
+def run(name, level, steps=100):
+    """A metrics file whose LM loss is level, or level(step) when level is a function."""
     path = os.path.join(work, name + ".jsonl")
     with open(path, "w") as f:
-        for step in range(1, 101):
-            f.write(json.dumps({"step": step, "lm_loss": level}) + "\n")
+        for step in range(1, steps + 1):
+            f.write(json.dumps({"step": step, "lm_loss": level(step) if callable(level) else level}) + "\n")
     return path
+
+
+def row(out, steps):
+    """The line of the by-phase table for the window of these steps."""
+    rows = [line for line in out.splitlines() if line.split()[:1] == [steps]]
+    assert len(rows) == 1, (steps, out)
+    return rows[0]
 
 
 # Two seeds: bf16 at 2.0 and 3.0, FP8 1% and 3% above them (mean +2%, standard error 1%); the #2
@@ -39,6 +47,25 @@ assert "against the mean of bf16's two samples: +1.253%, +3.258%; mean +2.256% +
 # t(1) = 6.314: 2% +- 6.314%.
 assert "90% interval of the mean gap [-4.314%, +8.314%]: OUTSIDE" in out, out
 assert "held: none, the mean gap itself is outside the target" in out, out
+# By phase: the levels are constant, so every window has the final gaps and the floor's.
+assert "t by phase: relative gap of each window's mean LM loss; seeds paired" in out, out
+for w in ("1-25", "26-50", "51-100"):
+    assert "+2.000% +- 1.000%" in row(out, w) and "rms 0.500%" in row(out, w), row(out, w)
+assert "101-" not in out, out
+
+# One seed whose FP8 run is 0.1% above bf16 for 25 steps and 2% above after, and whose half-micro-batch
+# bf16 sample follows bf16 for 50 steps and then lies 1% below it (a window's gap is that of its mean).
+p = subprocess.run([sys.executable, report, f"t:bf16:{run('pb', 2.0, 120)}",
+                    f"t:bf16#2:{run('pb2', lambda s: 2.0 if s <= 50 else 1.98, 120)}",
+                    f"t:fp8:{run('pf', lambda s: 2.002 if s <= 25 else 2.04, 120)}"], capture_output=True, text=True)
+out = p.stdout
+print(out)
+assert p.returncode == 1, p.returncode
+assert "seeds paired" not in out, out
+assert "+0.100%" in row(out, "1-25") and "rms 0.000%" in row(out, "1-25"), row(out, "1-25")
+assert "+2.000%" in row(out, "26-50") and "rms 0.000%" in row(out, "26-50"), row(out, "26-50")
+assert "+2.000%" in row(out, "51-100") and "rms 1.000%" in row(out, "51-100"), row(out, "51-100")
+assert "+2.000%" in row(out, "101-120") and "rms 1.000%" in row(out, "101-120"), row(out, "101-120")
 
 
 def verdict(gaps):

@@ -14,6 +14,10 @@ micro-batch: the same sums in another order). It does not enter the gaps; it mea
 floor, how far a run moves from its first sample when only its rounding changes; the gaps are also
 printed against the mean of a seed's two samples, a reference with less of one run's luck in it.
 
+Last come the gaps window by window (steps 1-25, 26-50, then 50 steps each) next to the noise floor's:
+while the runs still follow one trajectory a gap is the precision's own effect on the loss and the
+seeds agree on it; once the noise floor's runs part, the gaps grow to the floor's size and scatter.
+
 Usage: precision_report.py CONFIG:PRECISION[#2]:METRICS_JSONL ...
 Exit status: 0 every target met, 1 one is not, 2 bad input (named on stderr).
 """
@@ -84,6 +88,47 @@ def paired(xs, ys):
     mean = sum(g) / len(g)
     se = (sum((v - mean) ** 2 for v in g) / (len(g) - 1) / len(g)) ** 0.5 if len(g) > 1 else float("nan")
     return g, mean, se
+
+
+def phases(steps):
+    """Windows of training: steps 1-25, 26-50, then 50 steps each up to the last step."""
+    last, edges = steps[-1], [0, 25, 50]
+    while edges[-1] < last:
+        edges.append(edges[-1] + 50)
+    return [(lo + 1, min(hi, last)) for lo, hi in zip(edges, edges[1:]) if lo < last]
+
+
+def by_phase(cfg, by, second, steps):
+    """The gaps window by window: while runs still follow one trajectory a gap is the precision's own
+    effect and is resolved to a small standard error; once they part (the noise floor's runs show when
+    reordering sums alone makes them part) it grows to the size of the noise floor."""
+    pairs = [(a, b) for a, b in TARGETS if a in by and b in by and len(by[a]) == len(by[b])]
+    floors = [p for p, rs in second.items() if p in by and len(rs) == len(by[p])]
+    if not pairs and not floors:
+        return
+
+    def mean_over(r, window):
+        ss = [s for s in steps if window[0] <= s <= window[1]]
+        missing = [s for s in ss if s not in r]
+        if missing:
+            fail(f"{r.path}: no LM loss at step {missing[0]} (the other runs of {cfg} have it)")
+        return sum(r[s][0] for s in ss) / len(ss)
+
+    seeds = max(len(by[a]) for a, _ in pairs) if pairs else 1
+    print(f"  {cfg} by phase: relative gap of each window's mean LM loss" +
+          ("; seeds paired: mean +- standard error" if seeds > 1 else "") +
+          ("; floor: rms gap of the half-micro-batch samples" if floors else ""))
+    print("    steps  " + "".join(f"{a + ' vs ' + b:>22}" for a, b in pairs) +
+          "".join(f"{'floor ' + p:>16}" for p in floors))
+    for w in phases(steps):
+        row = f"    {w[0]:3d}-{w[1]:<3d}"
+        for a, b in pairs:
+            g, mean, se = paired([mean_over(r, w) for r in by[a]], [mean_over(r, w) for r in by[b]])
+            row += f"{f'{100 * mean:+.3f}% +- {100 * se:.3f}%' if len(g) > 1 else f'{100 * mean:+.3f}%':>22}"
+        for p in floors:
+            g, _, _ = paired([mean_over(r, w) for r in second[p]], [mean_over(r, w) for r in by[p]])
+            row += f"{f'rms {100 * rms(g):.3f}%':>16}"
+        print(row)
 
 
 def main(args):
@@ -164,6 +209,7 @@ def main(args):
                     met = abs(gap) <= target
                     print(f"  {a} vs {b}: {100 * gap:+.3f}% ({'within' if met else 'OUTSIDE'} the {100 * target:.2f}% target)")
                 ok &= met
+        by_phase(cfg, by, second.get(cfg, {}), steps)
     return 0 if ok else 1
 
 
