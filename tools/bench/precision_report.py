@@ -90,6 +90,15 @@ def paired(xs, ys):
     return g, mean, se
 
 
+def mean_loss(r, ss, cfg, last):
+    """Mean LM loss of run r over steps ss; a run without one of them is bad input."""
+    missing = [s for s in ss if s not in r]
+    if missing:
+        fail(f"{r.path}: no LM loss at step {missing[0]} (the other runs of {cfg} reach "
+             f"step {last}); is that run still going, or did it stop early?")
+    return sum(r[s][0] for s in ss) / len(ss)
+
+
 def phases(steps):
     """Windows of training: steps 1-25, 26-50, then 50 steps each up to the last step."""
     last, edges = steps[-1], [0, 25, 50]
@@ -108,11 +117,7 @@ def by_phase(cfg, by, second, steps):
         return
 
     def mean_over(r, window):
-        ss = [s for s in steps if window[0] <= s <= window[1]]
-        missing = [s for s in ss if s not in r]
-        if missing:
-            fail(f"{r.path}: no LM loss at step {missing[0]} (the other runs of {cfg} have it)")
-        return sum(r[s][0] for s in ss) / len(ss)
+        return mean_loss(r, [s for s in steps if window[0] <= s <= window[1]], cfg, steps[-1])
 
     seeds = max(len(by[a]) for a, _ in pairs) if pairs else 1
     print(f"  {cfg} by phase: relative gap of each window's mean LM loss" +
@@ -154,11 +159,7 @@ def main(args):
         tail = steps[-WINDOW:]
 
         def smooth(r):
-            missing = [s for s in tail if s not in r]
-            if missing:
-                fail(f"{r.path}: no LM loss at step {missing[0]} (the other runs of {cfg} reach "
-                     f"step {tail[-1]}); is that run still going, or did it stop early?")
-            return sum(r[s][0] for s in tail) / len(tail)
+            return mean_loss(r, tail, cfg, steps[-1])
         per = {p: [smooth(r) for r in by[p]] for p in precs}
         final = {p: sum(v) / len(v) for p, v in per.items()}
         print(f"  final smoothed (mean of steps {tail[0]}-{tail[-1]}" +
