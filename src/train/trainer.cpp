@@ -306,7 +306,7 @@ TrainSummary train(const Config& cfg, const TrainerOptions& opt) {
       << std::endl;
   {
     const MemoryEstimate me = memory_per_gpu(cfg, layout, MemoryOptions::from(cfg));
-    log << "  memory per rank by the accounting (" << t.precision << ", recompute " << recompute_set(t).text()
+    log << "  memory per rank by the accounting (" << precision_summary(cfg) << ", recompute " << recompute_set(t).text()
         << ", busiest: pipeline stage " << me.stage << "): " << human_bytes(me.total()) << " = weights "
         << human_bytes(me.weights) << " + gradients " << human_bytes(me.gradients) << " + optimizer "
         << human_bytes(me.optimizer) << " + activations " << human_bytes(me.activations) << " + MoE dispatch "

@@ -99,4 +99,13 @@ PY
 grep -q "stopping after step 1 on SIGUSR1" "$work/log5" || { cat "$work/log5"; fail "SIGUSR1 at start-up: no stop after step 1"; }
 [ "$(cat "$work/r4/latest")" = "step_0000001.h5" ] || fail "SIGUSR1 at start-up: latest is $(cat "$work/r4/latest")"
 
+# The start-up log names the precision the run trains in, partial FP8 lists included, so a run
+# with FP8 Fprop switched off says so.
+"$bin/dsv3-train" --config tiny --data "$work/c" --run-dir "$work/r5" --peak-tflops 1 --resume none \
+  --set training.train_steps=1 --set training.seq_length=32 --set training.precision=bf16 \
+  --set training.use_fp8=true --set 'training.fp8_passes=[dgrad,wgrad]' --set model.mla.use_fp8_kv=true \
+  > "$work/log6" 2>&1 || { cat "$work/log6"; fail "bf16 + partial FP8 run failed"; }
+grep -q "accounting (bf16 + fp8 gemms (dgrad, wgrad only) + fp8 kv cache, recompute" "$work/log6" ||
+  { cat "$work/log6"; fail "the start-up log does not name the precision"; }
+
 echo "train_cli: ok (stopped cleanly after $steps steps on SIGUSR1, exit 75; resumed; a second SIGINT kills)"
