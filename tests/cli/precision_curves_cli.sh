@@ -33,6 +33,34 @@ sleep 1
 again=$(curves 2>&1); rc2=$?
 [ $rc2 -eq $rc ] || fail "second call exited $rc2, the first $rc"
 [ "$(stat -c %Y "$work/out/tiny-bf16-seed12/metrics.jsonl")" = "$before" ] || fail "a finished run was trained again"
+# An FP8 ablation on the same output directory: the FP8 runs carry the tag and the extra settings and
+# stop after STOP steps of the STEPS-step schedule; the bf16 runs of the first call are reused, and
+# the report compares the steps every run has.
+ablate() {
+  DATA="$work/c" CONFIGS=tiny PRECISIONS="bf16 fp8" SEEDS="11 12" STEPS=3 STOP=2 \
+    SETS="--set training.seq_length=32 --set training.schedule.warmup_steps=1" "$@" \
+    bash "$root/tools/bench/precision_curves.sh" "$(dirname "$bin")" "$work/out"
+}
+out=$(ablate env FP8_SETS="--set training.fp8_passes=[dgrad,wgrad]" 2>&1); rc=$?
+[ $rc -eq 2 ] || fail "FP8_SETS without FP8_TAG: exit $rc"
+grep -q "FP8_SETS needs FP8_TAG" <<<"$out" || fail "FP8_SETS without FP8_TAG: $out"
+out=$(ablate env FP8_SETS="--set training.fp8_passes=[dgrad,wgrad]" FP8_TAG=nofprop 2>&1); rc=$?
+echo "$out"
+[ $rc -le 1 ] || fail "ablation: precision_curves.sh exited $rc"
+[ "$(stat -c %Y "$work/out/tiny-bf16-seed12/metrics.jsonl")" = "$before" ] || fail "ablation: a bf16 run was trained again"
+for s in 11 12; do
+  d=$work/out/tiny-fp8.nofprop-seed$s
+  n=$(grep -c '"lm_loss"' "$d/metrics.jsonl" 2>/dev/null)
+  [ "${n:-0}" -eq 2 ] || fail "ablation: $d trained ${n:-0} steps, expected STOP=2"
+  grep -q " 3 steps, lr" "$d.log" || fail "ablation: $d.log does not train a 3-step schedule"
+  grep -q "bf16 + fp8 gemms (dgrad, wgrad only) + fp8 kv cache + fp8 dispatch" "$d.log" ||
+    fail "ablation: $d.log does not train with the FP8_SETS settings"
+done
+grep -q "tagged nofprop, with --set training.fp8_passes=\[dgrad,wgrad\]" <<<"$out" || fail "ablation: the tag is not named"
+grep -q "LM loss by step (2 steps" <<<"$out" || fail "ablation: the report does not compare the first 2 steps"
+grep -q "fp8 vs bf16: .*over 2 seeds" <<<"$out" || fail "ablation: no fp8 vs bf16 gap over 2 seeds"
+out=$(ablate env STOP=4 2>&1); rc=$?
+[ $rc -eq 2 ] && grep -q "STOP=4: expected 1 to STEPS=3" <<<"$out" || fail "STOP beyond STEPS: exit $rc: $out"
 out=$(DATA="$work/c" CONFIGS=tiny PRECISIONS="fp16" bash "$root/tools/bench/precision_curves.sh" "$(dirname "$bin")" "$work/bad" 2>&1); rc=$?
 [ $rc -eq 2 ] || fail "unknown precision: exit $rc"
 grep -q "unknown precision fp16" <<<"$out" || fail "unknown precision: $out"
