@@ -59,6 +59,9 @@ done
 grep -q "tagged nofprop, with --set training.fp8_passes=\[dgrad,wgrad\]" <<<"$out" || fail "ablation: the tag is not named"
 grep -q "LM loss by step (2 steps" <<<"$out" || fail "ablation: the report does not compare the first 2 steps"
 grep -q "fp8 vs bf16: .*over 2 seeds" <<<"$out" || fail "ablation: no fp8 vs bf16 gap over 2 seeds"
+# STOP on runs that went on longer: the report compares their first STOP steps.
+out=$(ablate env PRECISIONS="fp32 bf16" 2>&1)
+grep -q "LM loss by step (2 steps" <<<"$out" || fail "STOP=2 on 3-step runs: the report does not stop at step 2: $out"
 out=$(ablate env STOP=4 2>&1); rc=$?
 [ $rc -eq 2 ] && grep -q "STOP=4: expected 1 to STEPS=3" <<<"$out" || fail "STOP beyond STEPS: exit $rc: $out"
 out=$(DATA="$work/c" CONFIGS=tiny PRECISIONS="fp16" bash "$root/tools/bench/precision_curves.sh" "$(dirname "$bin")" "$work/bad" 2>&1); rc=$?

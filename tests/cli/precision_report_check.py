@@ -90,6 +90,17 @@ p = verdict([0.002])
 assert p.returncode == 0 and "fp8 vs bf16: +0.200% (within the 0.25% target)" in p.stdout, p.stdout
 p = verdict([0.003])
 assert p.returncode == 1 and "fp8 vs bf16: +0.300% (OUTSIDE the 0.25% target)" in p.stdout, p.stdout
+# --steps 30 cuts longer runs: the FP8 run of 120 steps is 0.1% above bf16 for 25 steps and 2% after,
+# so steps 1-30 give a final window 1-30 of (5 * 2% + 25 * 0.1%) / 30 and no window past step 30.
+p = subprocess.run([sys.executable, report, "--steps", "30", f"t:bf16:{run('pb', 2.0, 120)}",
+                    f"t:fp8:{run('pf', lambda s: 2.002 if s <= 25 else 2.04, 120)}"], capture_output=True, text=True)
+out = p.stdout
+assert "LM loss by step (30 steps" in out and "mean of steps 1-30" in out, out
+assert "fp8 vs bf16: +0.417% (OUTSIDE" in out, out
+assert "+0.100%" in row(out, "1-25") and "+2.000%" in row(out, "26-30") and "51-" not in out, out
+for bad in (["--steps"], ["--steps", "0"], ["--steps", "x", f"t:bf16:{run('pb', 2.0, 120)}"]):
+    p = subprocess.run([sys.executable, report] + bad, capture_output=True, text=True)
+    assert p.returncode == 2 and "--steps" in p.stderr and "expected a number of steps" in p.stderr, (bad, p.stderr)
 # Second samples for only some of the runs are not paired, and the report says so.
 p = subprocess.run([sys.executable, report, f"t:bf16:{run('u1', 2.0)}", f"t:bf16:{run('u2', 2.0)}",
                     f"t:bf16#2:{run('u3', 2.0)}"], capture_output=True, text=True)

@@ -13,7 +13,7 @@
 # the plain FP8 runs while the bf16 and fp32 runs of the same output directory are shared.
 # STOP=N trains only the first N steps of the STEPS-step schedule (dsv3-train --stop-after), as the
 # early windows are where a precision's own effect shows; a finished run with at least N steps is
-# reused, and the report compares the steps every run has.
+# reused, and the report compares steps 1 to N.
 #   tools/bench/precision_curves.sh [BUILD_DIR] [OUT_DIR]
 #   (CONFIGS="tiny d512", PRECISIONS="fp32 bf16 fp8", STEPS=300, STOP=STEPS, SAMPLES=1, SEEDS="", SETS="",
 #    FP8_SETS="", FP8_TAG="", DATA=data/fortunes)
@@ -80,4 +80,6 @@ for c in $configs; do
   done
 done
 if [ -n "$fp8_tag" ]; then echo "fp8 below: the runs tagged $fp8_tag, with${fp8_sets:+ $fp8_sets} on top of the FP8 settings"; fi
-python3 tools/bench/precision_report.py "${runs[@]}"
+report_steps=()
+if [ "$stop" -lt "$steps" ]; then report_steps=(--steps "$stop"); fi
+python3 tools/bench/precision_report.py "${report_steps[@]}" "${runs[@]}"

@@ -18,7 +18,10 @@ Last come the gaps window by window (steps 1-25, 26-50, then 50 steps each) next
 while the runs still follow one trajectory a gap is the precision's own effect on the loss and the
 seeds agree on it; once the noise floor's runs part, the gaps grow to the floor's size and scatter.
 
-Usage: precision_report.py CONFIG:PRECISION[#2]:METRICS_JSONL ...
+--steps N compares the first N steps only (runs that went on longer are cut there), as for a study
+of the early windows.
+
+Usage: precision_report.py [--steps N] CONFIG:PRECISION[#2]:METRICS_JSONL ...
 Exit status: 0 every target met, 1 one is not, 2 bad input (named on stderr).
 """
 import json
@@ -65,13 +68,15 @@ class Run(dict):
         self.path = path
 
 
-def losses(path):
+def losses(path, last=None):
+    """The training steps of one metrics.jsonl, up to step `last` when given."""
     out = Run(path)
     try:
         with open(path) as f:
             for n, line in enumerate(f, 1):
                 r = json.loads(line)
-                if "step" in r and "lm_loss" in r and r.get("kind", "train") == "train":
+                if "step" in r and "lm_loss" in r and r.get("kind", "train") == "train" and \
+                        (last is None or r["step"] <= last):
                     out[r["step"]] = (r["lm_loss"], r.get("tokens_per_s"))
     except OSError as e:
         fail(f"{path}: {e.strerror}")
@@ -138,6 +143,11 @@ def by_phase(cfg, by, second, steps):
 
 def main(args):
     runs, second = {}, {}
+    last = None
+    if args[:1] == ["--steps"]:
+        if len(args) < 2 or not args[1].isdigit() or int(args[1]) < 1:
+            fail(f"--steps {' '.join(args[1:2])}: expected a number of steps, at least 1")
+        last, args = int(args[1]), args[2:]
     for a in args:
         if a.count(":") < 2:
             fail(f"{a}: expected CONFIG:PRECISION[#2]:METRICS_JSONL")
@@ -146,7 +156,7 @@ def main(args):
         target = second if sample == "2" else runs
         if sample not in ("", "1", "2"):
             fail(f"{a}: sample {sample} (only #2 is known)")
-        target.setdefault(cfg, {}).setdefault(prec, []).append(losses(path))
+        target.setdefault(cfg, {}).setdefault(prec, []).append(losses(path, last))
     ok = True
     for cfg, by in runs.items():
         precs = [p for p in ("fp32", "bf16", "fp8") if p in by]
