@@ -62,6 +62,11 @@ grep -q "fp8 vs bf16: .*over 2 seeds" <<<"$out" || fail "ablation: no fp8 vs bf1
 # STOP on runs that went on longer: the report compares their first STOP steps.
 out=$(ablate env PRECISIONS="fp32 bf16" 2>&1)
 grep -q "LM loss by step (2 steps" <<<"$out" || fail "STOP=2 on 3-step runs: the report does not stop at step 2: $out"
+# Finished runs of another schedule (STEPS=3) are refused, not reused or replaced.
+out=$(ablate env STEPS=4 2>&1); rc=$?
+[ $rc -eq 2 ] && grep -q "tiny-bf16-seed11: a run of a 3-step schedule, not STEPS=4" <<<"$out" ||
+  fail "STEPS=4 on 3-step runs: exit $rc: $out"
+[ "$(stat -c %Y "$work/out/tiny-bf16-seed12/metrics.jsonl")" = "$before" ] || fail "STEPS=4: a finished run was replaced"
 out=$(ablate env STOP=4 2>&1); rc=$?
 [ $rc -eq 2 ] && grep -q "STOP=4: expected 1 to STEPS=3" <<<"$out" || fail "STOP beyond STEPS: exit $rc: $out"
 out=$(DATA="$work/c" CONFIGS=tiny PRECISIONS="fp16" bash "$root/tools/bench/precision_curves.sh" "$(dirname "$bin")" "$work/bad" 2>&1); rc=$?

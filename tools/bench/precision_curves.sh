@@ -64,6 +64,11 @@ for c in $configs; do
     if [ "$p" = fp8 ] && [ -n "$fp8_tag" ]; then dir=$dir.$fp8_tag; extra="$fp8_sets"; fi
     if [ "$seed" != default ]; then dir=$dir-seed$seed; extra="$extra --set training.seed=$seed"; fi
     if [ "$k" = 2 ]; then dir=$dir-s2; extra="$extra --set training.micro_batch_size=$(( micro > 1 ? micro / 2 : 1 ))"; fi
+    # A run of another schedule is never reused nor replaced: its steps are not this study's.
+    had=$(sed -n 's/^ *train_steps: *\([0-9]*\).*/\1/p' "$dir/config.yaml" 2>/dev/null | head -1 || true)
+    if [ -n "$had" ] && [ "$had" != "$steps" ]; then
+      echo "$dir: a run of a $had-step schedule, not STEPS=$steps; give another OUT_DIR" >&2; exit 2
+    fi
     if [ ! -f "$dir/metrics.jsonl" ] || [ "$(grep -c '"lm_loss"' "$dir/metrics.jsonl" || true)" -lt "$stop" ]; then
       rm -rf "$dir"; mkdir -p "$out"
       # shellcheck disable=SC2086
