@@ -28,8 +28,8 @@ fp8_sets=${FP8_SETS:-}
 fp8_tag=${FP8_TAG:-}
 case $stop in ''|*[!0-9]*) echo "STOP=$stop: expected a number of steps" >&2; exit 2 ;; esac
 [ "$stop" -ge 1 ] && [ "$stop" -le "$steps" ] || { echo "STOP=$stop: expected 1 to STEPS=$steps" >&2; exit 2; }
-stop_arg=""
-if [ "$stop" -lt "$steps" ]; then stop_arg="--stop-after $stop"; fi
+stop_arg="" report_steps=()
+if [ "$stop" -lt "$steps" ]; then stop_arg="--stop-after $stop" report_steps=(--steps "$stop"); fi
 if [ -n "$fp8_sets" ] && [ -z "$fp8_tag" ]; then
   echo "FP8_SETS needs FP8_TAG=NAME, the suffix of its FP8 run directories" >&2; exit 2
 fi
@@ -85,6 +85,4 @@ for c in $configs; do
   done
 done
 if [ -n "$fp8_tag" ]; then echo "fp8 below: the runs tagged $fp8_tag, with${fp8_sets:+ $fp8_sets} on top of the FP8 settings"; fi
-report_steps=()
-if [ "$stop" -lt "$steps" ]; then report_steps=(--steps "$stop"); fi
 python3 tools/bench/precision_report.py "${report_steps[@]}" "${runs[@]}"
