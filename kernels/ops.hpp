@@ -53,6 +53,9 @@ Fp8Operand fp8_quantize(const Tensor& a, bool blocks);  // a [rows, K], f32 or b
 void fp8_dequantize(const Fp8Operand& q, const Tensor& out);
 // c[M, N] (= or +=) a . b^T with the chunked promotion above; a must be tiled (b either).
 void fp8_gemm(const Fp8Operand& a, const Fp8Operand& b, const Tensor& c, bool accumulate);
+// Fprop from an activation already quantized with 1 x 128 tiles along K (xq, e.g. a cached one): bit
+// for bit fp8_linear_forward(x, w, y) when xq = fp8_quantize(x, false).
+void fp8_linear_forward(const Fp8Operand& xq, const Tensor& w, const Tensor& y, bool accumulate = false);
 
 // y += x (same shape)
 void add_inplace(const Tensor& y, const Tensor& x);
@@ -88,6 +91,11 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, const Tensor& 
 // dx (= or +=), dw +=
 void rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy,
                       const Tensor& dx, const Tensor& dw, bool accumulate_dx = false);
+// The input of an RMSNorm from its output and statistics, for a backward that kept only the output:
+// x[t, j] = y[t, j] / (w[j] * rstd[t]) (host). Only where every weight is away from zero
+// (rmsnorm_invertible: 0 < |w_j| and |w_j| >= 2^-10 max_k |w_k|, all finite), which it checks.
+bool rmsnorm_invertible(const Tensor& w);
+void rmsnorm_invert(const Tensor& y, const Tensor& w, const Tensor& rstd, const Tensor& x);
 
 // ---------------------------------------------------------------------------------------------
 // Rotary embedding on interleaved pairs. Frequencies: f_i = theta^(-2i/R), i < R/2, blended by YaRN

@@ -173,6 +173,16 @@ void fp8_linear_forward(const Tensor& x, const Tensor& w, const Tensor& y, bool 
   fp8_gemm(fp8_quantize(x, false), fp8_quantize(w, true), y, accumulate);
 }
 
+void fp8_linear_forward(const Fp8Operand& xq, const Tensor& w, const Tensor& y, bool accumulate) {
+  const char* op = "fp8_linear_forward";
+  DSV3_CHECK(!xq.blocks, op, ": the activation '", xq.codes.t.name(), "' must have 1 x 128 tile scales");
+  for (const Tensor* t : {&w, &y}) check_2d(op, *t);
+  const int64_t M = xq.rows(), K = xq.k(), N = w.dim(0);
+  expect_shape(op, w, {N, K});
+  expect_shape(op, y, {M, N});
+  fp8_gemm(xq, fp8_quantize(w, true), y, accumulate);
+}
+
 void fp8_linear_backward_input(const Tensor& dy, const Tensor& w, const Tensor& dx, bool accumulate) {
   const char* op = "fp8_linear_backward_input";
   for (const Tensor* t : {&dy, &w, &dx}) check_2d(op, *t);

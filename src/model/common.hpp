@@ -72,6 +72,11 @@ void round_act(const StepContext& ctx, const Tensor& t);
 enum class GemmKind { Bf16, Fp8Attention, Fp8Ffn };
 void linear_fwd(const StepContext& ctx, GemmKind k, const Tensor& x, const Tensor& w, const Tensor& y,
                 bool accumulate = false);
+// The forward from an input kept as E4M3 codes with 1 x 128 tiles along K (the FP8 KV cache): an
+// FP8 Fprop uses the codes as they are (the same bits as linear_fwd of the input they were quantized
+// from); otherwise the GEMM takes their values, rounded to bf16 in a bf16 run.
+void linear_fwd(const StepContext& ctx, GemmKind k, const ops::Fp8Operand& xq, const Tensor& w,
+                const Tensor& y);
 void linear_dgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Tensor& w, const Tensor& dx,
                   bool accumulate = false);
 void linear_wgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Tensor& x, const Tensor& dw);

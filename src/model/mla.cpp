@@ -75,19 +75,22 @@ void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved
   s.c = act_out({T, rkv_}, "mla.c_kv");
   s.c_rstd = act_out({T}, "mla.c_kv_rstd");
   ops::copy_columns(s.kva, 0, s.c);
-  if (ctx.num.fp8_kv) {
-    // The FP8 KV cache: the compressed latent c continues as its FP8 value in the forward too, so
-    // that the backward, which rebuilds the keys and values from the cached codes, sees the very keys
-    // the forward's attention (and its log-sum-exp) used. The rotary key's columns enter the
-    // attention core directly (bf16 in the report, 3.3.1) and are kept as they are.
-    s.kv_fp8 = ops::fp8_quantize(s.c, /*blocks=*/false);
-    ops::fp8_dequantize(s.kv_fp8, s.c);
-    s.k_pe_in = act_out({T, R_}, "mla.k_pe_in");
-    ops::copy_columns(s.kva, rkv_, s.k_pe_in);
-  }
   s.c_n = act_out({T, rkv_}, "mla.c_kv_normed");
   ops::rmsnorm_forward(s.c, ps.compute(kv_norm_), eps_, s.c_n, s.c_rstd);
   round_act(ctx, s.c_n);
+  if (ctx.num.fp8_kv) {
+    // The FP8 KV cache: the normed latent RMSNorm(c) as E4M3 codes with 1 x 128 tiles along
+    // kv_lora_rank, which is the quantization kv_b_proj's FP8 Fprop applies to it anyway. The forward's
+    // keys and values come from these codes, so the backward rebuilds the very keys the forward's
+    // attention (and its log-sum-exp) used, and under FP8 Fprop the cache adds no rounding to the
+    // forward. The norm's backward takes its input from the output (c = RMSNorm(c) / (w rstd)), unless
+    // a weight is too near zero for that; then c is cached too. The rotary key's columns enter the
+    // attention core directly (bf16 in the report, 3.3.1) and are kept as they are.
+    s.kv_fp8 = ops::fp8_quantize(s.c_n, /*blocks=*/false);
+    if (!ops::rmsnorm_invertible(ps.compute(kv_norm_))) s.kv_c_fp8 = ops::fp8_quantize(s.c, false);
+    s.k_pe_in = act_out({T, R_}, "mla.k_pe_in");
+    ops::copy_columns(s.kva, rkv_, s.k_pe_in);
+  }
   keys_values(ps, s, ctx);
 
   s.o = act_out({B, S, H_, dv_}, "mla.o");
@@ -127,7 +130,11 @@ void MLA::keys_values(const ParamStore& ps, Saved& s, const StepContext& ctx) co
   round_act(ctx, k_pe);
   // Per-head keys and values from the latent: kvb [T, H*(n+dv)] -> k [.., n+R], v [.., dv].
   OwnedTensor kvb = act_out({B, S, H_, n_ + dv_}, "mla.kv_b");
-  linear_fwd(ctx, GemmKind::Fp8Attention, s.c_n, ps.compute(kv_b_), kvb.t.view({T, H_ * (n_ + dv_)}));
+  const Tensor kvb2 = kvb.t.view({T, H_ * (n_ + dv_)});
+  if (s.kv_fp8.codes.t.empty())
+    linear_fwd(ctx, GemmKind::Fp8Attention, s.c_n, ps.compute(kv_b_), kvb2);
+  else
+    linear_fwd(ctx, GemmKind::Fp8Attention, s.kv_fp8, ps.compute(kv_b_), kvb2);
   s.k = act_out({B, S, H_, qk}, "mla.k");
   s.v = act_out({B, S, H_, dv_}, "mla.v");
   ops::mla_assemble_kv(kvb, k_pe.t.view({B, S, R_}), n_, s.k, s.v);
@@ -143,19 +150,24 @@ void MLA::restore(const ParamStore& ps, Saved& s, const StepContext& ctx) const 
   for (OwnedTensor* t : {&s.qa, &s.qa_n, &s.kva, &s.c, &s.c_n, &s.q, &s.k, &s.v, &s.o, &s.k_pe_in})
     load_f32(*t);
   if (s.kv_fp8.codes.t.empty()) return;
-  // The keys and values of the backward come from the FP8 latent and the kept rotary key columns.
+  // The backward's keys and values come from the cached codes of RMSNorm(c) and the kept rotary key
+  // columns, as in the forward; the norm's input from its output (or from c's own codes).
   const int64_t T = ctx.T();
+  s.c_n = act_out({T, rkv_}, "mla.c_kv_normed");
+  ops::fp8_dequantize(s.kv_fp8, s.c_n);
   s.c = act_out({T, rkv_}, "mla.c_kv");
-  ops::fp8_dequantize(s.kv_fp8, s.c);
-  s.kv_fp8 = {};
+  if (s.kv_c_fp8.codes.t.empty())
+    ops::rmsnorm_invert(s.c_n, ps.compute(kv_norm_), s.c_rstd, s.c);
+  else
+    ops::fp8_dequantize(s.kv_c_fp8, s.c);
+  s.kv_c_fp8 = {};
+  round_act(ctx, s.c_n);
   s.kva = act_out({T, rkv_ + R_}, "mla.kv_a");
   ops::copy_columns_backward(s.c, 0, s.kva);
   ops::copy_columns_backward(s.k_pe_in, rkv_, s.kva);
   s.k_pe_in = {};
-  s.c_n = act_out({T, rkv_}, "mla.c_kv_normed");
-  ops::rmsnorm_forward(s.c, ps.compute(kv_norm_), eps_, s.c_n, s.c_rstd);
-  round_act(ctx, s.c_n);
   keys_values(ps, s, ctx);
+  s.kv_fp8 = {};
 }
 
 void MLA::drop_recomputable(Saved& s, const RecomputeSet& r) {

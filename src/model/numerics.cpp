@@ -46,6 +46,19 @@ void linear_fwd(const StepContext& ctx, GemmKind k, const Tensor& x, const Tenso
   round_act(ctx, y);
 }
 
+void linear_fwd(const StepContext& ctx, GemmKind k, const ops::Fp8Operand& xq, const Tensor& w,
+                const Tensor& y) {
+  if (fp8_gemm(ctx.num, k, ctx.num.fp8_fprop)) {
+    ops::fp8_linear_forward(xq, w, y);
+  } else {
+    OwnedTensor x = act_out({xq.rows(), xq.k()}, xq.codes.t.name() + ".values");
+    ops::fp8_dequantize(xq, x);
+    round_act(ctx, x);
+    ops::linear_forward(x, w, y);
+  }
+  round_act(ctx, y);
+}
+
 void linear_dgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Tensor& w, const Tensor& dx,
                   bool accumulate) {
   if (fp8_gemm(ctx.num, k, ctx.num.fp8_dgrad))
