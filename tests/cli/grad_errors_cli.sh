@@ -20,13 +20,17 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 v = {x["name"]: x for x in r["variants"]}
 names = ["fp32", "bf16", "fp8 gemms", "fp8 fprop only", "fp8 dgrad only", "fp8 wgrad only",
-         "fp8 attention only", "fp8 ffn only", "fp8 kv cache only", "fp8 dispatch only", "fp8 all", "fp32, other tokens"]
+         "fp8 attention only", "fp8 ffn only", "fp8 kv cache only", "fp8 dispatch only", "fp8 all but kv cache",
+         "fp8 all", "fp32, other tokens"]
 assert list(v) == names, list(v)
 assert v["fp32"]["grad_error"] == 0.0, v["fp32"]
 for n in ("fp8 dgrad only", "fp8 wgrad only"):
     assert v[n]["loss"] == v["bf16"]["loss"], (n, v[n]["loss"], v["bf16"]["loss"])
     assert v[n]["grad_error_over_bf16"] > 0, n
 assert v["fp8 fprop only"]["loss"] == v["fp8 gemms"]["loss"]
+# Under FP8 Fprop the KV cache keeps the codes kv_b_proj's Fprop uses: the same loss, another gradient.
+assert v["fp8 all"]["loss"] == v["fp8 all but kv cache"]["loss"], (v["fp8 all"], v["fp8 all but kv cache"])
+assert v["fp8 all"]["grad_error_over_bf16"] != v["fp8 all but kv cache"]["grad_error_over_bf16"]
 noise = v["fp32, other tokens"]["grad_error"]
 for n in names[1:-1]:
     e = v[n]["grad_error"]
