@@ -91,11 +91,6 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, const Tensor& 
 // dx (= or +=), dw +=
 void rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dy,
                       const Tensor& dx, const Tensor& dw, bool accumulate_dx = false);
-// The input of an RMSNorm from its output and statistics, for a backward that kept only the output:
-// x[t, j] = y[t, j] / (w[j] * rstd[t]) (host). Only where every weight is away from zero
-// (rmsnorm_invertible: 0 < |w_j| and |w_j| >= 2^-10 max_k |w_k|, all finite), which it checks.
-bool rmsnorm_invertible(const Tensor& w);
-void rmsnorm_invert(const Tensor& y, const Tensor& w, const Tensor& rstd, const Tensor& x);
 
 // ---------------------------------------------------------------------------------------------
 // Rotary embedding on interleaved pairs. Frequencies: f_i = theta^(-2i/R), i < R/2, blended by YaRN

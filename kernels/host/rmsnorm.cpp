@@ -3,9 +3,7 @@
 //   forward:  rstd[t] = 1 / sqrt(mean_j x[t,j]^2 + eps); y = x * rstd * w
 //   backward: dx[t,j] (= or +=) rstd w_j dy_j - rstd^3 x_j / D * sum_k dy_k w_k x_k
 //             dw[j] += sum_t dy[t,j] x[t,j] rstd[t]
-//   invert:   x[t,j] = y[t,j] / (w_j rstd[t])   (host only; weights away from zero)
 // Row sums are accumulated in double. GPU tensors go to the CUDA twin, kernels/cuda/rmsnorm.cu.
-#include <algorithm>
 #include <cmath>
 
 #include "core/error.hpp"
@@ -107,45 +105,6 @@ void rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd, cons
       for (int64_t j = j0; j < j1; ++j) acc[j - j0] += static_cast<double>(gr[j] * xr[j] * r);
     }
     for (int64_t j = j0; j < j1; ++j) pdw[j] += static_cast<float>(acc[j - j0]);
-  });
-}
-
-bool rmsnorm_invertible(const Tensor& w) {
-  const char* op = "rmsnorm_invertible";
-  host::check_host(op, w);
-  DSV3_CHECK(w.ndim() == 1, op, ": weight '", w.name(), "' has shape ", w.shape_str(), ", expected [D]");
-  const host::F32Input wf(op, w);
-  const float* pw = wf.data();
-  float lo = INFINITY, hi = 0.0f;
-  for (int64_t j = 0; j < w.dim(0); ++j) {
-    const float a = std::fabs(pw[j]);
-    if (!std::isfinite(a)) return false;
-    lo = std::min(lo, a), hi = std::max(hi, a);
-  }
-  // An output quantized to E4M3 with the others of its 1 x 128 tile keeps 3 mantissa bits down to
-  // about 2^-15 of the tile's largest value. Below 2^-10 of the largest weight, an input of typical
-  // size falls under that, and dividing by the weight would magnify the rounding.
-  return w.dim(0) == 0 || (lo > 0.0f && lo >= std::ldexp(hi, -10));
-}
-
-void rmsnorm_invert(const Tensor& y, const Tensor& w, const Tensor& rstd, const Tensor& x) {
-  DSV3_PROFILE(Elementwise);
-  const char* op = "rmsnorm_invert";
-  for (const Tensor* t : {&y, &rstd, &x}) host::check_f32_host(op, *t);
-  check_rmsnorm(op, y, w, rstd, {&x});
-  DSV3_CHECK(rmsnorm_invertible(w), op, ": weight '", w.name(),
-             "' has entries at or near zero; the input cannot be recovered from the output");
-  const int64_t D = y.dim(1);
-  const host::F32Input wf(op, w);
-  const float* py = y.f32();
-  const float* pw = wf.data();
-  const float* pr = rstd.f32();
-  float* px = x.f32();
-  host::parallel_for("dsv3::rmsnorm_invert", y.dim(0), [=](int64_t t) {
-    const double r = pr[t];
-    for (int64_t j = 0; j < D; ++j)
-      px[t * D + j] =
-          static_cast<float>(static_cast<double>(py[t * D + j]) / (static_cast<double>(pw[j]) * r));
   });
 }
 

@@ -148,13 +148,12 @@ double mla_saved_elems(const ModelConfig& m, const Layout& l, const RecomputeSet
   const double kva = a.d_latent + a.qk_rope_head_dim;
   const double qkv = r.mla_up_proj ? 0 : 2 * h * m.qk_head_dim() + h * a.v_head_dim;  // q, k, v
   if (fp8_kv) {
-    // The normed latent RMSNorm(c) in FP8 with a 4-byte scale per 1 x 128 tile, and the rotary key's
-    // kv_a columns as they are; c, its norm, k and v are rebuilt from them in the backward. Counted
-    // in elements of elem_bytes. (A layer whose kv norm weight has entries near zero keeps c's codes
-    // too, MODEL.md "FP8 KV cache"; not counted.)
+    // The normed latent RMSNorm(c) in FP8 with a 4-byte scale per 1 x 128 tile (counted in elements
+    // of elem_bytes) and the kv_a output [c ; k_pe]; c's copy, its norm, k and v are rebuilt from
+    // them in the backward.
     const double rkv = a.d_latent;
-    e += (rkv + 4 * std::ceil(rkv / 128)) / elem_bytes + a.qk_rope_head_dim + 1;  // FP8 c_n, k_pe, rstd
-    e += (r.mla_up_proj ? 0 : h * m.qk_head_dim());                               // q
+    e += (rkv + 4 * std::ceil(rkv / 128)) / elem_bytes + kva + 1;  // FP8 RMSNorm(c), kv_a output, rstd
+    e += (r.mla_up_proj ? 0 : h * m.qk_head_dim());                // q
   } else {
     e += kva;                                 // kv_a output [c ; k_pe]
     e += a.d_latent * (r.norms ? 1 : 2) + 1;  // c, its norm, rstd
@@ -326,8 +325,9 @@ double host_workspace_bytes_per_token(const ModelConfig& m, const Layout& l, con
   const RecomputeSet r = o.recompute_set();
   if (!o.host) return activation_workspace_bytes_per_token(m, l, r, act_bytes);
   // Host temporaries are f32. Under bf16 the block in its backward holds its saved tensors back in
-  // f32 (the FP8 normed latent rebuilt into c, its norm, k and v), in place of their stored copies,
-  // and with what recompute rebuilds: the whole layer as without recompute, counted here.
+  // f32 (c, its norm, k and v rebuilt from the kv_a output and the FP8 normed latent), in place of
+  // their stored copies, and with what recompute rebuilds: the whole layer as without recompute,
+  // counted here.
   const bool restored = o.precision == "bf16" && !r.full;
   double ws = activation_workspace_bytes_per_token(m, l, restored ? RecomputeSet{} : r, 4.0);
   if (restored) {

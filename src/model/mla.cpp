@@ -80,16 +80,11 @@ void MLA::forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved
   round_act(ctx, s.c_n);
   if (ctx.num.fp8_kv) {
     // The FP8 KV cache: the normed latent RMSNorm(c) as E4M3 codes with 1 x 128 tiles along
-    // kv_lora_rank, which is the quantization kv_b_proj's FP8 Fprop applies to it anyway. The forward's
-    // keys and values come from these codes, so the backward rebuilds the very keys the forward's
-    // attention (and its log-sum-exp) used, and under FP8 Fprop the cache adds no rounding to the
-    // forward. The norm's backward takes its input from the output (c = RMSNorm(c) / (w rstd)), unless
-    // a weight is too near zero for that; then c is cached too. The rotary key's columns enter the
-    // attention core directly (bf16 in the report, 3.3.1) and are kept as they are.
+    // kv_lora_rank, the quantization kv_b_proj's FP8 Fprop applies to it anyway. The forward's keys
+    // and values come from these codes, so the backward rebuilds the very keys the forward's attention
+    // (and its log-sum-exp) used, and under FP8 Fprop the cache adds no rounding to the forward. The
+    // latent itself stays in the kv_a output (bf16 storage) for the norm's backward.
     s.kv_fp8 = ops::fp8_quantize(s.c_n, /*blocks=*/false);
-    if (!ops::rmsnorm_invertible(ps.compute(kv_norm_))) s.kv_c_fp8 = ops::fp8_quantize(s.c, false);
-    s.k_pe_in = act_out({T, R_}, "mla.k_pe_in");
-    ops::copy_columns(s.kva, rkv_, s.k_pe_in);
   }
   keys_values(ps, s, ctx);
 
@@ -141,31 +136,21 @@ void MLA::keys_values(const ParamStore& ps, Saved& s, const StepContext& ctx) co
 }
 
 void MLA::store(Saved& s, const StepContext& ctx) {
-  if (ctx.num.fp8_kv && !s.kv_fp8.codes.t.empty()) s.kva = {}, s.c = {}, s.c_n = {}, s.k = {}, s.v = {};
-  for (OwnedTensor* t : {&s.qa, &s.qa_n, &s.kva, &s.c, &s.c_n, &s.q, &s.k, &s.v, &s.o, &s.k_pe_in})
-    store_bf16(*t);
+  if (ctx.num.fp8_kv && !s.kv_fp8.codes.t.empty()) s.c = {}, s.c_n = {}, s.k = {}, s.v = {};
+  for (OwnedTensor* t : {&s.qa, &s.qa_n, &s.kva, &s.c, &s.c_n, &s.q, &s.k, &s.v, &s.o}) store_bf16(*t);
 }
 
 void MLA::restore(const ParamStore& ps, Saved& s, const StepContext& ctx) const {
-  for (OwnedTensor* t : {&s.qa, &s.qa_n, &s.kva, &s.c, &s.c_n, &s.q, &s.k, &s.v, &s.o, &s.k_pe_in})
-    load_f32(*t);
+  for (OwnedTensor* t : {&s.qa, &s.qa_n, &s.kva, &s.c, &s.c_n, &s.q, &s.k, &s.v, &s.o}) load_f32(*t);
   if (s.kv_fp8.codes.t.empty()) return;
-  // The backward's keys and values come from the cached codes of RMSNorm(c) and the kept rotary key
-  // columns, as in the forward; the norm's input from its output (or from c's own codes).
+  // The latent from the kv_a output; the backward's keys and values from the cached codes of
+  // RMSNorm(c) and the rotary key columns, as in the forward.
   const int64_t T = ctx.T();
+  s.c = act_out({T, rkv_}, "mla.c_kv");
+  ops::copy_columns(s.kva, 0, s.c);
   s.c_n = act_out({T, rkv_}, "mla.c_kv_normed");
   ops::fp8_dequantize(s.kv_fp8, s.c_n);
-  s.c = act_out({T, rkv_}, "mla.c_kv");
-  if (s.kv_c_fp8.codes.t.empty())
-    ops::rmsnorm_invert(s.c_n, ps.compute(kv_norm_), s.c_rstd, s.c);
-  else
-    ops::fp8_dequantize(s.kv_c_fp8, s.c);
-  s.kv_c_fp8 = {};
   round_act(ctx, s.c_n);
-  s.kva = act_out({T, rkv_ + R_}, "mla.kv_a");
-  ops::copy_columns_backward(s.c, 0, s.kva);
-  ops::copy_columns_backward(s.k_pe_in, rkv_, s.kva);
-  s.k_pe_in = {};
   keys_values(ps, s, ctx);
   s.kv_fp8 = {};
 }

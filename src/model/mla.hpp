@@ -22,11 +22,8 @@ class MLA {
     OwnedTensor k, v;               // [B, S, H, n + R], [B, S, H, dv]
     OwnedTensor o, lse;             // [B, S, H, dv], [B, H, S]
     // use_fp8_kv: the normed latent c_n in FP8 (1 x 128 tiles; the codes the forward's kv_b_proj
-    // used) and the rotary key's kva columns [T, R] (bf16 storage: they enter the attention core,
-    // which stays bf16); stored instead of kva, c, c_n, k, v. kv_c_fp8: c in FP8 as well, only when
-    // the kv norm's weight has entries near zero (ops::rmsnorm_invertible).
-    ops::Fp8Operand kv_fp8, kv_c_fp8;
-    OwnedTensor k_pe_in;
+    // used), stored instead of c, c_n, k and v (kva, with c and the rotary key's columns, is kept).
+    ops::Fp8Operand kv_fp8;
   };
   // y += o_proj(attention(xn)); xn has all T rows, y the stream rows (ModelParallel::stream_rows).
   void forward(const ParamStore& ps, const Tensor& xn, const Tensor& y, Saved& s,
@@ -40,9 +37,9 @@ class MLA {
   static void drop_recomputable(Saved& s, const RecomputeSet& r);
   void recompute(const ParamStore& ps, Saved& s, const StepContext& ctx) const;
   // Mixed precision, after the forward: the saved activations go to bf16 storage, and under
-  // use_fp8_kv only the FP8 normed KV latent is kept of the latent path (the keys and values derived
-  // from it are dropped). restore() brings them back to f32 before the backward, rebuilding the latent,
-  // keys and values from the FP8 codes.
+  // use_fp8_kv the normed KV latent to FP8 (the latent's copy, its norm and the keys and values
+  // derived from it are dropped). restore() brings them back to f32 before the backward, rebuilding
+  // the latent from kva and the keys and values from the FP8 codes.
   static void store(Saved& s, const StepContext& ctx);
   void restore(const ParamStore& ps, Saved& s, const StepContext& ctx) const;
 
