@@ -156,16 +156,16 @@ TEST(Precision, Fp8ModulesPickWhichProjectionsRunInFp8) {
 }
 
 namespace {
-// The loss and the gradients, parameter by parameter, of tiny on `tok` after `edit` changed the
-// master weights.
+// The loss and the gradients, parameter by parameter, of tiny (settings `o` plus `extra`) on `tok`
+// after `edit` changed the master weights.
 struct GradRun {
   double loss = 0;
   std::vector<std::string> names;
   std::vector<std::vector<float>> grads;
 };
-GradRun run_with(const OwnedTensor& tok, const std::vector<std::string>& o,
+GradRun run_with(const OwnedTensor& tok, const std::vector<std::string>& o, const std::string& extra,
                  const std::function<void(ParamStore&)>& edit) {
-  Model m(tiny(o));
+  Model m(tiny(o, extra));
   edit(m.params());
   GradRun r;
   r.loss = m.forward_backward(tok).total;
@@ -176,10 +176,6 @@ GradRun run_with(const OwnedTensor& tok, const std::vector<std::string>& o,
     r.grads.emplace_back(g.f32(), g.f32() + g.numel());
   }
   return r;
-}
-std::vector<std::string> with(std::vector<std::string> o, const std::string& extra) {
-  o.push_back(extra);
-  return o;
 }
 double rel_dist(const std::vector<float>& a, const std::vector<float>& b) {
   double d = 0, n = 0;
@@ -205,7 +201,7 @@ TEST(Fp8KvCache, AddsNoForwardRoundingUnderFp8Fprop) {
         for (int64_t j = 0; j < w.numel(); ++j) w.f32()[j] = 0.5f + 0.25f * static_cast<float>(j % 5);
       }
   };
-  const GradRun plain = run_with(tok, kFp8, vary), cached = run_with(tok, with(kFp8, kv), vary);
+  const GradRun plain = run_with(tok, kFp8, "", vary), cached = run_with(tok, kFp8, kv, vary);
   EXPECT_EQ(cached.loss, plain.loss) << "the FP8 KV cache changed the forward under FP8 Fprop";
   int kv_b = 0;
   for (size_t i = 0; i < plain.names.size(); ++i) {
@@ -223,8 +219,9 @@ TEST(Fp8KvCache, AddsNoForwardRoundingUnderFp8Fprop) {
   EXPECT_GE(kv_b, 2);
 
   // Without FP8 Fprop (bf16 forward GEMMs), the cached codes are a forward rounding of RMSNorm(c).
-  const std::vector<std::string> no_fprop = with(kFp8, "training.fp8_passes=[dgrad, wgrad]");
-  const GradRun plain_b = run_with(tok, no_fprop, vary), cached_b = run_with(tok, with(no_fprop, kv), vary);
+  std::vector<std::string> no_fprop = kFp8;
+  no_fprop.push_back("training.fp8_passes=[dgrad, wgrad]");
+  const GradRun plain_b = run_with(tok, no_fprop, "", vary), cached_b = run_with(tok, no_fprop, kv, vary);
   EXPECT_NE(cached_b.loss, plain_b.loss);
   EXPECT_NEAR(cached_b.loss, plain_b.loss, 1e-3 * plain_b.loss);
 }
