@@ -101,6 +101,11 @@ struct HostBufferStats {
 };
 HostBufferStats host_buffer_stats();
 void reset_host_buffer_peak();
+// Large host tensors (64 KiB and more) live in an address range of their own whose free pages stay
+// resident for reuse, as a heap's do. This gives the pages of every free block back to the system
+// (a later block placed there faults them in again); for a measurement's baseline, or after a phase
+// that used more memory than the ones that follow.
+void release_free_host_memory();
 
 // A tensor together with its own storage (activations, test data).
 struct OwnedTensor {

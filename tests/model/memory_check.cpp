@@ -119,6 +119,7 @@ int main(int argc, char** argv) {
       dsv3::Model warm(wc);
       warm.forward_backward(tokens(wc, 1, 8));
     }
+    dsv3::release_free_host_memory();  // the warm-up's free tensor pages are not part of the baseline
     const double base = proc_kib_field("/proc/self/status", "VmRSS");
     dsv3::reset_host_buffer_peak();
     const double tensor_base = static_cast<double>(dsv3::host_buffer_stats().live);
