@@ -20,54 +20,19 @@ namespace {
 
 using host::check_2d;
 
-Fp8Operand make_operand(int64_t rows, int64_t k, bool blocks, const std::string& name) {
-  Fp8Operand q;
-  q.blocks = blocks;
-  q.codes = OwnedTensor(DType::F8E4M3, {rows, k}, name + ".e4m3", Device::Host, Fill::Uninitialized);
-  q.scales = OwnedTensor(DType::F32, {blocks ? lowp::tiles(rows) : rows, lowp::tiles(k)}, name + ".scale",
-                         Device::Host, Fill::Uninitialized);
-  return q;
-}
-
-// fp8_quantize of a's transpose [cols, rows], bit for bit, without an f32 transpose: tiles along a's
-// rows are quantized in place; 128 x 128 blocks are the same blocks as a's (same amax, same codes),
-// so a's codes and block scales are transposed.
-Fp8Operand fp8_quantize_transposed(const Tensor& a, bool blocks, const char* op) {
-  const host::F32Input af(op, a);
-  const int64_t rows = a.dim(0), cols = a.dim(1);
-  Fp8Operand q = make_operand(cols, rows, blocks, a.name() + "^T");
-  auto* codes = static_cast<uint8_t*>(q.codes.t.data());
-  if (!blocks) {
-    lowp::quantize_tiles_transposed(af.data(), rows, cols, codes, q.scales.f32());
-    return q;
-  }
-  const Fp8Operand d = fp8_quantize(af, true);
-  const auto* dc = static_cast<const uint8_t*>(d.codes.t.data());
-  for (int64_t cb = 0; cb < cols; cb += 32)
-    for (int64_t rb = 0; rb < rows; rb += 32)
-      for (int64_t c = cb; c < std::min(cols, cb + 32); ++c)
-        for (int64_t r = rb; r < std::min(rows, rb + 32); ++r) codes[c * rows + r] = dc[r * cols + c];
-  const int64_t br = lowp::tiles(rows), bc = lowp::tiles(cols);
-  const float* ds = d.scales.f32();
-  float* qs = q.scales.f32();
-  for (int64_t i = 0; i < br; ++i)
-    for (int64_t j = 0; j < bc; ++j) qs[j * br + i] = ds[i * bc + j];
-  return q;
-}
-
-// fp8_gemm's scratch: one buffer kept between calls so that a step's many GEMMs do not fault in
-// fresh pages; it grows to the largest single GEMM (the size the memory accounting counts for it).
-// Mapped on its own, so that growing it leaves no freed block behind in the heap.
-class Scratch {
+// A buffer mapped on its own and kept between calls, growing to the largest request: the per-call
+// memory of the FP8 GEMMs, so that a step's many GEMMs neither fault in fresh pages nor leave freed
+// blocks of every size in the heap between the saved activations (where they would raise the heap's
+// high-water mark).
+class Mapped {
  public:
-  ~Scratch() { release(); }
-  float* get(int64_t n) {
-    const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+  ~Mapped() { release(); }
+  void* get(size_t bytes, const char* what) {
     if (bytes > size_) {
       release();
       void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      DSV3_CHECK(p != MAP_FAILED, "fp8_gemm: cannot map ", bytes, " bytes of scratch");
-      data_ = static_cast<float*>(p), size_ = bytes;
+      DSV3_CHECK(p != MAP_FAILED, what, ": cannot map ", bytes, " bytes");
+      data_ = p, size_ = bytes;
     }
     return data_;
   }
@@ -77,12 +42,87 @@ class Scratch {
     if (data_) munmap(data_, size_);
     data_ = nullptr, size_ = 0;
   }
-  float* data_ = nullptr;
+  void* data_ = nullptr;
   size_t size_ = 0;
 };
-float* scratch(int64_t n) {
-  thread_local Scratch s;
-  return s.get(n);
+
+// fp8_gemm's scratch: the decoded operands, the accumulator and a chunk's partials; it grows to the
+// largest single GEMM (the size the memory accounting counts for it).
+float* gemm_scratch(int64_t n) {
+  thread_local Mapped m;
+  return static_cast<float*>(m.get(static_cast<size_t>(n) * sizeof(float), "fp8_gemm scratch"));
+}
+
+constexpr int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
+int64_t scale_count(int64_t rows, int64_t k, bool blocks) {
+  return (blocks ? lowp::tiles(rows) : rows) * lowp::tiles(k);
+}
+int64_t operand_bytes(int64_t rows, int64_t k, bool blocks) {
+  return align64(rows * k) + align64(4 * scale_count(rows, k, blocks));
+}
+
+// The operands one fp8_linear_* call quantizes for its GEMM, carved from a per-thread buffer that is
+// reserved whole at the start of the call (an operand taken from it lives until the next call).
+class OperandArena {
+ public:
+  OperandArena(int64_t bytes, const char* op) {
+    thread_local Mapped m;
+    next_ = static_cast<char*>(m.get(static_cast<size_t>(bytes), op)), end_ = next_ + bytes;
+  }
+  uint8_t* take(int64_t bytes) {
+    DSV3_CHECK(end_ - next_ >= align64(bytes), "fp8 operand arena: ", bytes, " bytes requested, ",
+               end_ - next_, " left");
+    char* p = next_;
+    next_ += align64(bytes);
+    return reinterpret_cast<uint8_t*>(p);
+  }
+  // An operand whose codes and scales live here (no storage of its own).
+  Fp8Operand operand(int64_t rows, int64_t k, bool blocks, const std::string& name) {
+    Fp8Operand q;
+    q.blocks = blocks;
+    q.codes.t = Tensor(take(rows * k), DType::F8E4M3, {rows, k}, name + ".e4m3", Device::Host);
+    q.scales.t = Tensor(take(4 * scale_count(rows, k, blocks)), DType::F32,
+                        {blocks ? lowp::tiles(rows) : rows, lowp::tiles(k)}, name + ".scale", Device::Host);
+    return q;
+  }
+
+ private:
+  char* next_;
+  char* end_;
+};
+
+// Calls f with a's values: a const float* (f32) or a const uint16_t* (bf16 bit patterns).
+template <typename F>
+void with_values(const char* op, const Tensor& a, F&& f) {
+  host::check_host(op, a);
+  if (a.dtype() == DType::BF16) return f(static_cast<const uint16_t*>(a.data()));
+  DSV3_CHECK(a.dtype() == DType::F32, op, ": tensor '", a.name(), "' has dtype ", dtype_name(a.dtype()),
+             ", expected f32 or bf16");
+  f(static_cast<const float*>(a.f32()));
+}
+
+// Quantizes a [rows, K] into q (tiles along K, or 128 x 128 blocks).
+void quantize_into(const char* op, const Tensor& a, Fp8Operand& q) {
+  auto* codes = static_cast<uint8_t*>(q.codes.t.data());
+  with_values(op, a, [&](const auto* v) {
+    if (q.blocks)
+      lowp::quantize_blocks(v, a.dim(0), a.dim(1), codes, q.scales.f32());
+    else
+      lowp::quantize_tiles(v, a.dim(0), a.dim(1), codes, q.scales.f32());
+  });
+}
+
+// fp8_quantize of a's transpose [cols, rows] into q, bit for bit, without an f32 transpose: tiles
+// along a's rows (`work`: lowp::tiles_transposed_work_bytes), or a's own 128 x 128 blocks written
+// transposed.
+void quantize_transposed_into(const char* op, const Tensor& a, Fp8Operand& q, uint8_t* work) {
+  auto* codes = static_cast<uint8_t*>(q.codes.t.data());
+  with_values(op, a, [&](const auto* v) {
+    if (q.blocks)
+      lowp::quantize_blocks_transposed(v, a.dim(0), a.dim(1), codes, q.scales.f32());
+    else
+      lowp::quantize_tiles_transposed(v, a.dim(0), a.dim(1), codes, q.scales.f32(), work);
+  });
 }
 
 }  // namespace
@@ -90,14 +130,13 @@ float* scratch(int64_t n) {
 Fp8Operand fp8_quantize(const Tensor& a, bool blocks) {
   const char* op = "fp8_quantize";
   check_2d(op, a);
-  const host::F32Input af(op, a);
   const int64_t rows = a.dim(0), k = a.dim(1);
-  Fp8Operand q = make_operand(rows, k, blocks, a.name());
-  auto* codes = static_cast<uint8_t*>(q.codes.t.data());
-  if (blocks)
-    lowp::quantize_blocks(af.data(), rows, k, codes, q.scales.f32());
-  else
-    lowp::quantize_tiles(af.data(), rows, k, codes, q.scales.f32());
+  Fp8Operand q;
+  q.blocks = blocks;
+  q.codes = OwnedTensor(DType::F8E4M3, {rows, k}, a.name() + ".e4m3", Device::Host, Fill::Uninitialized);
+  q.scales = OwnedTensor(DType::F32, {blocks ? lowp::tiles(rows) : rows, lowp::tiles(k)}, a.name() + ".scale",
+                         Device::Host, Fill::Uninitialized);
+  quantize_into(op, a, q);
   return q;
 }
 
@@ -125,7 +164,7 @@ void fp8_gemm(const Fp8Operand& a, const Fp8Operand& b, const Tensor& c, bool ac
   // The E4M3 values, unscaled, as f32 (exact).
   const float* tab = lowp::e4m3_table();
   // The decoded operands, the accumulator and a chunk's partials, in the scratch buffer.
-  float* av = scratch(M * K + N * K + 2 * M * N);
+  float* av = gemm_scratch(M * K + N * K + 2 * M * N);
   float* bv = av + M * K;
   float* acc = bv + N * K;
   float* part = acc + M * N;
@@ -170,7 +209,11 @@ void fp8_linear_forward(const Tensor& x, const Tensor& w, const Tensor& y, bool 
   const int64_t M = x.dim(0), K = x.dim(1), N = w.dim(0);
   expect_shape(op, w, {N, K});
   expect_shape(op, y, {M, N});
-  fp8_gemm(fp8_quantize(x, false), fp8_quantize(w, true), y, accumulate);
+  OperandArena arena(operand_bytes(M, K, false) + operand_bytes(N, K, true), op);
+  Fp8Operand xq = arena.operand(M, K, false, x.name()), wq = arena.operand(N, K, true, w.name());
+  quantize_into(op, x, xq);
+  quantize_into(op, w, wq);
+  fp8_gemm(xq, wq, y, accumulate);
 }
 
 void fp8_linear_forward(const Fp8Operand& xq, const Tensor& w, const Tensor& y, bool accumulate) {
@@ -180,7 +223,10 @@ void fp8_linear_forward(const Fp8Operand& xq, const Tensor& w, const Tensor& y, 
   const int64_t M = xq.rows(), K = xq.k(), N = w.dim(0);
   expect_shape(op, w, {N, K});
   expect_shape(op, y, {M, N});
-  fp8_gemm(xq, fp8_quantize(w, true), y, accumulate);
+  OperandArena arena(operand_bytes(N, K, true), op);
+  Fp8Operand wq = arena.operand(N, K, true, w.name());
+  quantize_into(op, w, wq);
+  fp8_gemm(xq, wq, y, accumulate);
 }
 
 void fp8_linear_backward_input(const Tensor& dy, const Tensor& w, const Tensor& dx, bool accumulate) {
@@ -190,7 +236,11 @@ void fp8_linear_backward_input(const Tensor& dy, const Tensor& w, const Tensor& 
   expect_shape(op, w, {N, K});
   expect_shape(op, dx, {M, K});
   // w^T [K, N]: its 128 x 128 blocks are w's blocks transposed (same scales, same codes).
-  fp8_gemm(fp8_quantize(dy, false), fp8_quantize_transposed(w, true, op), dx, accumulate);
+  OperandArena arena(operand_bytes(M, N, false) + operand_bytes(K, N, true), op);
+  Fp8Operand dyq = arena.operand(M, N, false, dy.name()), wt = arena.operand(K, N, true, w.name() + "^T");
+  quantize_into(op, dy, dyq);
+  quantize_transposed_into(op, w, wt, nullptr);
+  fp8_gemm(dyq, wt, dx, accumulate);
 }
 
 void fp8_linear_backward_weight(const Tensor& dy, const Tensor& x, const Tensor& dw) {
@@ -200,8 +250,14 @@ void fp8_linear_backward_weight(const Tensor& dy, const Tensor& x, const Tensor&
   expect_shape(op, x, {M, K});
   expect_shape(op, dw, {N, K});
   // Reduction over the M tokens: dy^T [N, M] and x^T [K, M], both tiled along M.
-  fp8_gemm(fp8_quantize_transposed(dy, false, op), fp8_quantize_transposed(x, false, op), dw,
-           /*accumulate=*/true);
+  const int64_t work = lowp::tiles_transposed_work_bytes(M, std::max(N, K));
+  OperandArena arena(operand_bytes(N, M, false) + operand_bytes(K, M, false) + align64(work), op);
+  Fp8Operand dyt = arena.operand(N, M, false, dy.name() + "^T"),
+             xt = arena.operand(K, M, false, x.name() + "^T");
+  uint8_t* w = arena.take(work);
+  quantize_transposed_into(op, dy, dyt, w);
+  quantize_transposed_into(op, x, xt, w);
+  fp8_gemm(dyt, xt, dw, /*accumulate=*/true);
 }
 
 }  // namespace dsv3::ops

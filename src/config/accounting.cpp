@@ -258,14 +258,13 @@ namespace {
 // kept between GEMMs and grows to the largest of the stage's (dense layers included): the decoded
 // operands and the fp32 accumulator and chunk partials, per token 4 B per element of K and 8 B per
 // output in Fprop, the same with K and N swapped in Dgrad, 4 B per element of each of dy and x in
-// Wgrad (whose accumulator is weight-sized). On top, the GEMM that runs at the peak holds its operands'
-// E4M3 codes (1 B per element) and, in Wgrad, x's f32 copy when it is stored in bf16 (4 B per element
-// of K); that GEMM is one of the layer whose backward runs while the stage still holds every saved
-// activation: its last layer, an MoE block whenever the stage has one (dense layers come first).
-// Per weight: its codes (twice in Dgrad, whose w^T codes are w's transposed) and decoded values, or
-// Wgrad's accumulator and partials (8 B). A routed expert's GEMM takes only the rows routed to it:
-// each token at most once from each of the EP ranks, min(top-k, EP) rows per token a rank dispatches
-// at most (its 1/TP of the micro-batch).
+// Wgrad (whose accumulator is weight-sized). The E4M3 codes a GEMM quantizes live in a second kept
+// buffer, which grows to the largest call's: per token 1 B per element of x in Fprop, of dy in Dgrad,
+// of both in Wgrad (the bf16 operands are quantized as they are, without an f32 copy). Per weight: its
+// codes (1 B, in the codes buffer) and, in the scratch, its decoded values (4 B, Fprop and Dgrad) or
+// Wgrad's accumulator and partials (8 B); as both buffers keep their largest, 9 B. A routed expert's GEMM
+// takes only the rows routed to it: each token at most once from each of the EP ranks, min(top-k, EP) rows
+// per token a rank dispatches at most (its 1/TP of the micro-batch).
 struct GemmShape {
   double k, n, rows_per_token;
 };
@@ -304,19 +303,19 @@ std::vector<GemmShape> all_fp8_gemms(const ModelConfig& m, const Layout& l) {
   return g;
 }
 double fp8_gemm_token_bytes(const ModelConfig& m, const Layout& l) {
-  double scratch = 0, operands = 0;
-  for (const GemmShape& s : all_fp8_gemms(m, l))
+  double scratch = 0, codes = 0;
+  for (const GemmShape& s : all_fp8_gemms(m, l)) {
     scratch = std::max(
         scratch, s.rows_per_token * std::max({4 * s.k + 8 * s.n, 4 * s.n + 8 * s.k, 4 * s.n + 4 * s.k}));
-  for (const GemmShape& s : fp8_gemms(m, l, has_moe_block(m)))
-    operands = std::max(operands, s.rows_per_token * std::max({s.k, s.n, s.n + 5 * s.k}));
-  return scratch + operands;
+    codes = std::max(codes, s.rows_per_token * (s.n + s.k));
+  }
+  return scratch + codes;
 }
 }  // namespace
 
 double fp8_gemm_weight_bytes(const ModelConfig& m, const Layout& l) {
   double worst = 0;
-  for (const GemmShape& s : all_fp8_gemms(m, l)) worst = std::max(worst, 8 * s.k * s.n);
+  for (const GemmShape& s : all_fp8_gemms(m, l)) worst = std::max(worst, 9 * s.k * s.n);
   return worst;
 }
 

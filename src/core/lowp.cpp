@@ -46,12 +46,20 @@ const float* e4m3_table() { return table().data(); }
 float from_e4m3(uint8_t q) { return table()[q]; }
 
 namespace {
-// The largest magnitude of n floats (0 if none; NaN never wins: it is encoded as NaN later). On the
-// bit patterns, where magnitudes order as unsigned integers, so that the loop vectorises.
-uint32_t amax_bits(const float* x, int64_t n) {
+// Element access for the quantizers, which read f32 or bf16 (bit patterns) input: the value as f32
+// (exact for bf16) and its magnitude's bit pattern, where magnitudes order as unsigned integers.
+inline float value_of(float v) { return v; }
+inline float value_of(uint16_t h) { return from_bf16(h); }
+inline uint32_t magnitude_bits(float v) { return bits_of(v) & 0x7fffffffu; }
+inline uint32_t magnitude_bits(uint16_t h) { return (static_cast<uint32_t>(h) << 16) & 0x7fffffffu; }
+
+// The largest magnitude of n values (0 if none; NaN never wins: it is encoded as NaN later). On the
+// bit patterns, so that the loop vectorises.
+template <typename T>
+uint32_t amax_bits(const T* x, int64_t n) {
   uint32_t m = 0;
   for (int64_t i = 0; i < n; ++i) {
-    uint32_t a = bits_of(x[i]) & 0x7fffffffu;
+    uint32_t a = magnitude_bits(x[i]);
     a = a > 0x7f800000u ? 0u : a;
     m = a > m ? a : m;
   }
@@ -59,37 +67,44 @@ uint32_t amax_bits(const float* x, int64_t n) {
 }
 
 // q[i] = to_e4m3(x[i] / s).
-void encode(const float* x, int64_t n, float s, uint8_t* q) {
-  for (int64_t i = 0; i < n; ++i) q[i] = to_e4m3(x[i] / s);
+template <typename T>
+void encode(const T* x, int64_t n, float s, uint8_t* q) {
+  for (int64_t i = 0; i < n; ++i) q[i] = to_e4m3(value_of(x[i]) / s);
 }
-}  // namespace
 
-void quantize_tiles(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scales) {
+template <typename T>
+void tiles_impl(const T* x, int64_t rows, int64_t cols, uint8_t* q, float* scales) {
   const int64_t nt = tiles(cols);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t t = 0; t < nt; ++t) {
       const int64_t c0 = t * kFp8Tile, w = std::min(kFp8Tile, cols - c0);
-      const float* src = x + r * cols + c0;
+      const T* src = x + r * cols + c0;
       const float s = fp8_scale(float_of(amax_bits(src, w)));
       scales[r * nt + t] = s;
       encode(src, w, s, q + r * cols + c0);
     }
 }
 
-void quantize_tiles_transposed(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scales) {
+template <typename T>
+void tiles_transposed_impl(const T* x, int64_t rows, int64_t cols, uint8_t* q, float* scales, uint8_t* work) {
   // Per tile of 128 rows of x: every column's amax (rows of x are contiguous), then the codes of the
   // tile, row by row, into a [h, cols] buffer that is transposed into q.
   const int64_t nt = tiles(rows);
-  std::vector<uint32_t> amax(static_cast<size_t>(cols));
-  std::vector<float> scale(static_cast<size_t>(cols));
-  std::vector<uint8_t> codes(static_cast<size_t>(std::min(kFp8Tile, rows) * cols));
+  std::vector<uint8_t> own;
+  if (!work) {
+    own.resize(static_cast<size_t>(tiles_transposed_work_bytes(rows, cols)));
+    work = own.data();
+  }
+  auto* amax = reinterpret_cast<uint32_t*>(work);
+  auto* scale = reinterpret_cast<float*>(work + 4 * cols);
+  uint8_t* codes = work + 8 * cols;
   for (int64_t t = 0; t < nt; ++t) {
     const int64_t r0 = t * kFp8Tile, h = std::min(kFp8Tile, rows - r0);
-    std::fill(amax.begin(), amax.end(), 0u);
+    std::fill(amax, amax + cols, 0u);
     for (int64_t r = r0; r < r0 + h; ++r) {
-      const float* row = x + r * cols;
+      const T* row = x + r * cols;
       for (int64_t c = 0; c < cols; ++c) {
-        uint32_t a = bits_of(row[c]) & 0x7fffffffu;
+        uint32_t a = magnitude_bits(row[c]);
         a = a > 0x7f800000u ? 0u : a;
         amax[c] = a > amax[c] ? a : amax[c];
       }
@@ -99,9 +114,9 @@ void quantize_tiles_transposed(const float* x, int64_t rows, int64_t cols, uint8
       scales[c * nt + t] = scale[c];
     }
     for (int64_t r = 0; r < h; ++r) {
-      const float* row = x + (r0 + r) * cols;
-      uint8_t* out = codes.data() + r * cols;
-      for (int64_t c = 0; c < cols; ++c) out[c] = to_e4m3(row[c] / scale[c]);
+      const T* row = x + (r0 + r) * cols;
+      uint8_t* out = codes + r * cols;
+      for (int64_t c = 0; c < cols; ++c) out[c] = to_e4m3(value_of(row[c]) / scale[c]);
     }
     // codes [h, cols] -> q[c * rows + r0 + r], in 32 x 32 blocks.
     for (int64_t cb = 0; cb < cols; cb += 32)
@@ -111,7 +126,9 @@ void quantize_tiles_transposed(const float* x, int64_t rows, int64_t cols, uint8
   }
 }
 
-void quantize_blocks(const float* w, int64_t rows, int64_t cols, uint8_t* q, float* scales) {
+// One 128 x 128 block's amax and scale, then its codes, in w's layout or (transposed) in w^T's.
+template <typename T>
+void blocks_impl(const T* w, int64_t rows, int64_t cols, uint8_t* q, float* scales, bool transposed) {
   const int64_t nr = tiles(rows), nc = tiles(cols);
   for (int64_t br = 0; br < nr; ++br)
     for (int64_t bc = 0; bc < nc; ++bc) {
@@ -120,9 +137,46 @@ void quantize_blocks(const float* w, int64_t rows, int64_t cols, uint8_t* q, flo
       uint32_t m = 0;
       for (int64_t r = r0; r < r0 + h; ++r) m = std::max(m, amax_bits(w + r * cols + c0, wd));
       const float s = fp8_scale(float_of(m));
-      scales[br * nc + bc] = s;
-      for (int64_t r = r0; r < r0 + h; ++r) encode(w + r * cols + c0, wd, s, q + r * cols + c0);
+      if (!transposed) {
+        scales[br * nc + bc] = s;
+        for (int64_t r = r0; r < r0 + h; ++r) encode(w + r * cols + c0, wd, s, q + r * cols + c0);
+        continue;
+      }
+      scales[bc * nr + br] = s;
+      for (int64_t c = c0; c < c0 + wd; ++c)
+        for (int64_t r = r0; r < r0 + h; ++r) q[c * rows + r] = to_e4m3(value_of(w[r * cols + c]) / s);
     }
+}
+}  // namespace
+
+void quantize_tiles(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scales) {
+  tiles_impl(x, rows, cols, q, scales);
+}
+void quantize_tiles(const uint16_t* x, int64_t rows, int64_t cols, uint8_t* q, float* scales) {
+  tiles_impl(x, rows, cols, q, scales);
+}
+int64_t tiles_transposed_work_bytes(int64_t rows, int64_t cols) {
+  return 8 * cols + std::min(kFp8Tile, rows) * cols;
+}
+void quantize_tiles_transposed(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scales,
+                               uint8_t* work) {
+  tiles_transposed_impl(x, rows, cols, q, scales, work);
+}
+void quantize_tiles_transposed(const uint16_t* x, int64_t rows, int64_t cols, uint8_t* q, float* scales,
+                               uint8_t* work) {
+  tiles_transposed_impl(x, rows, cols, q, scales, work);
+}
+void quantize_blocks(const float* w, int64_t rows, int64_t cols, uint8_t* q, float* scales) {
+  blocks_impl(w, rows, cols, q, scales, false);
+}
+void quantize_blocks(const uint16_t* w, int64_t rows, int64_t cols, uint8_t* q, float* scales) {
+  blocks_impl(w, rows, cols, q, scales, false);
+}
+void quantize_blocks_transposed(const float* w, int64_t rows, int64_t cols, uint8_t* q, float* scales) {
+  blocks_impl(w, rows, cols, q, scales, true);
+}
+void quantize_blocks_transposed(const uint16_t* w, int64_t rows, int64_t cols, uint8_t* q, float* scales) {
+  blocks_impl(w, rows, cols, q, scales, true);
 }
 
 void dequantize_tiles(const uint8_t* q, const float* scales, int64_t rows, int64_t cols, float* out) {

@@ -72,15 +72,31 @@ inline int64_t tiles(int64_t n) { return (n + kFp8Tile - 1) / kFp8Tile; }
 // zeros stay zeros); its values are stored as to_e4m3(x / scale) and read back as from_e4m3(q) * scale.
 inline float fp8_scale(float amax) { return amax > 0.0f ? amax / kE4M3Max : 1.0f; }
 
+// The quantizers read f32 input or bf16 input (bit patterns, as to_bf16 gives them); bf16 input is
+// quantized bit for bit as its f32 values would be, without an f32 copy.
+//
 // x [rows, cols] row-major -> codes q [rows, cols] and scales [rows, tiles(cols)]: one scale per
 // 1 x 128 tile along each row (the last tile of a row may be narrower).
 void quantize_tiles(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scales);
+void quantize_tiles(const uint16_t* x, int64_t rows, int64_t cols, uint8_t* q, float* scales);
 // w [rows, cols] -> codes q [rows, cols] and scales [tiles(rows), tiles(cols)]: one scale per
 // 128 x 128 block.
 void quantize_blocks(const float* w, int64_t rows, int64_t cols, uint8_t* q, float* scales);
+void quantize_blocks(const uint16_t* w, int64_t rows, int64_t cols, uint8_t* q, float* scales);
+// w [rows, cols] -> the codes and scales quantize_blocks gives for w's transpose [cols, rows]: w's
+// own blocks (same amax, same codes), written transposed: q [cols, rows], scales [tiles(cols),
+// tiles(rows)].
+void quantize_blocks_transposed(const float* w, int64_t rows, int64_t cols, uint8_t* q, float* scales);
+void quantize_blocks_transposed(const uint16_t* w, int64_t rows, int64_t cols, uint8_t* q, float* scales);
 // x [rows, cols] -> the codes and scales quantize_tiles gives for x's transpose [cols, rows] (tiles
-// along x's rows): q [cols, rows], scales [cols, tiles(rows)], without an f32 transpose.
-void quantize_tiles_transposed(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scales);
+// along x's rows): q [cols, rows], scales [cols, tiles(rows)], without an f32 transpose. `work`, if
+// given, holds tiles_transposed_work_bytes(rows, cols) bytes (4-byte aligned) for the per-tile column
+// statistics and codes; otherwise they are allocated for the call.
+int64_t tiles_transposed_work_bytes(int64_t rows, int64_t cols);
+void quantize_tiles_transposed(const float* x, int64_t rows, int64_t cols, uint8_t* q, float* scales,
+                               uint8_t* work = nullptr);
+void quantize_tiles_transposed(const uint16_t* x, int64_t rows, int64_t cols, uint8_t* q, float* scales,
+                               uint8_t* work = nullptr);
 // The inverses: out = from_e4m3(q) * scale of the tile/block.
 void dequantize_tiles(const uint8_t* q, const float* scales, int64_t rows, int64_t cols, float* out);
 void dequantize_blocks(const uint8_t* q, const float* scales, int64_t rows, int64_t cols, float* out);

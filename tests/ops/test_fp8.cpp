@@ -4,12 +4,15 @@
 //  - each of Fprop, Dgrad and Wgrad is within the error bound E4M3 implies of the exact product of
 //    the unquantized operands, with the tiling the recipe prescribes (an outlier only coarsens its
 //    own tile), and far from it when the roles of the tiles are swapped;
-//  - bf16 inputs give exactly the f32 GEMM of their values;
+//  - bf16 inputs give exactly the f32 GEMM of their values, and the FP8 GEMMs quantize bf16 operands
+//    exactly as their f32 values;
 //  - Fprop from cached codes (the FP8 KV cache) is Fprop of the input they were quantized from.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "core/lowp.hpp"
@@ -228,30 +231,72 @@ TEST(Fp8Linear, FpropFromCachedCodesIsFpropOfTheirSource) {
   EXPECT_THROW(ops::fp8_linear_forward(ops::fp8_quantize(x, false), w_short, y_q), std::exception);
 }
 
-TEST(Bf16Linear, Bf16OperandsGiveTheF32GemmOfTheirValues) {
-  const int64_t M = 19, N = 23, K = 45;
-  OwnedTensor x = random_matrix(M, K, 8, "x"), w = random_matrix(N, K, 9, "w"),
-              dy = random_matrix(M, N, 10, "dy");
+OwnedTensor as_bf16(const OwnedTensor& t) {
+  OwnedTensor h(DType::BF16, t.t.shape(), t.t.name() + "_bf16");
+  lowp::to_bf16(t.f32(), static_cast<uint16_t*>(h.t.data()), t.t.numel());
+  return h;
+}
+
+// The three passes of a linear layer (fwd, dgrad, wgrad, each as the ops take their arguments) on f32
+// operands holding bf16 values and on their bf16 copies: the same bits. Returns the f32 operands
+// x [M, K], w [N, K], dy [M, N].
+template <typename Fwd, typename Dgrad, typename Wgrad>
+std::vector<OwnedTensor> expect_bf16_operands_act_as_their_values(int64_t M, int64_t N, int64_t K,
+                                                                  uint64_t seed, Fwd fwd, Dgrad dgrad,
+                                                                  Wgrad wgrad) {
+  OwnedTensor x = random_matrix(M, K, seed, "x"), w = random_matrix(N, K, seed + 1, "w"),
+              dy = random_matrix(M, N, seed + 2, "dy");
   for (OwnedTensor* t : {&x, &w, &dy}) lowp::round_bf16(t->f32(), t->t.numel());
-  auto as_bf16 = [](const OwnedTensor& t) {
-    OwnedTensor h(DType::BF16, t.t.shape(), t.t.name() + "_bf16");
-    lowp::to_bf16(t.f32(), static_cast<uint16_t*>(h.t.data()), t.t.numel());
-    return h;
-  };
   const OwnedTensor xh = as_bf16(x), wh = as_bf16(w), dyh = as_bf16(dy);
   OwnedTensor y1(DType::F32, {M, N}), y2(DType::F32, {M, N}), dx1(DType::F32, {M, K}),
       dx2(DType::F32, {M, K}), dw1(DType::F32, {N, K}), dw2(DType::F32, {N, K});
-  ops::linear_forward(x, w, y1);
-  ops::linear_forward(xh, wh, y2);
-  ops::linear_backward_input(dy, w, dx1);
-  ops::linear_backward_input(dyh, wh, dx2);
-  ops::linear_backward_weight(dy, x, dw1);
-  ops::linear_backward_weight(dyh, xh, dw2);
-  for (int64_t i = 0; i < M * N; ++i) ASSERT_EQ(y1.f32()[i], y2.f32()[i]);
-  for (int64_t i = 0; i < M * K; ++i) ASSERT_EQ(dx1.f32()[i], dx2.f32()[i]);
-  for (int64_t i = 0; i < N * K; ++i) ASSERT_EQ(dw1.f32()[i], dw2.f32()[i]);
+  fwd(x, w, y1);
+  fwd(xh, wh, y2);
+  dgrad(dy, w, dx1);
+  dgrad(dyh, wh, dx2);
+  wgrad(dy, x, dw1);
+  wgrad(dyh, xh, dw2);
+  EXPECT_EQ(std::memcmp(y1.f32(), y2.f32(), M * N * 4), 0) << "forward";
+  EXPECT_EQ(std::memcmp(dx1.f32(), dx2.f32(), M * K * 4), 0) << "input gradient";
+  EXPECT_EQ(std::memcmp(dw1.f32(), dw2.f32(), N * K * 4), 0) << "weight gradient";
+  std::vector<OwnedTensor> out;
+  out.push_back(std::move(x)), out.push_back(std::move(w)), out.push_back(std::move(dy));
+  return out;
+}
+
+TEST(Bf16Linear, Bf16OperandsGiveTheF32GemmOfTheirValues) {
+  const auto xw = expect_bf16_operands_act_as_their_values(
+      19, 23, 45, 8, [](const Tensor& x, const Tensor& w, const Tensor& y) { ops::linear_forward(x, w, y); },
+      [](const Tensor& dy, const Tensor& w, const Tensor& dx) { ops::linear_backward_input(dy, w, dx); },
+      [](const Tensor& dy, const Tensor& x, const Tensor& dw) { ops::linear_backward_weight(dy, x, dw); });
   // An output in bf16 is refused (outputs are f32; callers round).
-  EXPECT_THROW(ops::linear_forward(x, w, as_bf16(y1)), std::exception);
+  const OwnedTensor y(DType::F32, {19, 23});
+  EXPECT_THROW(ops::linear_forward(xw[0], xw[1], as_bf16(y)), std::exception);
+}
+
+// The FP8 GEMMs quantize bf16 operands (compute weights, saved activations) straight from their bits:
+// the same codes, scales and results as their f32 values, in every pass, with ragged tiles.
+TEST(Fp8Linear, Bf16OperandsQuantizeAsTheirF32Values) {
+  const int64_t M = 150, N = 140, K = 200;
+  const auto xw = expect_bf16_operands_act_as_their_values(
+      M, N, K, 11,
+      [](const Tensor& x, const Tensor& w, const Tensor& y) { ops::fp8_linear_forward(x, w, y); },
+      [](const Tensor& dy, const Tensor& w, const Tensor& dx) { ops::fp8_linear_backward_input(dy, w, dx); },
+      [](const Tensor& dy, const Tensor& x, const Tensor& dw) {
+        ops::fp8_linear_backward_weight(dy, x, dw);
+      });
+  const ops::Fp8Operand q1 = ops::fp8_quantize(xw[0], false), q2 = ops::fp8_quantize(as_bf16(xw[0]), false);
+  EXPECT_EQ(std::memcmp(q1.codes.t.data(), q2.codes.t.data(), M * K), 0);
+  EXPECT_EQ(std::memcmp(q1.scales.f32(), q2.scales.f32(), q1.scales.t.bytes()), 0);
+  // Any other dtype is refused, naming the tensor.
+  const OwnedTensor ids(DType::I32, {M, K}, "token_ids");
+  OwnedTensor y(DType::F32, {M, N});
+  try {
+    ops::fp8_linear_forward(ids, xw[1], y);
+    ADD_FAILURE() << "an i32 operand was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("token_ids"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

@@ -208,9 +208,9 @@ TEST(Accounting, HostFp8ExpertGemmRowsBoundedByEp) {
   };
   const double d = c.model.d_model, f = c.model.moe.expert_dim;
   // The largest scratch is the up projection's Fprop (K = d, N = f: decoded x, accumulator and
-  // partials) or equally the down projection's Dgrad; on top, the down projection's Wgrad operands at
-  // the peak (K = f, N = d: E4M3 codes of dy and x, and x's f32 copy).
-  const double one_row = (4 * d + 8 * f) + (d + 5 * f);
+  // partials) or equally the down projection's Dgrad; beside it, the codes of the largest Wgrad
+  // (E4M3 codes of dy and x, one byte per element of each).
+  const double one_row = (4 * d + 8 * f) + (d + f);
   Layout one, ep2;
   ep2.ep = 2, ep2.dp = 2;
   for (int64_t k : {2, 4}) {

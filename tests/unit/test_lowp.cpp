@@ -196,6 +196,79 @@ TEST(Fp8Scaling, TransposedTilesEqualTheTilesOfTheTranspose) {
   }
 }
 
+// Shapes with ragged tiles and blocks, and values with -0, NaN, infinity and subnormals.
+std::vector<float> awkward_values(int64_t rows, int64_t cols, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> x(rows * cols);
+  for (auto& v : x) v = nd(gen) * std::exp(2.0f * nd(gen));
+  x[0] = -0.0f;
+  if (rows * cols > 10) {
+    x[rows * cols / 2] = std::numeric_limits<float>::quiet_NaN();
+    x[rows * cols / 3] = -std::numeric_limits<float>::infinity();
+    x[rows * cols - 1] = 1e-40f;
+  }
+  return x;
+}
+
+TEST(Fp8Scaling, TransposedBlocksEqualTheBlocksOfTheTranspose) {
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 1}, {300, 5}, {130, 257}, {128, 256}, {7, 300}}) {
+    const std::vector<float> x = awkward_values(rows, cols, 12);
+    std::vector<float> xt(x.size());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) xt[c * rows + r] = x[r * cols + c];
+    std::vector<uint8_t> q1(x.size()), q2(x.size());
+    std::vector<float> s1(tiles(rows) * tiles(cols)), s2(s1.size());
+    quantize_blocks(xt.data(), cols, rows, q1.data(), s1.data());
+    quantize_blocks_transposed(x.data(), rows, cols, q2.data(), s2.data());
+    for (size_t i = 0; i < q1.size(); ++i) ASSERT_EQ(q1[i], q2[i]) << rows << "x" << cols << " code " << i;
+    for (size_t i = 0; i < s1.size(); ++i)
+      ASSERT_EQ(bits_of(s1[i]), bits_of(s2[i])) << rows << "x" << cols << " scale " << i;
+  }
+}
+
+// bf16 input (bit patterns) is quantized bit for bit as its f32 values are, by every quantizer.
+TEST(Fp8Scaling, Bf16InputQuantizesAsItsF32Values) {
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 1}, {300, 5}, {130, 257}, {128, 256}, {7, 300}}) {
+    const std::vector<float> x = awkward_values(rows, cols, 13);
+    std::vector<uint16_t> h(x.size());
+    to_bf16(x.data(), h.data(), static_cast<int64_t>(x.size()));
+    std::vector<float> f(x.size());
+    from_bf16(h.data(), f.data(), static_cast<int64_t>(x.size()));
+    const auto same = [&](const char* what, auto&& quantize, int64_t n_scales) {
+      std::vector<uint8_t> q1(x.size()), q2(x.size());
+      std::vector<float> s1(n_scales), s2(n_scales);
+      quantize(f.data(), q1.data(), s1.data());
+      quantize(h.data(), q2.data(), s2.data());
+      for (size_t i = 0; i < q1.size(); ++i)
+        ASSERT_EQ(q1[i], q2[i]) << what << " " << rows << "x" << cols << " " << i;
+      for (int64_t i = 0; i < n_scales; ++i)
+        ASSERT_EQ(bits_of(s1[i]), bits_of(s2[i])) << what << " " << rows << "x" << cols << " scale " << i;
+    };
+    same(
+        "tiles", [&](const auto* v, uint8_t* q, float* s) { quantize_tiles(v, rows, cols, q, s); },
+        rows * tiles(cols));
+    same(
+        "blocks", [&](const auto* v, uint8_t* q, float* s) { quantize_blocks(v, rows, cols, q, s); },
+        tiles(rows) * tiles(cols));
+    same(
+        "blocks^T",
+        [&](const auto* v, uint8_t* q, float* s) { quantize_blocks_transposed(v, rows, cols, q, s); },
+        tiles(rows) * tiles(cols));
+    std::vector<uint8_t> work(static_cast<size_t>(tiles_transposed_work_bytes(rows, cols)));
+    same(
+        "tiles^T",
+        [&](const auto* v, uint8_t* q, float* s) { quantize_tiles_transposed(v, rows, cols, q, s); },
+        cols * tiles(rows));
+    same(
+        "tiles^T with work",
+        [&](const auto* v, uint8_t* q, float* s) {
+          quantize_tiles_transposed(v, rows, cols, q, s, work.data());
+        },
+        cols * tiles(rows));
+  }
+}
+
 TEST(Fp8Scaling, BlocksScaleByTheirOwnAmax) {
   const int64_t rows = 130, cols = 257;  // 2 x 3 blocks, ragged at the edges
   std::vector<float> w(rows * cols);
