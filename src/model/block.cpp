@@ -74,8 +74,15 @@ void Block::forward(const ParamStore& ps, const Tensor& x, const Tensor& out, Sa
     }
     s.trimmed = true;
   }
-  if (ctx.training && ctx.num.bf16 && s.filled && (ctx.store_saved || ctx.num.fp8_kv || ctx.num.fp8_dispatch))
+  if (!ctx.training || !ctx.num.bf16 || !s.filled) return;
+  if (ctx.store_saved) {
     store(s, ctx);
+  } else if (ctx.num.fp8_kv) {
+    // A full recompute's forward, just before the backward: the saved activations hold bf16 values
+    // already and the FP8 dispatch rows their codes' values, so a store and restore would give them
+    // back unchanged; only the normed KV latent takes the FP8 cache's values.
+    MLA::apply_fp8_kv(s.attn, ctx);
+  }
 }
 
 void Block::store(Saved& s, const StepContext& ctx) const {

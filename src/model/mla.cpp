@@ -155,6 +155,13 @@ void MLA::restore(const ParamStore& ps, Saved& s, const StepContext& ctx) const 
   s.kv_fp8 = {};
 }
 
+void MLA::apply_fp8_kv(Saved& s, const StepContext& ctx) {
+  if (s.kv_fp8.codes.t.empty()) return;
+  ops::fp8_dequantize(s.kv_fp8, s.c_n);
+  round_act(ctx, s.c_n);
+  s.kv_fp8 = {};
+}
+
 void MLA::drop_recomputable(Saved& s, const RecomputeSet& r) {
   if (r.norms) s.qa_n = {}, s.c_n = {};
   if (r.mla_up_proj) s.q = {}, s.k = {}, s.v = {};

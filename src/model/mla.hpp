@@ -42,6 +42,10 @@ class MLA {
   // the latent from kva and the keys and values from the FP8 codes.
   static void store(Saved& s, const StepContext& ctx);
   void restore(const ParamStore& ps, Saved& s, const StepContext& ctx) const;
+  // The forward of a full recompute under use_fp8_kv, which is not stored: the normed latent takes,
+  // in place, the values restore() would rebuild from the FP8 codes (the keys and values already came
+  // from them), and the codes are dropped.
+  static void apply_fp8_kv(Saved& s, const StepContext& ctx);
 
  private:
   // The per-head queries after RoPE, from the q latent's norm (or from xn without q_lora_rank).
