@@ -1,7 +1,8 @@
 // dsv3-bench --grad-errors: how far each low-precision part moves the loss and the gradient of one
 // model at one point, against fp32 at the same weights and tokens. Deterministic, so it separates
 // what each part (bf16, the FP8 GEMMs' Fprop, Dgrad and Wgrad passes, the FP8 GEMMs of the attention
-// and of the FFN/expert projections, the FP8 KV cache, the FP8 dispatch) adds from the run-to-run
+// and of the FFN/expert projections, the rounding of their activations, weights and gradients, the FP8
+// KV cache, the FP8 dispatch) adds from the run-to-run
 // divergence that makes short training comparisons noisy.
 //
 // Every variant builds the config's model with its precision settings, loads the same weights (a
@@ -52,6 +53,12 @@ const std::vector<Variant>& variants() {
       {"fp8 attention only",
        {"training.precision=bf16", "training.use_fp8=true", "training.fp8_modules=[attention]"}},
       {"fp8 ffn only", {"training.precision=bf16", "training.use_fp8=true", "training.fp8_modules=[ffn]"}},
+      {"fp8 activations only",
+       {"training.precision=bf16", "training.use_fp8=true", "training.fp8_operands=[activations]"}},
+      {"fp8 weights only",
+       {"training.precision=bf16", "training.use_fp8=true", "training.fp8_operands=[weights]"}},
+      {"fp8 gradients only",
+       {"training.precision=bf16", "training.use_fp8=true", "training.fp8_operands=[gradients]"}},
       {"fp8 kv cache only", {"training.precision=bf16", "model.mla.use_fp8_kv=true"}},
       {"fp8 dispatch only", {"training.precision=bf16", "model.moe.deep_ep_fp8=true"}},
       {"fp8 all but kv cache",
@@ -117,8 +124,9 @@ int run_grad_errors_bench(int argc, char** argv) {
     DSV3_CHECK(!config.empty() && !data.empty(), "--grad-errors needs --config and --data\n", kUsage);
     DSV3_CHECK(batches >= 1, "--batches must be at least 1, got ", batches);
     for (const std::string& s : sets)
-      for (const char* key : {"training.precision", "training.use_fp8", "training.fp8_passes",
-                              "training.fp8_modules", "model.mla.use_fp8_kv", "model.moe.deep_ep_fp8"})
+      for (const char* key :
+           {"training.precision", "training.use_fp8", "training.fp8_passes", "training.fp8_modules",
+            "training.fp8_operands", "model.mla.use_fp8_kv", "model.moe.deep_ep_fp8"})
         DSV3_CHECK(s.rfind(std::string(key) + "=", 0) != 0, "--set ", s,
                    ": the variants set the precision keys themselves");
 

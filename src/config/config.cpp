@@ -291,6 +291,7 @@ void bind_all(Visitor& b, C& c) {
   b.optional("training.use_fp8", t.use_fp8);
   b.optional("training.fp8_passes", t.fp8_passes);
   b.optional("training.fp8_modules", t.fp8_modules);
+  b.optional("training.fp8_operands", t.fp8_operands);
   b.optional("training.recompute", t.recompute);
   b.optional("training.recompute_modules", t.recompute_modules);
   b.optional("training.seed", t.seed);
@@ -500,7 +501,12 @@ void validate(const Config& c) {
   };
   for (const Fp8List& l :
        {Fp8List{"training.fp8_passes", t.fp8_passes, "pass", "passes", {"fprop", "dgrad", "wgrad"}},
-        Fp8List{"training.fp8_modules", t.fp8_modules, "module", "modules", {"attention", "ffn"}}}) {
+        Fp8List{"training.fp8_modules", t.fp8_modules, "module", "modules", {"attention", "ffn"}},
+        Fp8List{"training.fp8_operands",
+                t.fp8_operands,
+                "operand",
+                "operands",
+                {"activations", "weights", "gradients"}}}) {
     if (!c.lines.count(l.key)) continue;
     const std::string where = c.where(l.key);
     DSV3_CHECK(t.use_fp8, where, ": a list of FP8 ", l.whats, " needs training.use_fp8: true");
@@ -514,6 +520,15 @@ void validate(const Config& c) {
       for (size_t j = 0; j < i; ++j) DSV3_CHECK(l.list[j] != p, where, ": '", p, "' is listed twice");
     }
   }
+  // The FP8 KV cache and FP8 dispatch keep activations as E4M3 codes: an ablation that leaves the
+  // GEMMs' activations unquantized cannot have them.
+  if (!t.fp8_operands.empty() &&
+      std::find(t.fp8_operands.begin(), t.fp8_operands.end(), "activations") == t.fp8_operands.end())
+    for (const auto& [key, on] :
+         {std::pair<const char*, bool>{"model.mla.use_fp8_kv", c.model.mla.use_fp8_kv},
+          {"model.moe.deep_ep_fp8", c.model.moe.deep_ep_fp8}})
+      DSV3_CHECK(!on, c.where("training.fp8_operands"), ": a list without activations needs ", key,
+                 ": false (it keeps activations as E4M3 codes)");
   one_of("training.recompute", t.recompute, {"none", "selective", "full"});
   DSV3_CHECK(t.recompute_modules.empty() || t.recompute == "selective", c.where("training.recompute_modules"),
              ": a module list needs training.recompute: selective (got ", t.recompute, ")");
@@ -777,18 +792,20 @@ std::string precision_summary(const Config& c) {
   std::string s = c.training.precision;
   if (c.training.use_fp8) {
     s += " + fp8 gemms";
-    // Partial lists, as "(fprop, wgrad only)", "(attention only)" or "(fprop; ffn only)".
+    // Partial lists, as "(fprop, wgrad only)", "(attention only)", "(fprop; ffn only)" or
+    // "(activations, gradients only)".
     const auto join = [](const std::vector<std::string>& v) {
       std::string j;
       for (size_t i = 0; i < v.size(); ++i) j += (i ? ", " : "") + v[i];
       return j;
     };
-    const auto& p = c.training.fp8_passes;
-    const auto& m = c.training.fp8_modules;
-    const bool some_passes = !p.empty() && p.size() < 3, some_modules = !m.empty() && m.size() < 2;
-    if (some_passes || some_modules)
-      s += " (" + (some_passes ? join(p) : "") + (some_passes && some_modules ? "; " : "") +
-           (some_modules ? join(m) : "") + " only)";
+    std::string parts;
+    for (const auto& [list, all] :
+         {std::pair<const std::vector<std::string>&, size_t>{c.training.fp8_passes, 3},
+          {c.training.fp8_modules, 2},
+          {c.training.fp8_operands, 3}})
+      if (!list.empty() && list.size() < all) parts += (parts.empty() ? "" : "; ") + join(list);
+    if (!parts.empty()) s += " (" + parts + " only)";
   }
   if (c.model.mla.use_fp8_kv) s += " + fp8 kv cache";
   if (c.model.moe.deep_ep_fp8) s += " + fp8 dispatch";

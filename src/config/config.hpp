@@ -105,6 +105,11 @@ struct TrainingConfig {
   // Under use_fp8, which projections are FP8 GEMMs (a list of attention: the MLA projections, and
   // ffn: the dense FFN and the shared and routed experts; the others stay bf16); empty: both.
   std::vector<std::string> fp8_modules;
+  // Under use_fp8, which operands of those GEMMs are quantized to E4M3 (a list of activations, 1 x 128
+  // tiles; weights, 128 x 128 blocks; gradients, the output gradients, 1 x 128 tiles); an unlisted one
+  // enters them unquantized, in its bf16 values (an ablation that splits FP8's rounding by operand).
+  // Empty: all three.
+  std::vector<std::string> fp8_operands;
   std::string recompute = "none";  // none | selective | full
   // Under recompute: selective, what the backward rebuilds (kRecomputeModules); empty: DeepSeek-V3's
   // set (report section 3.2.3: the RMSNorms and the MLA up-projections, plus the SwiGLU products).

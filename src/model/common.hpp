@@ -22,10 +22,14 @@ namespace dsv3 {
 // fp8_fprop / fp8_dgrad / fp8_wgrad: which passes of those projections are FP8 (training.fp8_passes;
 // all three under use_fp8 by default), the others bf16. fp8_attention / fp8_ffn: which projections
 // (training.fp8_modules: the MLA projections, the dense FFN and experts; both by default).
+// fp8_activations / fp8_weights / fp8_gradients: which operands those GEMMs quantize
+// (training.fp8_operands; all three by default); with one left out they run as fp32 GEMMs of the
+// operands' FP8 values and the other operand's own values (an ablation, not a GPU kernel).
 struct Numerics {
   bool bf16 = false, fp8 = false, fp8_kv = false, fp8_dispatch = false;
   bool fp8_fprop = false, fp8_dgrad = false, fp8_wgrad = false;
   bool fp8_attention = false, fp8_ffn = false;
+  bool fp8_activations = false, fp8_weights = false, fp8_gradients = false;
 };
 // From training.precision, training.use_fp8, model.mla.use_fp8_kv and model.moe.deep_ep_fp8; a
 // combination without an implementation throws naming the key.

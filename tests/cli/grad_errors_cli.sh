@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # dsv3-bench --grad-errors on tiny at its initialisation: every variant is reported, fp32 against
-# itself is exact, the FP8 Dgrad-only and Wgrad-only variants compute bf16's forward (same loss,
-# another gradient), every low-precision part moves the gradient by less than the minibatch noise
-# does, and bad arguments exit 2 naming the culprit.
+# itself is exact, the FP8 Dgrad-only, Wgrad-only and gradients-only variants compute bf16's forward
+# (same loss, another gradient), every low-precision part moves the gradient by less than the
+# minibatch noise does, and bad arguments exit 2 naming the culprit.
 set -u
 bin=$1
 work=$(mktemp -d)
@@ -20,7 +20,8 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 v = {x["name"]: x for x in r["variants"]}
 names = ["fp32", "bf16", "fp8 gemms", "fp8 fprop only", "fp8 dgrad only", "fp8 wgrad only",
-         "fp8 attention only", "fp8 ffn only", "fp8 kv cache only", "fp8 dispatch only", "fp8 all but kv cache",
+         "fp8 attention only", "fp8 ffn only", "fp8 activations only", "fp8 weights only", "fp8 gradients only",
+         "fp8 kv cache only", "fp8 dispatch only", "fp8 all but kv cache",
          "fp8 all", "fp32, other tokens"]
 assert list(v) == names, list(v)
 assert v["fp32"]["grad_error"] == 0.0, v["fp32"]
@@ -28,6 +29,10 @@ for n in ("fp8 dgrad only", "fp8 wgrad only"):
     assert v[n]["loss"] == v["bf16"]["loss"], (n, v[n]["loss"], v["bf16"]["loss"])
     assert v[n]["grad_error_over_bf16"] > 0, n
 assert v["fp8 fprop only"]["loss"] == v["fp8 gemms"]["loss"]
+# Gradients alone leave the forward's operands as they are: bf16's loss.
+assert v["fp8 gradients only"]["loss"] == v["bf16"]["loss"], (v["fp8 gradients only"], v["bf16"])
+for n in ("fp8 activations only", "fp8 weights only"):
+    assert v[n]["loss"] != v["bf16"]["loss"], n
 # Under FP8 Fprop the KV cache keeps the codes kv_b_proj's Fprop uses: the same loss, another gradient.
 assert v["fp8 all"]["loss"] == v["fp8 all but kv cache"]["loss"], (v["fp8 all"], v["fp8 all but kv cache"])
 assert v["fp8 all"]["grad_error_over_bf16"] != v["fp8 all but kv cache"]["grad_error_over_bf16"]

@@ -11,6 +11,7 @@
 #include "config/config.hpp"
 #include "core/error.hpp"
 #include "core/lowp.hpp"
+#include "model/common.hpp"
 #include "model/model.hpp"
 
 using namespace dsv3;
@@ -153,6 +154,148 @@ TEST(Precision, Fp8ModulesPickWhichProjectionsRunInFp8) {
   ffn_fprop.push_back("training.fp8_passes=[fprop]");
   EXPECT_EQ(precision_summary(tiny(ffn_fprop, "training.fp8_modules=[ffn]")),
             "bf16 + fp8 gemms (fprop; ffn only)");
+}
+
+// training.fp8_operands: listing all three operands is the default (the FP8 kernels). Leaving out
+// activations and weights leaves the forward bf16's to the bit; leaving out only the gradients leaves
+// it FP8's up to fp32 summation order; every partial list gives gradients of its own.
+TEST(Precision, Fp8OperandsPickWhichOperandsAreQuantized) {
+  const OwnedTensor tok = tokens(tiny({}), 2, 24);
+  const auto run = [&](const std::vector<std::string>& o, const std::string& operands) {
+    return loss_and_grads(tok, o, "training.fp8_operands", operands);
+  };
+  const auto bf16 = run(kBf16, ""), all = run(kFp8, ""),
+             listed = run(kFp8, "[gradients, weights, activations]");
+  EXPECT_EQ(listed.first, all.first);
+  EXPECT_TRUE(same_bits(listed.second, all.second));
+  for (const std::string operands : {"[activations]", "[weights]", "[gradients]", "[activations, weights]",
+                                     "[activations, gradients]", "[weights, gradients]"}) {
+    const auto r = run(kFp8, operands);
+    const bool forward_fp8 =
+        operands.find("activations") != std::string::npos || operands.find("weights") != std::string::npos;
+    if (!forward_fp8) {
+      EXPECT_EQ(r.first, bf16.first) << operands << ": the forward quantized something";
+    } else {
+      EXPECT_NE(r.first, bf16.first) << operands << " gave bf16's loss";
+    }
+    // Summation order moves bf16 roundings of the outputs, so "FP8's forward" is a fraction of the
+    // distance between FP8's and bf16's losses.
+    const double fp8_gap = std::fabs(all.first - bf16.first), from_all = std::fabs(r.first - all.first);
+    std::printf("%-26s loss %.7f: %.3g from all-FP8's (bf16's is %.3g away)\n", operands.c_str(), r.first,
+                from_all, fp8_gap);
+    if (operands == "[activations, weights]") {
+      EXPECT_LT(from_all, 0.5 * fp8_gap) << operands << ": not FP8's forward";
+    } else if (forward_fp8) {
+      EXPECT_GT(from_all, 0.0) << operands << " gave all-FP8's loss";
+    }
+    EXPECT_FALSE(same_bits(r.second, bf16.second)) << operands << " gave bf16's gradient";
+    EXPECT_FALSE(same_bits(r.second, all.second)) << operands << " gave all-FP8's gradient";
+    EXPECT_GT(cosine(r.second, all.second), 0.99) << operands;
+  }
+  EXPECT_EQ(precision_summary(tiny(kFp8, "training.fp8_operands=[weights, gradients]")),
+            "bf16 + fp8 gemms (weights, gradients only)");
+}
+
+namespace {
+// The values of x [rows, cols] after E4M3 with 1 x 128 tiles along its rows (or 128 x 128 blocks).
+std::vector<float> fp8_round(const std::vector<float>& x, int64_t rows, int64_t cols, bool blocks) {
+  std::vector<uint8_t> q(x.size());
+  std::vector<float> s(static_cast<size_t>(lowp::tiles(rows) * lowp::tiles(cols) * 128)), out(x.size());
+  if (blocks) {
+    lowp::quantize_blocks(x.data(), rows, cols, q.data(), s.data());
+    lowp::dequantize_blocks(q.data(), s.data(), rows, cols, out.data());
+  } else {
+    lowp::quantize_tiles(x.data(), rows, cols, q.data(), s.data());
+    lowp::dequantize_tiles(q.data(), s.data(), rows, cols, out.data());
+  }
+  return out;
+}
+std::vector<float> transpose(const std::vector<float>& x, int64_t rows, int64_t cols) {
+  std::vector<float> t(x.size());
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) t[j * rows + i] = x[i * cols + j];
+  return t;
+}
+// c [M, N] = a [M, K] b [N, K]^T in double, and the sums of |terms| (the scale of fp32's error).
+void naive_abt(const std::vector<float>& a, const std::vector<float>& b, int64_t M, int64_t N, int64_t K,
+               std::vector<double>& c, std::vector<double>& mag) {
+  c.assign(M * N, 0.0), mag.assign(M * N, 0.0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const double p = double(a[m * K + k]) * b[n * K + k];
+        c[m * N + n] += p, mag[m * N + n] += std::fabs(p);
+      }
+}
+}  // namespace
+
+// The operand ablation's GEMMs against a naive double reference: Fprop quantizes x in 1 x 128 tiles
+// along K and w in 128 x 128 blocks, Dgrad dy along N and w, Wgrad dy and x in tiles along the
+// tokens, each only when its operand is listed. With all three listed the FP8 kernels meet the same
+// reference, so the ablation rounds where the kernels do. Rows of very different sizes make tiles
+// along K and along the tokens differ.
+TEST(Fp8Operands, EachListedOperandIsRoundedWhereTheFp8KernelsRoundIt) {
+  const int64_t M = 150, K = 200, N = 140;  // tokens, input and output features (ragged tiles)
+  std::mt19937 rng(11);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::uniform_real_distribution<float> e(-4.0f, 4.0f);
+  const auto fill = [&](int64_t rows, int64_t cols) {
+    std::vector<float> v(rows * cols);
+    for (int64_t i = 0; i < rows; ++i) {
+      const float s = std::exp(e(rng));
+      for (int64_t j = 0; j < cols; ++j) v[i * cols + j] = s * g(rng);
+    }
+    return v;
+  };
+  const std::vector<float> x = fill(M, K), w = fill(N, K), dy = fill(M, N);
+  const auto tensor = [](const std::vector<float>& v, int64_t r, int64_t c, const char* name) {
+    OwnedTensor t(DType::F32, {r, c}, name);
+    std::copy(v.begin(), v.end(), t.f32());
+    return t;
+  };
+  const OwnedTensor xt = tensor(x, M, K, "x"), wt = tensor(w, N, K, "w"), dyt = tensor(dy, M, N, "dy");
+  const std::vector<float> wq = fp8_round(w, N, K, true);
+  const std::vector<float> wT = transpose(w, N, K), wqT = transpose(wq, N, K);
+  const std::vector<float> dyT = transpose(dy, M, N), xT = transpose(x, M, K);
+  const auto check = [](const Tensor& got, const std::vector<double>& ref, const std::vector<double>& mag,
+                        const std::string& what) {
+    int64_t bad = 0;
+    for (size_t i = 0; i < ref.size(); ++i)
+      if (std::fabs(got.f32()[i] - ref[i]) > 1e-5 * mag[i] + 1e-30) ++bad;
+    EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << ref.size() << " entries off the reference";
+  };
+  for (int set = 1; set < 8; ++set) {
+    StepContext ctx;
+    Numerics& n = ctx.num;
+    n.fp8 = n.fp8_fprop = n.fp8_dgrad = n.fp8_wgrad = n.fp8_attention = n.fp8_ffn = true;
+    n.fp8_activations = set & 1, n.fp8_weights = set & 2, n.fp8_gradients = set & 4;
+    const std::string what = std::string("activations ") + (n.fp8_activations ? "on" : "off") + ", weights " +
+                             (n.fp8_weights ? "on" : "off") + ", gradients " +
+                             (n.fp8_gradients ? "on" : "off");
+    std::vector<double> ref, mag, plain, pmag;
+    // Fprop: y = x w^T.
+    OwnedTensor y(DType::F32, {M, N}, "y");
+    linear_fwd(ctx, GemmKind::Fp8Attention, xt, wt, y);
+    naive_abt(n.fp8_activations ? fp8_round(x, M, K, false) : x, n.fp8_weights ? wq : w, M, N, K, ref, mag);
+    check(y, ref, mag, "fprop, " + what);
+    naive_abt(x, w, M, N, K, plain, pmag);
+    double moved = 0;
+    for (size_t i = 0; i < ref.size(); ++i) moved = std::max(moved, std::fabs(ref[i] - plain[i]) / pmag[i]);
+    EXPECT_GT(moved, n.fp8_activations || n.fp8_weights ? 1e-3 : -1.0) << what << ": nothing was rounded";
+    // Dgrad: dx = dy w.
+    OwnedTensor dx(DType::F32, {M, K}, "dx");
+    linear_dgrad(ctx, GemmKind::Fp8Ffn, dyt, wt, dx);
+    naive_abt(n.fp8_gradients ? fp8_round(dy, M, N, false) : dy, n.fp8_weights ? wqT : wT, M, K, N, ref, mag);
+    check(dx, ref, mag, "dgrad, " + what);
+    // Wgrad: dw += dy^T x, both tiled along the tokens; accumulates onto what dw holds.
+    OwnedTensor dw(DType::F32, {N, K}, "dw");
+    for (int64_t i = 0; i < N * K; ++i) dw.f32()[i] = 1.0f;
+    linear_wgrad(ctx, GemmKind::Fp8Attention, dyt, xt, dw);
+    naive_abt(n.fp8_gradients ? fp8_round(dyT, N, M, false) : dyT,
+              n.fp8_activations ? fp8_round(xT, K, M, false) : xT, N, K, M, ref, mag);
+    for (size_t i = 0; i < ref.size(); ++i) ref[i] += 1.0, mag[i] += 1.0;
+    check(dw, ref, mag, "wgrad, " + what);
+  }
 }
 
 namespace {

@@ -146,6 +146,22 @@ TEST(Config, ImpossibleValues) {
                        {"training.fp8_modules", "'ffn' is listed twice"}));
   EXPECT_TRUE(Mentions(error_of(with_fp8("training.fp8_modules=[]")),
                        {"training.fp8_modules", "empty list", "training.use_fp8: false"}));
+  EXPECT_TRUE(Mentions(error_of({"training.precision=bf16", "training.fp8_operands=[weights]"}),
+                       {"training.fp8_operands", "FP8 operands needs training.use_fp8: true"}));
+  EXPECT_TRUE(
+      Mentions(error_of(with_fp8("training.fp8_operands=[weights, scales]")),
+               {"training.fp8_operands", "unknown operand 'scales'", "activations, weights, gradients"}));
+  EXPECT_TRUE(Mentions(error_of(with_fp8("training.fp8_operands=[]")),
+                       {"training.fp8_operands", "empty list", "training.use_fp8: false"}));
+  // The FP8 caches hold activation codes: an ablation without quantized activations refuses them.
+  for (const char* cache : {"model.mla.use_fp8_kv", "model.moe.deep_ep_fp8"}) {
+    std::vector<std::string> without = with_fp8("training.fp8_operands=[weights, gradients]");
+    without.push_back(std::string(cache) + "=true");
+    EXPECT_TRUE(Mentions(error_of(without), {"training.fp8_operands", "without activations", cache}));
+    std::vector<std::string> with = with_fp8("training.fp8_operands=[activations, weights]");
+    with.push_back(std::string(cache) + "=true");
+    EXPECT_NO_THROW(load_config(resolve_config_path("tiny"), with)) << cache;
+  }
 }
 
 TEST(Config, RecomputeModulesReadAsAListOrCommaText) {
