@@ -34,9 +34,11 @@ namespace {
 
 const char* kUsage =
     "usage: dsv3-bench --grad-errors --config NAME|PATH --data PREFIX [--checkpoint FILE|RUN_DIR]\n"
-    "                  [--batches N] [--set key=value ...] [--json]\n"
+    "                  [--batches N] [--coherence] [--set key=value ...] [--json]\n"
     "  Loss and gradient of each precision variant against fp32 at the same weights and tokens\n"
-    "  (tools/bench_grad_errors.cpp). --batches: micro-batches of the validation split (default 4).\n";
+    "  (tools/bench_grad_errors.cpp). --batches: micro-batches of the validation split (default 4).\n"
+    "  --coherence: each variant also on N other micro-batches, and the cosine of its gradient errors\n"
+    "  on the two sets (the part of its error that does not average out over batches).\n";
 
 struct Variant {
   const char* name;
@@ -87,7 +89,7 @@ const std::vector<std::string> kGroups = {
 
 struct Result {
   double loss = 0;
-  std::vector<float> grad;
+  std::vector<float> grad, grad_other;  // on the tokens; on the other tokens (--coherence)
 };
 
 }  // namespace
@@ -97,7 +99,7 @@ int run_grad_errors_bench(int argc, char** argv) {
     std::string config, data, checkpoint;
     std::vector<std::string> sets;
     int64_t batches = 4;
-    bool json_out = false;
+    bool json_out = false, coherence = false;
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
       auto value = [&] { return cli::next_value(argc, argv, i); };
@@ -118,6 +120,8 @@ int run_grad_errors_bench(int argc, char** argv) {
         sets.push_back(value());
       else if (a == "--json")
         json_out = true;
+      else if (a == "--coherence")
+        coherence = true;
       else
         raise("unknown argument '", a, "' for --grad-errors\n", kUsage);
     }
@@ -175,6 +179,11 @@ int run_grad_errors_bench(int argc, char** argv) {
                   static_cast<double>(batches);
       const Tensor g = model.params().flat_grads();
       r.grad.assign(g.f32(), g.f32() + g.numel());
+      if (coherence && !other) {
+        model.params().zero_grads();
+        for (const OwnedTensor& t : others) model.forward_backward(t.t, 1.0f / static_cast<float>(batches));
+        r.grad_other.assign(g.f32(), g.f32() + g.numel());
+      }
       if (names.empty())
         for (const ParamEntry& p : model.params().params())
           names.push_back(p.name), ranges.emplace_back(p.offset, p.offset + p.grad.numel());
@@ -195,6 +204,17 @@ int run_grad_errors_bench(int argc, char** argv) {
     };
     const Result& f32 = results[0];
     const Result& b16 = results[1];
+    // --coherence: the cosine of a variant's gradient errors against fp32 on the tokens and on the
+    // other tokens. Errors of independent roundings per token average out over batches (cosine near
+    // 0); a shared part (a rounding of the weights, the same for every token) does not.
+    auto coherent = [&](const Result& r) {
+      double ab = 0, aa = 0, bb = 0;
+      for (size_t i = 0; i < r.grad.size(); ++i) {
+        const double a = double(r.grad[i]) - f32.grad[i], b = double(r.grad_other[i]) - f32.grad_other[i];
+        ab += a * b, aa += a * a, bb += b * b;
+      }
+      return aa > 0 && bb > 0 ? ab / std::sqrt(aa * bb) : 0.0;
+    };
     nlohmann::json out = {{"config", base.name},
                           {"checkpoint", checkpoint.empty() ? "initialisation" : checkpoint},
                           {"step", step},
@@ -208,7 +228,10 @@ int run_grad_errors_bench(int argc, char** argv) {
                   static_cast<long long>(base.training.seq_length));
       std::printf(
           "  gradient error = ||g - g_fp32|| / ||g_fp32||; over bf16 = ||g - g_bf16|| / ||g_fp32||\n");
+      if (coherence)
+        std::printf("  coherent = cosine of the gradient errors on these tokens and on the other tokens\n");
       std::printf("  %-20s %12s %10s %10s", "variant", "loss vs fp32", "grad err", "over bf16");
+      if (coherence) std::printf(" %9s", "coherent");
       for (const std::string& grp : kGroups) std::printf(" %10.10s", grp.c_str());
       std::printf("\n");
     }
@@ -220,6 +243,13 @@ int run_grad_errors_bench(int argc, char** argv) {
       if (!json_out)
         std::printf("  %-20s %+11.4f%% %10.3e %10.3e", runs[k].name, 100 * (r.loss - f32.loss) / f32.loss,
                     all.first / all.second, over);
+      const bool has_coherence = coherence && !r.grad_other.empty() && k > 0;
+      if (!json_out && coherence) {
+        if (has_coherence)
+          std::printf(" %+9.3f", coherent(r));
+        else
+          std::printf(" %9s", "-");
+      }
       for (const std::string& grp : kGroups) {
         const auto n = norms(r.grad, f32.grad, grp);
         const double e = n.second > 0 ? n.first / n.second : 0.0;
@@ -232,6 +262,7 @@ int run_grad_errors_bench(int argc, char** argv) {
                                  {"grad_error", all.first / all.second},
                                  {"grad_error_over_bf16", over},
                                  {"groups", groups}});
+      if (has_coherence) out["variants"].back()["coherence"] = coherent(r);
     }
     if (json_out) std::printf("%s\n", out.dump(2).c_str());
     return 0;

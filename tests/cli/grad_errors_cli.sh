@@ -2,7 +2,8 @@
 # dsv3-bench --grad-errors on tiny at its initialisation: every variant is reported, fp32 against
 # itself is exact, the FP8 Dgrad-only, Wgrad-only and gradients-only variants compute bf16's forward
 # (same loss, another gradient), every low-precision part moves the gradient by less than the
-# minibatch noise does, and bad arguments exit 2 naming the culprit.
+# minibatch noise does, --coherence gives each part's error cosine across two token sets, and bad
+# arguments exit 2 naming the culprit.
 set -u
 bin=$1
 work=$(mktemp -d)
@@ -14,7 +15,7 @@ for i in $(seq 1 400); do echo "line $i of a small corpus: the quick brown fox j
 "$bin/dsv3-data" --input "$work/corpus.txt" --output-prefix "$work/c" >/dev/null 2>&1 || fail "dsv3-data failed"
 sets=(--set training.seq_length=32 --set training.micro_batch_size=4)
 OPENBLAS_NUM_THREADS=1 "$bin/dsv3-bench" --grad-errors --config tiny --data "$work/c" --batches 2 "${sets[@]}" \
-  --json > "$work/out.json" 2> "$work/err" || { cat "$work/err"; fail "--grad-errors failed"; }
+  --coherence --json > "$work/out.json" 2> "$work/err" || { cat "$work/err"; fail "--grad-errors failed"; }
 python3 - "$work/out.json" <<'PY' || fail "report checks"
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -36,6 +37,12 @@ for n in ("fp8 activations only", "fp8 weights only"):
 # Under FP8 Fprop the KV cache keeps the codes kv_b_proj's Fprop uses: the same loss, another gradient.
 assert v["fp8 all"]["loss"] == v["fp8 all but kv cache"]["loss"], (v["fp8 all"], v["fp8 all but kv cache"])
 assert v["fp8 all"]["grad_error_over_bf16"] != v["fp8 all but kv cache"]["grad_error_over_bf16"]
+# --coherence: every low-precision variant has a cosine of its errors on two sets of tokens; the
+# weights' rounding, the same for every token, is more coherent than the gradients' per-token one.
+assert "coherence" not in v["fp32"] and "coherence" not in v["fp32, other tokens"]
+for n in names[1:-1]:
+    assert -1 <= v[n]["coherence"] <= 1 and v[n]["coherence"] != 0, (n, v[n])
+assert v["fp8 weights only"]["coherence"] > v["fp8 gradients only"]["coherence"], v
 noise = v["fp32, other tokens"]["grad_error"]
 for n in names[1:-1]:
     e = v[n]["grad_error"]
