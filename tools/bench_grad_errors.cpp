@@ -61,6 +61,8 @@ const std::vector<Variant>& variants() {
        {"training.precision=bf16", "training.use_fp8=true", "training.fp8_operands=[weights]"}},
       {"fp8 gradients only",
        {"training.precision=bf16", "training.use_fp8=true", "training.fp8_operands=[gradients]"}},
+      {"fp8 stochastic",
+       {"training.precision=bf16", "training.use_fp8=true", "training.fp8_rounding=stochastic"}},
       {"fp8 kv cache only", {"training.precision=bf16", "model.mla.use_fp8_kv=true"}},
       {"fp8 dispatch only", {"training.precision=bf16", "model.moe.deep_ep_fp8=true"}},
       {"fp8 all but kv cache",
@@ -128,9 +130,9 @@ int run_grad_errors_bench(int argc, char** argv) {
     DSV3_CHECK(!config.empty() && !data.empty(), "--grad-errors needs --config and --data\n", kUsage);
     DSV3_CHECK(batches >= 1, "--batches must be at least 1, got ", batches);
     for (const std::string& s : sets)
-      for (const char* key :
-           {"training.precision", "training.use_fp8", "training.fp8_passes", "training.fp8_modules",
-            "training.fp8_operands", "model.mla.use_fp8_kv", "model.moe.deep_ep_fp8"})
+      for (const char* key : {"training.precision", "training.use_fp8", "training.fp8_passes",
+                              "training.fp8_modules", "training.fp8_operands", "training.fp8_rounding",
+                              "model.mla.use_fp8_kv", "model.moe.deep_ep_fp8"})
         DSV3_CHECK(s.rfind(std::string(key) + "=", 0) != 0, "--set ", s,
                    ": the variants set the precision keys themselves");
 

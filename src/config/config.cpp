@@ -292,6 +292,7 @@ void bind_all(Visitor& b, C& c) {
   b.optional("training.fp8_passes", t.fp8_passes);
   b.optional("training.fp8_modules", t.fp8_modules);
   b.optional("training.fp8_operands", t.fp8_operands);
+  b.optional("training.fp8_rounding", t.fp8_rounding);
   b.optional("training.recompute", t.recompute);
   b.optional("training.recompute_modules", t.recompute_modules);
   b.optional("training.seed", t.seed);
@@ -529,6 +530,16 @@ void validate(const Config& c) {
           {"model.moe.deep_ep_fp8", c.model.moe.deep_ep_fp8}})
       DSV3_CHECK(!on, c.where("training.fp8_operands"), ": a list without activations needs ", key,
                  ": false (it keeps activations as E4M3 codes)");
+  one_of("training.fp8_rounding", t.fp8_rounding, {"nearest", "stochastic"});
+  if (t.fp8_rounding == "stochastic") {
+    DSV3_CHECK(t.use_fp8, c.where("training.fp8_rounding"), ": stochastic needs training.use_fp8: true");
+    // The caches' codes are the FP8 kernels', rounded to nearest.
+    for (const auto& [key, on] :
+         {std::pair<const char*, bool>{"model.mla.use_fp8_kv", c.model.mla.use_fp8_kv},
+          {"model.moe.deep_ep_fp8", c.model.moe.deep_ep_fp8}})
+      DSV3_CHECK(!on, c.where("training.fp8_rounding"), ": stochastic needs ", key,
+                 ": false (its E4M3 codes are rounded to nearest)");
+  }
   one_of("training.recompute", t.recompute, {"none", "selective", "full"});
   DSV3_CHECK(t.recompute_modules.empty() || t.recompute == "selective", c.where("training.recompute_modules"),
              ": a module list needs training.recompute: selective (got ", t.recompute, ")");
@@ -806,6 +817,7 @@ std::string precision_summary(const Config& c) {
           {c.training.fp8_operands, 3}})
       if (!list.empty() && list.size() < all) parts += (parts.empty() ? "" : "; ") + join(list);
     if (!parts.empty()) s += " (" + parts + " only)";
+    if (c.training.fp8_rounding == "stochastic") s += ", stochastic rounding";
   }
   if (c.model.mla.use_fp8_kv) s += " + fp8 kv cache";
   if (c.model.moe.deep_ep_fp8) s += " + fp8 dispatch";

@@ -110,6 +110,10 @@ struct TrainingConfig {
   // enters them unquantized, in its bf16 values (an ablation that splits FP8's rounding by operand).
   // Empty: all three.
   std::vector<std::string> fp8_operands;
+  // How the FP8 GEMMs round to E4M3: nearest (round to nearest even, the hardware's and the report's)
+  // or stochastic (up or down with the probabilities that make the rounding unbiased; an ablation
+  // that tells a deterministic rounding's bias from its size).
+  std::string fp8_rounding = "nearest";
   std::string recompute = "none";  // none | selective | full
   // Under recompute: selective, what the backward rebuilds (kRecomputeModules); empty: DeepSeek-V3's
   // set (report section 3.2.3: the RMSNorms and the MLA up-projections, plus the SwiGLU products).

@@ -195,4 +195,38 @@ void dequantize_blocks(const uint8_t* q, const float* scales, int64_t rows, int6
       out[r * cols + c] = tab[q[r * cols + c]] * scales[(r / kFp8Tile) * nc + c / kFp8Tile];
 }
 
+float round_e4m3_stochastic(float v, float u) {
+  const float a = std::fabs(v);
+  if (!(a <= kE4M3Max)) return from_e4m3(to_e4m3(v));
+  const float* tab = e4m3_table();
+  const uint8_t c = to_e4m3(a);  // nearest, a positive code 0x00..0x7e
+  const float q = tab[c];
+  if (q == a) return v;
+  const float lo = q < a ? q : tab[c - 1], hi = q < a ? tab[c + 1] : q;
+  const float r = u * (hi - lo) < a - lo ? hi : lo;
+  return std::copysign(r, v);
+}
+
+void fp8_round_stochastic(float* x, int64_t rows, int64_t cols, bool blocks, uint64_t key) {
+  std::vector<uint8_t> codes(static_cast<size_t>(rows * cols));
+  const int64_t nt = tiles(cols);
+  std::vector<float> scales(static_cast<size_t>((blocks ? tiles(rows) : rows) * nt));
+  if (blocks)
+    quantize_blocks(x, rows, cols, codes.data(), scales.data());
+  else
+    quantize_tiles(x, rows, cols, codes.data(), scales.data());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const float s = scales[static_cast<size_t>((blocks ? r / kFp8Tile : r) * nt + c / kFp8Tile)];
+      // splitmix64 of the key and the index; the top 24 bits as u in [0, 1).
+      uint64_t h = key + static_cast<uint64_t>(r * cols + c + 1) * 0x9e3779b97f4a7c15ull;
+      h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+      h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
+      h ^= h >> 31;
+      const float u = static_cast<float>(h >> 40) * 0x1p-24f;
+      float& v = x[r * cols + c];
+      v = round_e4m3_stochastic(v / s, u) * s;
+    }
+}
+
 }  // namespace dsv3::lowp

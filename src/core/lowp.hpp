@@ -101,4 +101,14 @@ void quantize_tiles_transposed(const uint16_t* x, int64_t rows, int64_t cols, ui
 void dequantize_tiles(const uint8_t* q, const float* scales, int64_t rows, int64_t cols, float* out);
 void dequantize_blocks(const uint8_t* q, const float* scales, int64_t rows, int64_t cols, float* out);
 
+// ---- Stochastic rounding to E4M3 (an ablation; the FP8 kernels round to nearest) ----
+// v (|v| <= 448) rounded to one of its two neighbours on the E4M3 grid, the upper one with probability
+// (v - lower) / (upper - lower) when u is uniform in [0, 1): unbiased, E[result] = v. Values on the
+// grid are kept; anything else (NaN, beyond 448) is rounded to nearest.
+float round_e4m3_stochastic(float v, float u);
+// x [rows, cols] in place: each value replaced by its E4M3 value under the scale quantize_tiles (or
+// quantize_blocks) gives it, rounded stochastically with u drawn from a hash of `key` and the
+// element's index (the same key and x give the same values).
+void fp8_round_stochastic(float* x, int64_t rows, int64_t cols, bool blocks, uint64_t key);
+
 }  // namespace dsv3::lowp

@@ -25,11 +25,13 @@ namespace dsv3 {
 // fp8_activations / fp8_weights / fp8_gradients: which operands those GEMMs quantize
 // (training.fp8_operands; all three by default); with one left out they run as fp32 GEMMs of the
 // operands' FP8 values and the other operand's own values (an ablation, not a GPU kernel).
+// fp8_stochastic: those values rounded stochastically (training.fp8_rounding), on the same path.
 struct Numerics {
   bool bf16 = false, fp8 = false, fp8_kv = false, fp8_dispatch = false;
   bool fp8_fprop = false, fp8_dgrad = false, fp8_wgrad = false;
   bool fp8_attention = false, fp8_ffn = false;
   bool fp8_activations = false, fp8_weights = false, fp8_gradients = false;
+  bool fp8_stochastic = false;  // training.fp8_rounding: stochastic (the ablation path too)
 };
 // From training.precision, training.use_fp8, model.mla.use_fp8_kv and model.moe.deep_ep_fp8; a
 // combination without an implementation throws naming the key.

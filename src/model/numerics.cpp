@@ -22,6 +22,7 @@ Numerics numerics_of(const Config& c) {
   const auto& operands = c.training.fp8_operands;
   n.fp8_activations = in(operands, "activations"), n.fp8_weights = in(operands, "weights");
   n.fp8_gradients = in(operands, "gradients");
+  n.fp8_stochastic = n.fp8 && c.training.fp8_rounding == "stochastic";
   n.fp8_kv = c.model.mla.use_fp8_kv;
   n.fp8_dispatch = c.model.moe.deep_ep_fp8;
   // load_config refuses FP8 parts without bf16 (config.cpp).
@@ -39,14 +40,29 @@ bool fp8_gemm(const Numerics& n, GemmKind k, bool on) {
   return on && ((k == GemmKind::Fp8Attention && n.fp8_attention) || (k == GemmKind::Fp8Ffn && n.fp8_ffn));
 }
 
-// Whether an FP8 GEMM quantizes all its operands (the FP8 kernels); otherwise the operand ablation.
-bool all_operands(const Numerics& n) { return n.fp8_activations && n.fp8_weights && n.fp8_gradients; }
+// Whether an FP8 GEMM is the FP8 kernels' (all operands quantized, rounded to nearest); otherwise
+// the ablation path (training.fp8_operands, training.fp8_rounding).
+bool all_operands(const Numerics& n) {
+  return n.fp8_activations && n.fp8_weights && n.fp8_gradients && !n.fp8_stochastic;
+}
 
 // The values an FP8 GEMM takes for operand a [rows, K], as f32: its E4M3 codes times their scales,
-// with 1 x 128 tiles along K (or 128 x 128 blocks).
-OwnedTensor fp8_values(const Tensor& a, bool blocks) {
+// with 1 x 128 tiles along K (or 128 x 128 blocks); under stochastic rounding, drawn with a key
+// hashed from a's values (so a recomputed operand is rounded as it was the first time).
+OwnedTensor fp8_values(const Numerics& n, const Tensor& a, bool blocks) {
   OwnedTensor v = act_out({a.dim(0), a.dim(1)}, a.name() + ".fp8");
-  ops::fp8_dequantize(ops::fp8_quantize(a, blocks), v);
+  if (!n.fp8_stochastic) {
+    ops::fp8_dequantize(ops::fp8_quantize(a, blocks), v);
+    return v;
+  }
+  float* d = v.f32();
+  if (a.dtype() == DType::BF16)
+    lowp::from_bf16(static_cast<const uint16_t*>(a.data()), d, a.numel());
+  else
+    std::copy(a.f32(), a.f32() + a.numel(), d);
+  uint64_t key = 0xcbf29ce484222325ull ^ static_cast<uint64_t>(blocks);  // FNV-1a over the bits
+  for (int64_t i = 0; i < a.numel(); ++i) key = (key ^ lowp::bits_of(d[i])) * 0x100000001b3ull;
+  lowp::fp8_round_stochastic(d, a.dim(0), a.dim(1), blocks, key);
   return v;
 }
 
@@ -66,8 +82,8 @@ OwnedTensor transposed(const Tensor& a) {
 // its FP8 values, then an fp32 GEMM; the unlisted one as it is (bf16 values in a bf16 run).
 void ablated_fwd(const Numerics& n, const Tensor& x, const Tensor& w, const Tensor& y, bool accumulate) {
   OwnedTensor xv, wv;
-  if (n.fp8_activations) xv = fp8_values(x, false);
-  if (n.fp8_weights) wv = fp8_values(w, true);
+  if (n.fp8_activations) xv = fp8_values(n, x, false);
+  if (n.fp8_weights) wv = fp8_values(n, w, true);
   ops::linear_forward(n.fp8_activations ? xv.t : x, n.fp8_weights ? wv.t : w, y, accumulate);
 }
 }  // namespace
@@ -93,7 +109,7 @@ void linear_fwd(const StepContext& ctx, GemmKind k, const ops::Fp8Operand& xq, c
     OwnedTensor x = act_out({xq.rows(), xq.k()}, xq.codes.t.name() + ".values");
     ops::fp8_dequantize(xq, x);
     OwnedTensor wv;
-    if (ctx.num.fp8_weights) wv = fp8_values(w, true);
+    if (ctx.num.fp8_weights) wv = fp8_values(ctx.num, w, true);
     ops::linear_forward(x, ctx.num.fp8_weights ? wv.t : w, y);
   } else {
     OwnedTensor x = act_out({xq.rows(), xq.k()}, xq.codes.t.name() + ".values");
@@ -113,8 +129,8 @@ void linear_dgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Te
     ops::fp8_linear_backward_input(dy, w, dx, accumulate);
   } else {  // dy tiled along N, w in blocks (w^T has the same blocks)
     OwnedTensor dyv, wv;
-    if (n.fp8_gradients) dyv = fp8_values(dy, false);
-    if (n.fp8_weights) wv = fp8_values(w, true);
+    if (n.fp8_gradients) dyv = fp8_values(n, dy, false);
+    if (n.fp8_weights) wv = fp8_values(n, w, true);
     ops::linear_backward_input(n.fp8_gradients ? dyv.t : dy, n.fp8_weights ? wv.t : w, dx, accumulate);
   }
   round_act(ctx, dx);
@@ -128,8 +144,8 @@ void linear_wgrad(const StepContext& ctx, GemmKind k, const Tensor& dy, const Te
     ops::fp8_linear_backward_weight(dy, x, dw);
   } else {  // the reduction runs over the tokens: dy^T [N, M] and x^T [K, M], tiled along M
     OwnedTensor dyt = transposed(dy), xt = transposed(x);
-    if (n.fp8_gradients) dyt = fp8_values(dyt, false);
-    if (n.fp8_activations) xt = fp8_values(xt, false);
+    if (n.fp8_gradients) dyt = fp8_values(n, dyt, false);
+    if (n.fp8_activations) xt = fp8_values(n, xt, false);
     ops::linear_forward(dyt, xt, dw, /*accumulate=*/true);  // dw += dy^T x
   }
 }

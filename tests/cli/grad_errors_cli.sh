@@ -22,6 +22,7 @@ r = json.load(open(sys.argv[1]))
 v = {x["name"]: x for x in r["variants"]}
 names = ["fp32", "bf16", "fp8 gemms", "fp8 fprop only", "fp8 dgrad only", "fp8 wgrad only",
          "fp8 attention only", "fp8 ffn only", "fp8 activations only", "fp8 weights only", "fp8 gradients only",
+         "fp8 stochastic",
          "fp8 kv cache only", "fp8 dispatch only", "fp8 all but kv cache",
          "fp8 all", "fp32, other tokens"]
 assert list(v) == names, list(v)

@@ -196,6 +196,33 @@ TEST(Precision, Fp8OperandsPickWhichOperandsAreQuantized) {
             "bf16 + fp8 gemms (weights, gradients only)");
 }
 
+// training.fp8_rounding: stochastic rounding gives another loss and gradient than rounding to
+// nearest, as close to them as FP8 is to bf16; its draws hash the operand's values, so every recompute
+// mode computes the same bits.
+TEST(Precision, StochasticFp8RoundingIsReproducibleAndCloseToNearest) {
+  const OwnedTensor tok = tokens(tiny({}), 2, 24);
+  const auto run = [&](const std::vector<std::string>& o, const std::string& recompute) {
+    return loss_and_grads(tok, o, "training.recompute", recompute);
+  };
+  std::vector<std::string> sr = kFp8;
+  sr.push_back("training.fp8_rounding=stochastic");
+  const auto bf16 = run(kBf16, ""), nearest = run(kFp8, ""), a = run(sr, ""), full = run(sr, "full");
+  EXPECT_EQ(a.first, full.first);
+  EXPECT_TRUE(same_bits(a.second, full.second)) << "a recompute drew other roundings";
+  EXPECT_NE(a.first, nearest.first);
+  EXPECT_FALSE(same_bits(a.second, nearest.second));
+  const double fp8_gap = std::fabs(nearest.first - bf16.first);
+  EXPECT_LT(std::fabs(a.first - bf16.first), 5 * fp8_gap + 1e-4 * bf16.first);
+  // Stochastic rounding's errors are larger than nearest's (up to a whole step of the grid, not half),
+  // unbiased instead of deterministic.
+  EXPECT_GT(cosine(a.second, bf16.second), 0.95);
+  std::printf(
+      "loss: bf16 %.7f, FP8 nearest %.7f, FP8 stochastic %.7f; gradient cosine with bf16: "
+      "nearest %.5f, stochastic %.5f\n",
+      bf16.first, nearest.first, a.first, cosine(nearest.second, bf16.second), cosine(a.second, bf16.second));
+  EXPECT_EQ(precision_summary(tiny(sr)), "bf16 + fp8 gemms, stochastic rounding");
+}
+
 namespace {
 // The values of x [rows, cols] after E4M3 with 1 x 128 tiles along its rows (or 128 x 128 blocks).
 std::vector<float> fp8_round(const std::vector<float>& x, int64_t rows, int64_t cols, bool blocks) {

@@ -161,7 +161,14 @@ TEST(Config, ImpossibleValues) {
     std::vector<std::string> with = with_fp8("training.fp8_operands=[activations, weights]");
     with.push_back(std::string(cache) + "=true");
     EXPECT_NO_THROW(load_config(resolve_config_path("tiny"), with)) << cache;
+    std::vector<std::string> sr = with_fp8("training.fp8_rounding=stochastic");
+    sr.push_back(std::string(cache) + "=true");
+    EXPECT_TRUE(Mentions(error_of(sr), {"training.fp8_rounding", "stochastic needs", cache, "false"}));
   }
+  EXPECT_TRUE(Mentions(error_of(with_fp8("training.fp8_rounding=up")),
+                       {"training.fp8_rounding", "nearest", "stochastic", "'up'"}));
+  EXPECT_TRUE(Mentions(error_of({"training.precision=bf16", "training.fp8_rounding=stochastic"}),
+                       {"training.fp8_rounding", "needs training.use_fp8: true"}));
 }
 
 TEST(Config, RecomputeModulesReadAsAListOrCommaText) {

@@ -294,5 +294,71 @@ TEST(Fp8Scaling, BlocksScaleByTheirOwnAmax) {
   }
 }
 
+// Stochastic rounding: every result is one of the two E4M3 neighbours of v (v itself on the grid),
+// the upper one exactly when u * (upper - lower) < v - lower; so u below the fraction rounds up and
+// u above it rounds down, and over uniform u the mean is v.
+TEST(E4M3Stochastic, PicksANeighbourWithTheProbabilityThatMakesItUnbiased) {
+  const float* tab = e4m3_table();
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> mag(-9.0f, 8.8f), uni(0.0f, 1.0f);
+  for (int i = 0; i < 20000; ++i) {
+    const float v = (i % 2 ? -1.0f : 1.0f) * std::exp2(mag(rng)) * (i % 7 == 0 ? 0.0f : 1.0f);
+    const float a = std::fabs(v);
+    if (a > 448.0f) continue;
+    // The neighbours by a scan of the positive codes.
+    float lo = 0, hi = 448;
+    for (int c = 0; c <= 0x7e; ++c) {
+      if (tab[c] <= a) lo = tab[c];
+      if (tab[c] >= a) {
+        hi = tab[c];
+        break;
+      }
+    }
+    const float u = uni(rng), r = round_e4m3_stochastic(v, u);
+    if (lo == hi) {
+      EXPECT_EQ(r, v) << "a value on the grid moved";
+      continue;
+    }
+    const float expect = u * (hi - lo) < a - lo ? hi : lo;
+    ASSERT_EQ(r, std::copysign(expect, v)) << v << " u " << u;
+    EXPECT_EQ(round_e4m3_stochastic(v, 0.0f), std::copysign(hi, v)) << v;
+    EXPECT_EQ(round_e4m3_stochastic(v, 0.999999f), std::copysign(lo, v)) << v;
+  }
+  EXPECT_TRUE(std::isnan(round_e4m3_stochastic(std::nanf(""), 0.5f)));
+  EXPECT_EQ(round_e4m3_stochastic(1000.0f, 0.5f), 448.0f);
+}
+
+// fp8_round_stochastic on a tile of one repeated value (and its amax): round to nearest always lands
+// on the same neighbour, stochastic rounding averages to the value itself; the same key gives the same
+// values and another key others.
+TEST(E4M3Stochastic, TilesRoundWithoutBiasAndReproducibly) {
+  const int64_t rows = 64, cols = 256;
+  const float v = 1.3f;  // between the E4M3 values 1.25 and 1.375 under scale 1 (amax 448)
+  std::vector<float> x(static_cast<size_t>(rows * cols), v);
+  for (int64_t r = 0; r < rows; ++r) x[r * cols] = x[r * cols + 128] = 448.0f;
+  for (const bool blocks : {false, true}) {
+    std::vector<float> a = x, b = x, c = x;
+    fp8_round_stochastic(a.data(), rows, cols, blocks, 7);
+    fp8_round_stochastic(b.data(), rows, cols, blocks, 7);
+    fp8_round_stochastic(c.data(), rows, cols, blocks, 8);
+    EXPECT_EQ(a, b);
+    EXPECT_NE(a, c);
+    double sum = 0;
+    int64_t n = 0, up = 0;
+    for (int64_t i = 0; i < rows * cols; ++i) {
+      if (x[i] != v) {
+        EXPECT_EQ(a[i], 448.0f);
+        continue;
+      }
+      ASSERT_TRUE(a[i] == 1.25f || a[i] == 1.375f) << a[i];
+      sum += a[i], ++n, up += a[i] == 1.375f;
+    }
+    // P(up) = 0.4: the mean is v within a few standard errors (0.0625 * 0.49 / sqrt(n)).
+    EXPECT_NEAR(sum / n, v, 4 * 0.0625 * 0.49 / std::sqrt(double(n))) << "blocks " << blocks;
+    EXPECT_GT(up, 0);
+    EXPECT_EQ(from_e4m3(to_e4m3(v)), 1.25f);  // nearest: always down, a bias of -0.05
+  }
+}
+
 }  // namespace
 }  // namespace dsv3::lowp
