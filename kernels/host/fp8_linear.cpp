@@ -54,9 +54,11 @@ float* gemm_scratch(int64_t n) {
 }
 
 constexpr int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
-int64_t scale_count(int64_t rows, int64_t k, bool blocks) {
-  return (blocks ? lowp::tiles(rows) : rows) * lowp::tiles(k);
+// The shape of an operand's scales: one per 1 x 128 tile, or per 128 x 128 block.
+std::vector<int64_t> scale_shape(int64_t rows, int64_t k, bool blocks) {
+  return {blocks ? lowp::tiles(rows) : rows, lowp::tiles(k)};
 }
+int64_t scale_count(int64_t rows, int64_t k, bool blocks) { return numel_of(scale_shape(rows, k, blocks)); }
 int64_t operand_bytes(int64_t rows, int64_t k, bool blocks) {
   return align64(rows * k) + align64(4 * scale_count(rows, k, blocks));
 }
@@ -81,8 +83,8 @@ class OperandArena {
     Fp8Operand q;
     q.blocks = blocks;
     q.codes.t = Tensor(take(rows * k), DType::F8E4M3, {rows, k}, name + ".e4m3", Device::Host);
-    q.scales.t = Tensor(take(4 * scale_count(rows, k, blocks)), DType::F32,
-                        {blocks ? lowp::tiles(rows) : rows, lowp::tiles(k)}, name + ".scale", Device::Host);
+    q.scales.t = Tensor(take(4 * scale_count(rows, k, blocks)), DType::F32, scale_shape(rows, k, blocks),
+                        name + ".scale", Device::Host);
     return q;
   }
 
@@ -134,8 +136,8 @@ Fp8Operand fp8_quantize(const Tensor& a, bool blocks) {
   Fp8Operand q;
   q.blocks = blocks;
   q.codes = OwnedTensor(DType::F8E4M3, {rows, k}, a.name() + ".e4m3", Device::Host, Fill::Uninitialized);
-  q.scales = OwnedTensor(DType::F32, {blocks ? lowp::tiles(rows) : rows, lowp::tiles(k)}, a.name() + ".scale",
-                         Device::Host, Fill::Uninitialized);
+  q.scales = OwnedTensor(DType::F32, scale_shape(rows, k, blocks), a.name() + ".scale", Device::Host,
+                         Fill::Uninitialized);
   quantize_into(op, a, q);
   return q;
 }
